@@ -1,0 +1,43 @@
+# Setup, demo and tests on the local embedded default (real Redis, nx-27017, small model).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install redis-server services-up services-down demo test lint bench clean
+
+install: $(STAMP) redis-server
+
+# torch first and pinned: the CPU wheel on this machine, before anything could pull a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[local,dev]' torch==2.13.0
+	touch $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+services-up: install
+	$(PODEMBED) services up
+
+services-down:
+	@if [ -x $(BIN)/podembed ]; then $(PODEMBED) services down; fi
+
+demo: services-up
+	@job=$$($(PODEMBED) ingest examples/ --podcast "The Seen and the Unseen" --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["job_id"])') && \
+	echo "ingested examples/ as job $$job" && \
+	$(PODEMBED) work --burst && \
+	$(PODEMBED) status $$job
+
+# The suite starts its own Redis and nx-27017 on spare ports and stops them at the end.
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check config producer worker modal_jobs tests
+
+clean: services-down
+	rm -rf $(VENV) .podembed

@@ -1,0 +1,35 @@
+"""Project-wide errors. They live in `config`, the package every other one imports."""
+
+from __future__ import annotations
+
+
+class PodembedError(Exception):
+    """Base class of every error podembed raises on purpose."""
+
+
+class ConfigError(PodembedError):
+    """A setting is missing or malformed."""
+
+
+class TranscriptFormatError(PodembedError):
+    """A transcript file cannot be parsed; the message names the file and the line or field."""
+
+
+class JobNotFoundError(PodembedError):
+    """No job with this id exists in Redis or in MongoDB."""
+
+
+class EmbeddingError(PodembedError):
+    """The model refused a batch or produced vectors that cannot be stored."""
+
+
+class StoreError(PodembedError):
+    """MongoDB refused or could not be reached."""
+
+
+class QueueError(PodembedError):
+    """Redis refused or could not be reached."""
+
+
+class ServiceError(PodembedError):
+    """A local service could not be started or stopped."""

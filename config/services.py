@@ -1,0 +1,156 @@
+"""The local embedded services: a real `redis-server` and `nx-27017` (MongoDB wire protocol).
+
+`up` starts each one only if nothing answers at the configured URL and the URL is
+on this machine; `down` stops only what `up` started (it keeps pid files in the
+data folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from config.errors import ServiceError
+from config.settings import Settings
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    address: str
+    answering: bool
+    started_here: bool
+
+    def line(self) -> str:
+        how = "up" if self.answering else "down"
+        return f"{self.name:<6} {self.address:<22} {how}{' (started by podembed)' if self.started_here else ''}"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    host: str
+    port: int
+    data_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / f"{self.name}.pid"
+
+    def answering(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def state(self) -> ServiceState:
+        return ServiceState(self.name, f"{self.host}:{self.port}", self.answering(), self._pid() is not None)
+
+    def _pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def start(self, command: list[str]) -> None:
+        if self.host not in LOOPBACK:
+            raise ServiceError(f"{self.name}: nothing answers at {self.host}:{self.port}, and it is not on this machine")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir / f"{self.name}.log").open("ab")
+        process = subprocess.Popen(command, cwd=self.data_dir, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(str(process.pid))
+        deadline = time.monotonic() + 60
+        while not self.answering():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ServiceError(f"{self.name} did not start on {self.host}:{self.port}; "
+                                   f"see {self.data_dir / (self.name + '.log')}")
+            time.sleep(0.1)
+
+    def stop(self) -> bool:
+        pid = self._pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while self._alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        # A child of ours that exited stays a zombie until reaped.
+        try:
+            return os.waitpid(pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return True
+
+
+def local_services(settings: Settings) -> tuple[Service, Service]:
+    data_dir = settings.data_dir.resolve()
+    redis_url = urlsplit(settings.redis_url)
+    mongo_url = urlsplit(settings.mongo_uri.split(",")[0])
+    return (
+        Service("redis", redis_url.hostname or "127.0.0.1", redis_url.port or 6379, data_dir),
+        Service("mongo", mongo_url.hostname or "127.0.0.1", mongo_url.port or 27017, data_dir),
+    )
+
+
+def services_up(settings: Settings) -> list[ServiceState]:
+    """Start Redis (append-only) and nx-27017 where nothing answers at the configured URLs."""
+    redis, mongo = local_services(settings)
+    if not redis.answering():
+        redis.start([
+            _binary("redis-server", "apt-get install redis-server"),
+            "--bind", redis.host, "--port", str(redis.port), "--dir", str(redis.data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no",
+        ])
+    if not mongo.answering():
+        mongo.start([
+            _binary("nx-27017", "pip install nx-27017"),
+            "--host", mongo.host, "--port", str(mongo.port), "--data-dir", str(mongo.data_dir / "mongo"),
+            "--pid-file", str(mongo.data_dir / "nx-27017.pid"), "--log-file", str(mongo.data_dir / "nx-27017.log"),
+        ])
+    return [redis.state(), mongo.state()]
+
+
+def services_down(settings: Settings) -> list[ServiceState]:
+    """Stop the services `services_up` started; others are left alone."""
+    states = []
+    for service in local_services(settings):
+        service.stop()
+        states.append(service.state())
+    return states
+
+
+def services_status(settings: Settings) -> list[ServiceState]:
+    return [service.state() for service in local_services(settings)]
+
+
+def _binary(name: str, hint: str) -> str:
+    # Prefer the one installed beside this interpreter (the project's virtualenv).
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise ServiceError(f"{name} is not installed ({hint})")
+    return found

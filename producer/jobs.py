@@ -1,0 +1,248 @@
+"""The user-facing job: live counters in Redis, history in MongoDB `jobs`.
+
+A job groups many batches (RQ jobs). Redis holds one hash of counters per job and
+a few sets of batch ids; a batch's counters are added by one Lua script that first
+adds the batch to the `done` set, so a batch that runs twice (a retry after a crash,
+say) is counted once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+from redis import Redis
+from redis.exceptions import RedisError
+
+from config.errors import JobNotFoundError, QueueError, StoreError
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "podembed:job:"
+JOBS_INDEX = "podembed:jobs"
+
+# KEYS: hash, done, running, failed, errors. ARGV: batch_id, embedded, skipped,
+# gpu_seconds, cost_usd, device, now, ttl.
+_FINISH_BATCH = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'embedded', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
+redis.call('HINCRBYFLOAT', KEYS[1], 'gpu_seconds', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
+redis.call('HSET', KEYS[1], 'device', ARGV[6])
+local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
+if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[7])
+end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+return 1
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class ChunkCounts:
+    total: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    pending: int = 0
+
+
+@dataclass
+class BatchCounts:
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    finished: int = 0
+    failed: int = 0
+
+
+@dataclass
+class JobStatus:
+    """The status document of DESIGN.md (`status --json`, `GET /jobs/{id}`)."""
+
+    job_id: str
+    kind: str
+    state: str
+    created_at: str
+    finished_at: str | None
+    model: str
+    instruction: str
+    episodes: int
+    chunks: ChunkCounts
+    batches: BatchCounts
+    gpu_seconds: float
+    cost_usd: float
+    device: str
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_id: str
+    kind: str
+    model: str
+    instruction: str
+    vector_key: str
+    episodes: int
+    chunks_total: int
+    batch_ids: list[str]
+    created_at: str = field(default_factory=now_iso)
+
+
+class JobRecords:
+    """Reads and writes job records in Redis and MongoDB."""
+
+    def __init__(self, redis: Redis, db: Database, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.db = db
+        self.ttl = ttl_seconds
+        self._finish = redis.register_script(_FINISH_BATCH)
+
+    def _keys(self, job_id: str) -> list[str]:
+        base = KEY_PREFIX + job_id
+        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches"]
+
+    def create(self, job: NewJob) -> None:
+        """Write the record (before any batch is enqueued, so workers always find it)."""
+        hash_key, *_, batches_key = self._keys(job.job_id)
+        fields = {
+            "kind": job.kind,
+            "created_at": job.created_at,
+            "model": job.model,
+            "instruction": job.instruction,
+            "vector_key": job.vector_key,
+            "episodes": job.episodes,
+            "chunks_total": job.chunks_total,
+            "batches_total": len(job.batch_ids),
+            "embedded": 0,
+            "skipped": 0,
+            "gpu_seconds": 0.0,
+            "cost_usd": 0.0,
+            "device": "",
+        }
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hset(hash_key, mapping=fields)
+                pipe.rpush(batches_key, *job.batch_ids)
+                pipe.zadd(JOBS_INDEX, {job.job_id: datetime.fromisoformat(job.created_at).timestamp()})
+                pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot write job {job.job_id} to Redis: {exc}") from exc
+        self.save(self.status(job.job_id))
+
+    def batch_ids(self, job_id: str) -> list[str]:
+        return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
+
+    def mark_running(self, job_id: str, batch_id: str) -> None:
+        self.redis.sadd(self._keys(job_id)[2], batch_id)
+
+    def mark_finished(
+        self, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float, cost_usd: float,
+        device: str,
+    ) -> bool:
+        """Add a batch's counts once; False if this batch was already counted."""
+        keys = self._keys(job_id)[:5]
+        args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
+        return bool(self._finish(keys=keys, args=args))
+
+    def mark_retrying(self, job_id: str, batch_id: str) -> None:
+        self.redis.srem(self._keys(job_id)[2], batch_id)
+
+    def mark_failed(self, job_id: str, batch_id: str, n_chunks: int, reason: str) -> None:
+        _, done, running, failed, errors, _ = self._keys(job_id)
+        if self.redis.sismember(done, batch_id):
+            return
+        with self.redis.pipeline() as pipe:
+            pipe.srem(running, batch_id)
+            pipe.hset(failed, batch_id, n_chunks)
+            pipe.hset(errors, batch_id, reason[:500])
+            pipe.execute()
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's status, from Redis while it is there, else from MongoDB."""
+        keys = self._keys(job_id)
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hgetall(keys[0])
+                pipe.scard(keys[1])
+                pipe.scard(keys[2])
+                pipe.hgetall(keys[3])
+                pipe.hgetall(keys[4])
+                record, done, running, failed, errors = pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
+        if not record:
+            return self._stored_status(job_id)
+        rec = {k.decode(): v.decode() for k, v in record.items()}
+        failed_chunks = sum(int(n) for n in failed.values())
+        chunks = ChunkCounts(
+            total=int(rec["chunks_total"]),
+            embedded=int(rec["embedded"]),
+            skipped=int(rec["skipped"]),
+            failed=failed_chunks,
+        )
+        chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed
+        batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed))
+        batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed)
+        return JobStatus(
+            job_id=job_id,
+            kind=rec["kind"],
+            state=_state(batches, cancelled=rec.get("cancelled") == "1"),
+            created_at=rec["created_at"],
+            finished_at=rec.get("finished_at") or None,
+            model=rec["model"],
+            instruction=rec["instruction"],
+            episodes=int(rec["episodes"]),
+            chunks=chunks,
+            batches=batches,
+            gpu_seconds=round(float(rec["gpu_seconds"]), 6),
+            cost_usd=round(float(rec["cost_usd"]), 8),
+            device=rec["device"],
+            errors={k.decode(): v.decode() for k, v in errors.items()},
+        )
+
+    def save(self, status: JobStatus) -> None:
+        """Keep the status in MongoDB `jobs`, which outlives the Redis record."""
+        try:
+            self.db.jobs.replace_one({"_id": status.job_id}, status.to_dict(), upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
+
+    def _stored_status(self, job_id: str) -> JobStatus:
+        try:
+            doc = self.db.jobs.find_one({"_id": job_id})
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read job {job_id} from MongoDB: {exc}") from exc
+        if doc is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        doc.pop("_id", None)
+        doc["chunks"] = ChunkCounts(**doc["chunks"])
+        doc["batches"] = BatchCounts(**doc["batches"])
+        return JobStatus(**doc)
+
+
+def _state(batches: BatchCounts, *, cancelled: bool) -> str:
+    if cancelled:
+        return "cancelled"
+    if batches.finished == batches.total:
+        return "finished"
+    if batches.finished + batches.failed == batches.total:
+        return "partial" if batches.finished else "failed"
+    if batches.running or batches.finished or batches.failed:
+        return "running"
+    return "queued"

@@ -1,0 +1,263 @@
+"""Transcript parsers: WebVTT, SRT, Whisper JSON, chat-style JSON and plain text.
+
+Every parser takes the decoded text and the file's name (for messages) and returns
+segments; `parse_file` picks the parser from content and extension. Any defect is
+a `TranscriptFormatError` naming the file and the line or field.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+from config.errors import TranscriptFormatError
+from producer.models import Episode, Segment
+
+# Whisper/pyannote output as in the seenunseen files: "[Amit Varma]: text".
+_BRACKET_SPEAKER = re.compile(r"^\[(?P<speaker>[^\]\n]{1,100})\]:\s*")
+# WebVTT voice span: "<v Amit Varma>text".
+_VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>]+)*\s+(?P<speaker>[^>]{1,100})>")
+_TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
+_VTT_TIME = re.compile(r"^(?:(\d+):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
+_SRT_TIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)[,.](\d{3})$")
+_CHAT_TIME = re.compile(r"^(?:(\d+):)?([0-5]\d):([0-5]\d)(?:[.,](\d{1,3}))?$")
+_SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
+
+
+def parse_file(
+    path: Path, *, episode_id: str | None = None, podcast: str | None = None, published_at: str | None = None
+) -> Episode:
+    """Parse one transcript file into an Episode (episode id from the file name unless given)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TranscriptFormatError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+    return parse_bytes(data, name=str(path), episode_id=episode_id or path.stem, podcast=podcast,
+                       published_at=published_at)
+
+
+def parse_bytes(
+    data: bytes, *, name: str, episode_id: str, podcast: str | None = None, published_at: str | None = None
+) -> Episode:
+    """Parse transcript bytes; `name` gives the extension and is used in error messages."""
+    text = decode_text(data, name)
+    segments = parse_text_auto(text, name)
+    if not segments:
+        raise TranscriptFormatError(f"{name}: no transcript text found")
+    if not episode_id.strip():
+        raise TranscriptFormatError(f"{name}: empty episode id")
+    return Episode(episode_id=episode_id, podcast=podcast, published_at=published_at, segments=segments, source=name)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    if not data.strip():
+        raise TranscriptFormatError(f"{name}: file is empty")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TranscriptFormatError(f"{name}: line {line}: not valid UTF-8 (byte {exc.start})") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise TranscriptFormatError(f"{name}: line {line}: contains a NUL character")
+    return text
+
+
+def parse_text_auto(text: str, name: str) -> list[Segment]:
+    suffix = Path(name).suffix.lower()
+    head = text.lstrip()
+    if head.startswith("WEBVTT"):
+        return parse_vtt(text, name)
+    if suffix == ".json" or (suffix == "" and head[:1] in "[{" and _is_json(text)):
+        return parse_json(text, name)
+    if _SRT_START.match(text) or suffix == ".srt":
+        return parse_srt(text, name)
+    if suffix == ".vtt":
+        raise TranscriptFormatError(f"{name}: line 1: WebVTT file does not start with 'WEBVTT'")
+    if suffix in TEXT_SUFFIXES:
+        return parse_plain_text(text, name)
+    raise TranscriptFormatError(
+        f"{name}: unknown transcript format (expected WebVTT, SRT, Whisper or chat JSON, or plain text)"
+    )
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def parse_vtt(text: str, name: str) -> list[Segment]:
+    """WebVTT cues; NOTE, STYLE and REGION blocks are skipped, speaker tags kept."""
+    segments: list[Segment] = []
+    for line_no, block in _blocks(text):
+        lines = block
+        if lines[0].startswith(("WEBVTT", "NOTE", "STYLE", "REGION")):
+            continue
+        timing_at = 0 if "-->" in lines[0] else 1
+        if timing_at >= len(lines) or "-->" not in lines[timing_at]:
+            raise TranscriptFormatError(f"{name}: line {line_no}: cue has no 'start --> end' timing line")
+        start, end = _parse_timing(lines[timing_at], _VTT_TIME, name, line_no + timing_at)
+        segment = _make_segment(start, end, lines[timing_at + 1 :])
+        if segment:
+            segments.append(segment)
+    return segments
+
+
+def parse_srt(text: str, name: str) -> list[Segment]:
+    """SubRip cues: a counter line, a timing line with commas, then text lines."""
+    segments: list[Segment] = []
+    for line_no, lines in _blocks(text):
+        timing_at = 1 if lines[0].strip().isdigit() else 0
+        if timing_at >= len(lines) or "-->" not in lines[timing_at]:
+            raise TranscriptFormatError(f"{name}: line {line_no}: SRT cue has no 'start --> end' timing line")
+        start, end = _parse_timing(lines[timing_at], _SRT_TIME, name, line_no + timing_at)
+        segment = _make_segment(start, end, lines[timing_at + 1 :])
+        if segment:
+            segments.append(segment)
+    return segments
+
+
+def parse_json(text: str, name: str) -> list[Segment]:
+    """Whisper JSON (`{"segments": [{start, end, text}]}`) or chat JSON (`[{speaker, time, message}]`)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TranscriptFormatError(f"{name}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    if isinstance(doc, dict) and "segments" in doc:
+        return parse_whisper_segments(doc["segments"], name)
+    if isinstance(doc, list):
+        return parse_chat_messages(doc, name)
+    raise TranscriptFormatError(
+        f"{name}: JSON must be an object with 'segments' (Whisper) or a list of "
+        f"{{speaker, time, message}} (chat), got {type(doc).__name__}"
+        + (f" with keys {sorted(doc)[:5]}" if isinstance(doc, dict) else "")
+    )
+
+
+def parse_whisper_segments(items: object, name: str) -> list[Segment]:
+    if not isinstance(items, list):
+        raise TranscriptFormatError(f"{name}: field 'segments' must be a list, got {type(items).__name__}")
+    segments: list[Segment] = []
+    for i, item in enumerate(items):
+        where = f"{name}: segments[{i}]"
+        if not isinstance(item, dict):
+            raise TranscriptFormatError(f"{where}: must be an object, got {type(item).__name__}")
+        start = _number(item, "start", where)
+        end = _number(item, "end", where)
+        if end < start:
+            raise TranscriptFormatError(f"{where}: end {end} is before start {start}")
+        speaker = item.get("speaker")
+        if speaker is not None and not isinstance(speaker, str):
+            raise TranscriptFormatError(f"{where}.speaker: must be a string, got {type(speaker).__name__}")
+        segment = _make_segment(start, end, [_string(item, "text", where)], speaker=speaker)
+        if segment:
+            segments.append(segment)
+    return segments
+
+
+def parse_chat_messages(items: list[object], name: str) -> list[Segment]:
+    """Chat turns carry only a start time: each ends where the next begins."""
+    turns: list[tuple[float, str, str]] = []
+    for i, item in enumerate(items):
+        where = f"{name}: [{i}]"
+        if not isinstance(item, dict):
+            raise TranscriptFormatError(f"{where}: must be an object with speaker, time, message")
+        speaker = _string(item, "speaker", where)
+        message = _string(item, "message", where)
+        raw_time = _string(item, "time", where)
+        match = _CHAT_TIME.match(raw_time.strip())
+        if not match:
+            raise TranscriptFormatError(f"{where}.time: {raw_time!r} is not HH:MM:SS.mmm")
+        start = _seconds(match)
+        if turns and start < turns[-1][0]:
+            raise TranscriptFormatError(f"{where}.time: {raw_time} is earlier than the turn before it")
+        turns.append((start, speaker, message))
+    segments: list[Segment] = []
+    for i, (start, speaker, message) in enumerate(turns):
+        end = turns[i + 1][0] if i + 1 < len(turns) else start
+        segment = _make_segment(start, end, [message], speaker=speaker)
+        if segment:
+            segments.append(segment)
+    return segments
+
+
+def parse_plain_text(text: str, name: str) -> list[Segment]:
+    """Plain text has no timing: one segment per paragraph, times 0."""
+    return [s for _, lines in _blocks(text) if (s := _make_segment(0.0, 0.0, lines))]
+
+
+def _blocks(text: str) -> list[tuple[int, list[str]]]:
+    """Blank-line separated blocks with the 1-based line number of their first line."""
+    blocks: list[tuple[int, list[str]]] = []
+    current: list[str] = []
+    start = 0
+    for i, raw in enumerate(text.splitlines(), start=1):
+        line = raw.rstrip()
+        if line.strip():
+            if not current:
+                start = i
+            current.append(line)
+        elif current:
+            blocks.append((start, current))
+            current = []
+    if current:
+        blocks.append((start, current))
+    return blocks
+
+
+def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) -> tuple[float, float]:
+    left, _, right = line.partition("-->")
+    parts = right.split()
+    if not parts:
+        raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()!r}")
+    start_m, end_m = pattern.match(left.strip()), pattern.match(parts[0])
+    if not start_m or not end_m:
+        raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()!r}")
+    start, end = _seconds(start_m), _seconds(end_m)
+    if end < start:
+        raise TranscriptFormatError(f"{name}: line {line_no}: cue ends before it starts: {line.strip()!r}")
+    return start, end
+
+
+def _seconds(match: re.Match[str]) -> float:
+    hours, minutes, seconds, fraction = match.groups()
+    millis = int((fraction or "0").ljust(3, "0"))
+    return int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds) + millis / 1000
+
+
+def _make_segment(start: float, end: float, lines: list[str], speaker: str | None = None) -> Segment | None:
+    text = " ".join(line.strip() for line in lines).strip()
+    if speaker is None:
+        match = _BRACKET_SPEAKER.match(text) or _VOICE_SPEAKER.match(text)
+        if match:
+            speaker = match["speaker"].strip()
+            text = text[match.end() :]
+    text = " ".join(html.unescape(_TAG.sub("", text)).split())
+    if not text:
+        return None
+    return Segment(start=start, end=end, speaker=speaker or None, text=text)
+
+
+def _string(item: dict[str, object], key: str, where: str) -> str:
+    if key not in item:
+        raise TranscriptFormatError(f"{where}: missing field '{key}'")
+    value = item[key]
+    if not isinstance(value, str):
+        raise TranscriptFormatError(f"{where}.{key}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(item: dict[str, object], key: str, where: str) -> float:
+    if key not in item:
+        raise TranscriptFormatError(f"{where}: missing field '{key}'")
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        raise TranscriptFormatError(f"{where}.{key}: must be a non-negative number, got {value!r}")
+    return float(value)

@@ -1,0 +1,1 @@
+"""Worker: the cached model, the batch task, the Mongo store and ledger, the local worker loop."""

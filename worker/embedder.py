@@ -1,0 +1,186 @@
+"""The model, loaded once per process and device, and the micro-batched encode loop.
+
+INSTRUCTOR semantics: the instruction is prepended as a prompt and, for INSTRUCTOR
+models, excluded from mean pooling (`include_prompt=False` on every Pooling
+module), as the paper defines. sentence-transformers only does that by itself for
+the hub names, so it is set here however the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.models import Pooling
+
+from config.errors import ConfigError, EmbeddingError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    source: str
+    revision: str | None
+    device: str
+    pool_instruction: bool
+
+
+@dataclass
+class EncodeStats:
+    seconds: float = 0.0
+    n_tokens: int = 0
+    padded_tokens: int = 0
+    forward_passes: int = 0
+
+
+class OutOfMemory(Exception):
+    """A forward pass did not fit (CUDA out-of-memory, or over the configured token cap)."""
+
+
+class Embedder:
+    """One loaded model and the micro-batch size that is known to fit on its device."""
+
+    def __init__(self, model: SentenceTransformer, key: ModelKey, micro_batch_size: int, max_forward_tokens: int):
+        self.model = model
+        self.key = key
+        self.micro_batch_size = micro_batch_size
+        self.max_forward_tokens = max_forward_tokens
+        self.device_name = _device_name(key.device)
+        self.dim = model.get_embedding_dimension()
+        self._prompt_tokens: dict[str, int] = {}
+
+    def prompt_tokens(self, instruction: str) -> int:
+        """Tokens the instruction and the special tokens add to every text."""
+        if instruction not in self._prompt_tokens:
+            self._prompt_tokens[instruction] = len(self.model.tokenizer(instruction)["input_ids"])
+        return self._prompt_tokens[instruction]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        lengths: Sequence[int],
+        *,
+        instruction: str,
+        normalize: bool,
+        on_vectors: Callable[[list[int], np.ndarray], None] | None = None,
+    ) -> tuple[np.ndarray, EncodeStats]:
+        """Vectors for `texts` (float32, in input order), with compute seconds and padding.
+
+        `lengths` are the token counts (instruction and special tokens included), used to
+        sort texts into micro-batches of similar length. `on_vectors(indices, vectors)` is
+        called after every forward pass, so storage can overlap with the next pass.
+        """
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        stats = EncodeStats()
+        start = 0
+        while start < len(order):
+            size = min(self.micro_batch_size, len(order) - start)
+            indices = order[start : start + size]
+            try:
+                vectors = self._forward([texts[i] for i in indices], [lengths[i] for i in indices],
+                                        instruction, normalize, stats)
+            except OutOfMemory:
+                if size == 1:
+                    raise EmbeddingError(
+                        f"a single text of {lengths[indices[0]]} tokens does not fit on {self.device_name}"
+                    ) from None
+                self.micro_batch_size = max(1, size // 2)
+                logger.warning("out of memory at micro-batch %d on %s: using %d from now on",
+                               size, self.device_name, self.micro_batch_size)
+                continue
+            _check_finite(vectors, indices)
+            out[indices] = vectors
+            if on_vectors is not None:
+                on_vectors(indices, vectors)
+            start += size
+        return out, stats
+
+    def _forward(
+        self, texts: list[str], lengths: list[int], instruction: str, normalize: bool, stats: EncodeStats
+    ) -> np.ndarray:
+        padded = max(lengths) * len(lengths)
+        if self.max_forward_tokens and padded > self.max_forward_tokens:
+            raise OutOfMemory
+        began = time.perf_counter()
+        try:
+            vectors = self.model.encode(
+                texts, prompt=instruction or None, batch_size=len(texts), convert_to_numpy=True,
+                normalize_embeddings=normalize, show_progress_bar=False,
+            )
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise OutOfMemory from None
+        stats.seconds += time.perf_counter() - began
+        stats.n_tokens += sum(lengths)
+        stats.padded_tokens += padded
+        stats.forward_passes += 1
+        return vectors.astype(np.float32, copy=False)
+
+
+def _check_finite(vectors: np.ndarray, indices: list[int]) -> None:
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise EmbeddingError(f"model produced non-finite vectors for {int(bad.sum())} of {len(indices)} texts")
+
+
+_cache: dict[ModelKey, Embedder] = {}
+_lock = threading.Lock()
+_loads = 0
+
+
+def load_count() -> int:
+    """How many times this process has loaded a model (the worker should do it once)."""
+    return _loads
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def get_embedder(
+    source: str, *, revision: str | None, pool_instruction: bool, device: str | None = None,
+    micro_batch_size: int = 32, max_forward_tokens: int = 0,
+) -> Embedder:
+    """The process-wide embedder for this model and device, loaded on first use."""
+    key = ModelKey(source=source, revision=revision, device=device or default_device(),
+                   pool_instruction=pool_instruction)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = Embedder(_load(key), key, micro_batch_size, max_forward_tokens)
+        return _cache[key]
+
+
+def _load(key: ModelKey) -> SentenceTransformer:
+    global _loads
+    began = time.perf_counter()
+    # T5 overflows to inf/NaN in fp16; bf16 keeps fp32's range on CUDA.
+    model_kwargs = {"dtype": torch.bfloat16} if key.device.startswith("cuda") else {}
+    try:
+        model = SentenceTransformer(key.source, device=key.device, revision=key.revision, model_kwargs=model_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {key.source!r}: {exc}") from exc
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, Pooling):
+            module.include_prompt = key.pool_instruction
+    model.encode(["warm-up"], show_progress_bar=False)
+    _loads += 1
+    logger.info("loaded model %s on %s in %.1fs (pool instruction: %s)",
+                key.source, key.device, time.perf_counter() - began, key.pool_instruction)
+    return model
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return device

@@ -1,0 +1,171 @@
+"""The RQ job functions: embed one batch, and record a batch that failed for good.
+
+They run in a worker process that holds the model (`SimpleWorker`, no fork), so
+the model, the Mongo client and a writer thread live in a process-wide context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from bson.binary import Binary
+from redis import Redis
+
+from config.settings import Settings
+from producer.connections import mongo_database, redis_client
+from producer.jobs import JobRecords
+from producer.models import Batch, Chunk, VectorSpec
+from worker.embedder import Embedder, get_embedder
+from worker.store import LedgerEntry, VectorStore, embedding_id, text_key, to_bson_vector, vector_doc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process builds once and every batch uses."""
+
+    settings: Settings
+    records: JobRecords
+    store: VectorStore
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # One writer thread: vectors of one forward pass are stored while the next one runs.
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store"))
+
+    def embedder(self, spec: VectorSpec) -> Embedder:
+        s = self.settings
+        source = s.model_source() if spec.model == s.model else s.replace(model=spec.model, model_path=None).model_source()
+        return get_embedder(source, revision=spec.revision, pool_instruction=spec.pool_instruction,
+                            device=s.device, micro_batch_size=s.micro_batch_size,
+                            max_forward_tokens=s.max_forward_tokens)
+
+
+_context: WorkerContext | None = None
+
+
+def init_context(settings: Settings, redis: Redis | None = None) -> WorkerContext:
+    """Build the process-wide context (the worker loop and Modal containers call this at start)."""
+    global _context
+    db = mongo_database(settings)
+    store = VectorStore(db)
+    store.ensure_indexes()
+    _context = WorkerContext(
+        settings=settings,
+        records=JobRecords(redis or redis_client(settings), db, settings.result_ttl),
+        store=store,
+    )
+    return _context
+
+
+def current_context() -> WorkerContext:
+    # A process started by plain `rq worker` has not built one: the environment is its edge.
+    return _context or init_context(Settings.from_env())
+
+
+@dataclass
+class BatchResult:
+    job_id: str
+    batch_id: str
+    embedded: int
+    skipped: int
+    gpu_seconds: float
+    cost_usd: float
+    device: str
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def embed_batch(payload: dict) -> dict:
+    """RQ entry point: embed, store and account for one batch."""
+    return run_batch(current_context(), Batch.from_payload(payload)).to_dict()
+
+
+def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
+    started_at = datetime.now(UTC)
+    began = time.perf_counter()
+    spec = batch.spec
+    ctx.records.mark_running(batch.job_id, batch.batch_id)
+    keys = [text_key(c.text, spec) for c in batch.chunks]
+    existing = ctx.store.existing(sorted(set(keys)))
+
+    # Chunks whose text already has a vector under this spec reuse it (counted skipped);
+    # equal texts inside the batch are embedded once.
+    embedder = ctx.embedder(spec)
+    now = datetime.now(UTC)
+    reused: list[dict] = []
+    to_embed: dict[str, list[Chunk]] = {}
+    skipped = 0
+    for chunk, key in zip(batch.chunks, keys, strict=True):
+        if key not in existing:
+            to_embed.setdefault(key, []).append(chunk)
+            continue
+        skipped += 1
+        ids, vector = existing[key]
+        if embedding_id(chunk.chunk_id, spec) not in ids:
+            reused.append(vector_doc(chunk, spec, key, Binary(vector, 9), dim=embedder.dim, job_id=batch.job_id,
+                                     batch_id=batch.batch_id, embedded_at=now))
+
+    groups = list(to_embed.items())
+    prompt_tokens = embedder.prompt_tokens(spec.instruction)
+    pending: list[Future] = []
+
+    def store(indices: list[int], vectors: np.ndarray) -> None:
+        now = datetime.now(UTC)
+        docs = [
+            vector_doc(chunk, spec, groups[i][0], to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
+                       batch_id=batch.batch_id, embedded_at=now)
+            for i, vector in zip(indices, vectors, strict=True)
+            for chunk in groups[i][1]
+        ]
+        pending.append(ctx.writer.submit(ctx.store.upsert, docs))
+
+    if reused:
+        pending.append(ctx.writer.submit(ctx.store.upsert, reused))
+    _, stats = embedder.encode(
+        [chunks[0].text for _, chunks in groups],
+        [chunks[0].n_tokens + prompt_tokens for _, chunks in groups],
+        instruction=spec.instruction,
+        normalize=spec.normalize,
+        on_vectors=store,
+    )
+    for future in pending:
+        future.result()
+
+    embedded = sum(len(chunks) for _, chunks in groups)
+    cost = stats.seconds * ctx.settings.gpu_price_per_hour / 3600
+    ctx.store.record(LedgerEntry(
+        job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
+        n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=skipped,
+        n_tokens=stats.n_tokens, padded_tokens=stats.padded_tokens, gpu_seconds=stats.seconds,
+        wall_seconds=time.perf_counter() - began, device=embedder.device_name, worker=ctx.name,
+        started_at=started_at, finished_at=datetime.now(UTC), cost_usd=cost,
+    ))
+    counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=skipped,
+                                        gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+    ctx.records.save(ctx.records.status(batch.job_id))
+    logger.info("job %s batch %s: %d embedded, %d skipped, %.2fs compute on %s%s", batch.job_id, batch.batch_id,
+                embedded, skipped, stats.seconds, embedder.device_name, "" if counted else " (already counted)")
+    return BatchResult(job_id=batch.job_id, batch_id=batch.batch_id, embedded=embedded, skipped=skipped,
+                       gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+
+
+def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)
+    """RQ failure callback: a batch with no retries left is counted failed, with its reason."""
+    records = current_context().records
+    batch_id, job_id = job.id, job.meta.get("podembed_job", "")
+    reason = f"{exc_type.__name__}: {exc_value}"
+    if job.should_retry:
+        records.mark_retrying(job_id, batch_id)
+        logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, job.retries_left)
+        return
+    records.mark_failed(job_id, batch_id, int(job.meta.get("n_chunks", 0)), reason)
+    records.save(records.status(job_id))
+    logger.error("job %s batch %s: failed for good: %s", job_id, batch_id, reason)
