@@ -67,7 +67,7 @@ class Service:
 
     def start(self, command: list[str]) -> None:
         if self.host not in LOOPBACK:
-            raise ServiceError(f"{self.name}: nothing answers at {self.host}:{self.port}, and it is not on this machine")
+            raise ServiceError(f"{self.name}: nothing answers at {self.host}:{self.port}, not on this machine")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / f"{self.name}.log").open("ab")
         process = subprocess.Popen(command, cwd=self.data_dir, stdout=log, stderr=subprocess.STDOUT,

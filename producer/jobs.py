@@ -210,8 +210,8 @@ class JobRecords:
             episodes=int(rec["episodes"]),
             chunks=chunks,
             batches=batches,
-            gpu_seconds=round(float(rec["gpu_seconds"]), 6),
-            cost_usd=round(float(rec["cost_usd"]), 8),
+            gpu_seconds=float(rec["gpu_seconds"]),
+            cost_usd=float(rec["cost_usd"]),
             device=rec["device"],
             errors={k.decode(): v.decode() for k, v in errors.items()},
         )
@@ -219,7 +219,8 @@ class JobRecords:
     def save(self, status: JobStatus) -> None:
         """Keep the status in MongoDB `jobs`, which outlives the Redis record."""
         try:
-            self.db.jobs.replace_one({"_id": status.job_id}, status.to_dict(), upsert=True)
+            # `_id` in the document too: nx-27017 does not take it from the filter on upsert.
+            self.db.jobs.replace_one({"_id": status.job_id}, {"_id": status.job_id, **status.to_dict()}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.models import Pooling
+from sentence_transformers.sentence_transformer.modules import Pooling
 
 from config.errors import ConfigError, EmbeddingError
 

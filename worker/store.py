@@ -37,7 +37,7 @@ def to_bson_vector(vector: np.ndarray) -> Binary:
 
 def from_bson_vector(value: bytes | Binary) -> np.ndarray:
     """nx-27017 hands vectors back as plain bytes, a real server as Binary: read both."""
-    return np.asarray(Binary(bytes(value), 9).as_vector(return_numpy=True), dtype=np.float32)
+    return np.asarray(Binary(bytes(value), 9).as_vector(return_numpy=True).data, dtype=np.float32)
 
 
 @dataclass
@@ -97,7 +97,8 @@ class VectorStore:
     def record(self, entry: LedgerEntry) -> None:
         """The ledger is keyed by batch id: a batch that runs again replaces its entry."""
         try:
-            self.batches.replace_one({"_id": entry.batch_id}, asdict(entry), upsert=True)
+            # `_id` in the document too: nx-27017 does not take it from the filter on upsert.
+            self.batches.replace_one({"_id": entry.batch_id}, {"_id": entry.batch_id, **asdict(entry)}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot write ledger entry {entry.batch_id}: {exc}") from exc
 

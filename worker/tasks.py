@@ -41,7 +41,10 @@ class WorkerContext:
 
     def embedder(self, spec: VectorSpec) -> Embedder:
         s = self.settings
-        source = s.model_source() if spec.model == s.model else s.replace(model=spec.model, model_path=None).model_source()
+        # A job may name another model than the worker's default (a backfill with --model).
+        if spec.model != s.model:
+            s = s.replace(model=spec.model, model_path=None)
+        source = s.model_source()
         return get_embedder(source, revision=spec.revision, pool_instruction=spec.pool_instruction,
                             device=s.device, micro_batch_size=s.micro_batch_size,
                             max_forward_tokens=s.max_forward_tokens)

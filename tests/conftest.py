@@ -1,0 +1,69 @@
+"""Real services for the suite: a redis-server and nx-27017 on spare loopback ports.
+
+The session starts its own pair (so a running demo is never touched) and stops it
+at the end. Each test gets a flushed Redis database and its own Mongo database,
+dropped afterwards. The model is the real small one, loaded once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pymongo.database import Database
+from redis import Redis
+
+from config.services import services_down, services_up
+from config.settings import Settings
+from producer.connections import mongo_database, redis_client
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        mongo_uri=f"mongodb://127.0.0.1:{_free_port()}",
+        data_dir=tmp_path_factory.mktemp("services"),
+    )
+    services_up(settings)
+    yield settings
+    services_down(settings)
+
+
+@pytest.fixture
+def settings(service_settings: Settings) -> Settings:
+    """Per-test settings: own Mongo database; retries without back-off so burst workers see them."""
+    return service_settings.replace(mongo_db=f"test_{uuid.uuid4().hex[:10]}", retry_intervals=(0,))
+
+
+@pytest.fixture
+def redis(settings: Settings) -> Iterator[Redis]:
+    client = redis_client(settings)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    database = mongo_database(settings)
+    yield database
+    database.client.drop_database(database.name)
+    database.client.close()
