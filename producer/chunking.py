@@ -71,7 +71,13 @@ def _split_segment(segment: Segment, tokenizer: ModelTokenizer, budget: int) -> 
     offsets = tokenizer.offsets(segment.text)
     # Leave a margin for tokens that re-merge differently once the text is cut.
     step = max(1, budget - 8)
-    bounds = [offsets[i][0] for i in range(0, len(offsets), step)] + [len(segment.text)]
+    bounds = [0]
+    for i in range(step, len(offsets), step):
+        cut = offsets[i][0]
+        # Cut at the space before the word the token belongs to, unless the word is enormous.
+        space = segment.text.rfind(" ", bounds[-1] + 1, cut + 1)
+        bounds.append(space if space > bounds[-1] else cut)
+    bounds.append(len(segment.text))
     duration = segment.end - segment.start
     pieces: list[tuple[Segment, int]] = []
     for a, b in zip(bounds, bounds[1:], strict=False):
