@@ -36,6 +36,10 @@ demo: services-up
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# Pipeline vs bare model on 20 real episodes (one JSON document; see BENCHMARKS.md).
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/pipeline_bench.py
+
 lint: install
 	$(BIN)/ruff check config producer worker modal_jobs tests
 

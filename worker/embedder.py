@@ -50,11 +50,18 @@ class Embedder:
     def __init__(self, model: SentenceTransformer, key: ModelKey, micro_batch_size: int, max_forward_tokens: int):
         self.model = model
         self.key = key
-        self.micro_batch_size = micro_batch_size
-        self.max_forward_tokens = max_forward_tokens
+        self._configured: tuple[int, int] | None = None
+        self.configure(micro_batch_size, max_forward_tokens)
         self.device_name = _device_name(key.device)
         self.dim = model.get_embedding_dimension()
         self._prompt_tokens: dict[str, int] = {}
+
+    def configure(self, micro_batch_size: int, max_forward_tokens: int) -> None:
+        """Set the configured limits; the micro-batch size learnt from out-of-memory survives a re-configure."""
+        if (micro_batch_size, max_forward_tokens) != self._configured:
+            self._configured = (micro_batch_size, max_forward_tokens)
+            self.micro_batch_size = micro_batch_size
+            self.max_forward_tokens = max_forward_tokens
 
     def prompt_tokens(self, instruction: str) -> int:
         """Tokens the instruction and the special tokens add to every text."""
@@ -155,9 +162,11 @@ def get_embedder(
     key = ModelKey(source=source, revision=revision, device=device or default_device(),
                    pool_instruction=pool_instruction)
     with _lock:
-        if key not in _cache:
-            _cache[key] = Embedder(_load(key), key, micro_batch_size, max_forward_tokens)
-        return _cache[key]
+        embedder = _cache.get(key)
+        if embedder is None:
+            embedder = _cache[key] = Embedder(_load(key), key, micro_batch_size, max_forward_tokens)
+        embedder.configure(micro_batch_size, max_forward_tokens)
+        return embedder
 
 
 def _load(key: ModelKey) -> SentenceTransformer:

@@ -54,6 +54,8 @@ class LedgerEntry:
     n_tokens: int
     padded_tokens: int
     gpu_seconds: float
+    # Time the batch waited on MongoDB (dedupe lookup, writes not hidden behind compute).
+    store_wait_seconds: float
     wall_seconds: float
     device: str
     worker: str

@@ -97,7 +97,9 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
     spec = batch.spec
     ctx.records.mark_running(batch.job_id, batch.batch_id)
     keys = [text_key(c.text, spec) for c in batch.chunks]
+    waited = time.perf_counter()
     existing = ctx.store.existing(sorted(set(keys)))
+    store_wait = time.perf_counter() - waited
 
     # Chunks whose text already has a vector under this spec reuse it (counted skipped);
     # equal texts inside the batch are embedded once.
@@ -139,8 +141,10 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
         normalize=spec.normalize,
         on_vectors=store,
     )
+    waited = time.perf_counter()
     for future in pending:
         future.result()
+    store_wait += time.perf_counter() - waited
 
     embedded = sum(len(chunks) for _, chunks in groups)
     cost = stats.seconds * ctx.settings.gpu_price_per_hour / 3600
@@ -148,8 +152,8 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
         job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
         n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=skipped,
         n_tokens=stats.n_tokens, padded_tokens=stats.padded_tokens, gpu_seconds=stats.seconds,
-        wall_seconds=time.perf_counter() - began, device=embedder.device_name, worker=ctx.name,
-        started_at=started_at, finished_at=datetime.now(UTC), cost_usd=cost,
+        store_wait_seconds=store_wait, wall_seconds=time.perf_counter() - began, device=embedder.device_name,
+        worker=ctx.name, started_at=started_at, finished_at=datetime.now(UTC), cost_usd=cost,
     ))
     counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=skipped,
                                         gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
