@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (smoke sizes); their figures come from `make bench` and a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_gpu_script_runs_in_smoke_mode() -> None:
+    out = subprocess.run(
+        [sys.executable, "tests/bench/gpu_t5.py", "--smoke", "--batches", "2,4", "--lengths", "32,256",
+         "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )
+    report = json.loads(out.stdout)
+    assert [(r["batch"], r["seq_len"]) for r in report["rows"]] == [(2, 32), (4, 32), (2, 256), (4, 256)]
+    assert all(r["tokens_per_s"] > 0 and r["chunks_per_s"] > 0 for r in report["rows"])
+    assert report["best_at_256"]["seq_len"] == 256
+
+
+def test_t5_xl_flop_count_matches_its_parameters() -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "bench"))
+    from gpu_t5 import INSTRUCTOR_XL, flops_per_token
+
+    # Encoder weights outside the embedding: 24 x (4 x 2048 x 2048 + 3 x 2048 x 5120) = 1.16e9;
+    # a forward pass costs about 2 FLOPs per weight per token, plus attention.
+    weights = 24 * (4 * 2048 * 2048 + 3 * 2048 * 5120)
+    assert 2 * weights < flops_per_token(INSTRUCTOR_XL, 256) < 2 * weights * 1.1
