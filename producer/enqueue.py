@@ -12,6 +12,7 @@ from pymongo.database import Database
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry
+from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
 from config.errors import PodembedError, QueueError, TranscriptFormatError
@@ -103,21 +104,32 @@ def chunk_episodes(settings: Settings, episodes: list[Episode], spec: VectorSpec
 
 def enqueue_chunks(
     settings: Settings, redis: Redis, db: Database, *, chunks: list[Chunk], episodes: int, kind: str,
-    spec: VectorSpec,
+    spec: VectorSpec, force: bool = False,
 ) -> EnqueuedJob:
-    """Create the job record, then enqueue one RQ job per batch; no chunks, no job."""
+    """Create the job record, then enqueue one RQ job per batch; no chunks, no job.
+
+    `force` makes the worker embed every chunk even where its vector is stored.
+    """
     if not chunks:
         return EnqueuedJob(job_id=None, episodes=episodes, chunks=0, batches=0, tokens=0)
     job_id = new_job_id()
     batches = pack_batches(
-        job_id, chunks, spec, max_tokens=settings.batch_max_tokens, max_chunks=settings.batch_max_chunks
+        job_id, chunks, spec, max_tokens=settings.batch_max_tokens, max_chunks=settings.batch_max_chunks, force=force
     )
     records = JobRecords(redis, db, settings.result_ttl)
-    records.create(NewJob(
+    job = NewJob(
         job_id=job_id, kind=kind, model=spec.model, instruction=spec.instruction, vector_key=spec.key,
         episodes=episodes, chunks_total=len(chunks), batch_ids=[b.batch_id for b in batches],
-    ))
-    enqueue_batches(settings, redis, batches)
+    )
+    queue = batch_queue(settings, redis)
+    try:
+        with redis.pipeline(transaction=True) as pipe:
+            records.create(job, pipe)
+            queue.enqueue_many([_job_data(settings, batch) for batch in batches], pipeline=pipe)
+            pipe.execute()
+    except RedisError as exc:
+        raise QueueError(f"cannot enqueue job {job_id} on {queue.name!r}: {exc}") from exc
+    records.save(records.status(job_id))
     logger.info("job %s: enqueued %d chunks in %d batches", job_id, len(chunks), len(batches))
     return EnqueuedJob(
         job_id=job_id, episodes=episodes, chunks=len(chunks), batches=len(batches),
@@ -125,31 +137,21 @@ def enqueue_chunks(
     )
 
 
-def enqueue_batches(settings: Settings, redis: Redis, batches: list[Batch]) -> None:
-    queue = batch_queue(settings, redis)
+def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
     retry = Retry(max=len(settings.retry_intervals), interval=list(settings.retry_intervals)) \
         if settings.retry_intervals else None
-    datas = [
-        Queue.prepare_data(
-            TASK,
-            args=(batch.to_payload(),),
-            job_id=batch.batch_id,
-            timeout=settings.job_timeout,
-            result_ttl=settings.result_ttl,
-            failure_ttl=settings.result_ttl,
-            retry=retry,
-            on_failure=Callback(ON_FAILURE),
-            description=f"job {batch.job_id} batch {batch.batch_id}: {len(batch.chunks)} chunks",
-            meta={"podembed_job": batch.job_id, "n_chunks": len(batch.chunks), "n_tokens": batch.n_tokens},
-        )
-        for batch in batches
-    ]
-    try:
-        with redis.pipeline() as pipe:
-            queue.enqueue_many(datas, pipeline=pipe)
-            pipe.execute()
-    except RedisError as exc:
-        raise QueueError(f"cannot enqueue batches on {queue.name!r}: {exc}") from exc
+    return Queue.prepare_data(
+        TASK,
+        args=(batch.to_payload(),),
+        job_id=batch.batch_id,
+        timeout=settings.job_timeout,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        retry=retry,
+        on_failure=Callback(ON_FAILURE),
+        description=f"job {batch.job_id} batch {batch.batch_id}: {len(batch.chunks)} chunks",
+        meta={"podembed_job": batch.job_id, "n_chunks": len(batch.chunks), "n_tokens": batch.n_tokens},
+    )
 
 
 def ingest(
@@ -157,8 +159,8 @@ def ingest(
     instruction: str | None = None,
 ) -> EnqueuedJob:
     """Chunk and enqueue parsed episodes as one job."""
-    spec = vector_spec(settings, instruction)
-    chunks = chunk_episodes(settings, episodes, spec)
     if not episodes:
         raise PodembedError("nothing to ingest: no transcript was accepted")
+    spec = vector_spec(settings, instruction)
+    chunks = chunk_episodes(settings, episodes, spec)
     return enqueue_chunks(settings, redis, db, chunks=chunks, episodes=len(episodes), kind=kind, spec=spec)

@@ -16,6 +16,7 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, QueueError, StoreError
@@ -25,11 +26,12 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "podembed:job:"
 JOBS_INDEX = "podembed:jobs"
 
-# KEYS: hash, done, running, failed, errors. ARGV: batch_id, embedded, skipped,
-# gpu_seconds, cost_usd, device, now, ttl.
+# KEYS: hash, done, running, failed, errors, batches (they expire together). ARGV: batch_id,
+# embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
+# after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'embedded', ARGV[2])
@@ -41,7 +43,22 @@ local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
 if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[7])
 end
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+return 1
+"""
+
+
+# KEYS as above. ARGV: batch_id, n_chunks, reason, now, ttl.
+_FAIL_BATCH = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
+if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[4])
+end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
@@ -112,13 +129,15 @@ class JobRecords:
         self.db = db
         self.ttl = ttl_seconds
         self._finish = redis.register_script(_FINISH_BATCH)
+        self._fail = redis.register_script(_FAIL_BATCH)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
         return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches"]
 
-    def create(self, job: NewJob) -> None:
-        """Write the record (before any batch is enqueued, so workers always find it)."""
+    def create(self, job: NewJob, pipe: Pipeline) -> None:
+        """Add the record's writes to `pipe`, the transaction that also enqueues the batches,
+        so a job exists with all its batches or not at all."""
         hash_key, *_, batches_key = self._keys(job.job_id)
         fields = {
             "kind": job.kind,
@@ -135,15 +154,9 @@ class JobRecords:
             "cost_usd": 0.0,
             "device": "",
         }
-        try:
-            with self.redis.pipeline() as pipe:
-                pipe.hset(hash_key, mapping=fields)
-                pipe.rpush(batches_key, *job.batch_ids)
-                pipe.zadd(JOBS_INDEX, {job.job_id: datetime.fromisoformat(job.created_at).timestamp()})
-                pipe.execute()
-        except RedisError as exc:
-            raise QueueError(f"cannot write job {job.job_id} to Redis: {exc}") from exc
-        self.save(self.status(job.job_id))
+        pipe.hset(hash_key, mapping=fields)
+        pipe.rpush(batches_key, *job.batch_ids)
+        pipe.zadd(JOBS_INDEX, {job.job_id: datetime.fromisoformat(job.created_at).timestamp()})
 
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
@@ -156,7 +169,7 @@ class JobRecords:
         device: str,
     ) -> bool:
         """Add a batch's counts once; False if this batch was already counted."""
-        keys = self._keys(job_id)[:5]
+        keys = self._keys(job_id)
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
         return bool(self._finish(keys=keys, args=args))
 
@@ -164,14 +177,9 @@ class JobRecords:
         self.redis.srem(self._keys(job_id)[2], batch_id)
 
     def mark_failed(self, job_id: str, batch_id: str, n_chunks: int, reason: str) -> None:
-        _, done, running, failed, errors, _ = self._keys(job_id)
-        if self.redis.sismember(done, batch_id):
-            return
-        with self.redis.pipeline() as pipe:
-            pipe.srem(running, batch_id)
-            pipe.hset(failed, batch_id, n_chunks)
-            pipe.hset(errors, batch_id, reason[:500])
-            pipe.execute()
+        """Count a batch failed for good, with its reason (a batch already counted done stays done)."""
+        keys = self._keys(job_id)
+        self._fail(keys=keys, args=[batch_id, n_chunks, reason[:500], now_iso(), self.ttl])
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, from Redis while it is there, else from MongoDB."""
@@ -235,6 +243,46 @@ class JobRecords:
         doc["chunks"] = ChunkCounts(**doc["chunks"])
         doc["batches"] = BatchCounts(**doc["batches"])
         return JobStatus(**doc)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        """Flag the job cancelled (its state from now on) and stamp when; a no-op once Redis forgot it."""
+        hash_key = self._keys(job_id)[0]
+        try:
+            if self.redis.exists(hash_key):
+                with self.redis.pipeline() as pipe:
+                    pipe.hset(hash_key, "cancelled", "1")
+                    pipe.hsetnx(hash_key, "finished_at", now_iso())
+                    pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot mark job {job_id} cancelled in Redis: {exc}") from exc
+
+    def clear_failed(self, job_id: str, batch_ids: list[str]) -> None:
+        """Count these failed batches as queued again (they are being retried): the job is not over."""
+        if not batch_ids:
+            return
+        hash_key, _, _, failed, errors, _ = self._keys(job_id)
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hdel(failed, *batch_ids)
+                pipe.hdel(errors, *batch_ids)
+                pipe.hdel(hash_key, "finished_at")
+                pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot clear failed batches of job {job_id} in Redis: {exc}") from exc
+
+    def recent(self, limit: int) -> list[JobStatus]:
+        """The newest jobs first, as far as Redis's index or MongoDB still know them."""
+        try:
+            job_ids = [j.decode() for j in self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)]
+        except RedisError as exc:
+            raise QueueError(f"cannot read the job index from Redis: {exc}") from exc
+        statuses = []
+        for job_id in job_ids:
+            try:
+                statuses.append(self.status(job_id))
+            except JobNotFoundError:
+                continue
+        return statuses
 
 
 def _state(batches: BatchCounts, *, cancelled: bool) -> str:

@@ -62,6 +62,10 @@ class VectorSpec:
         payload = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def embedding_id(self, chunk_id: str) -> str:
+        """`_id` of a chunk's vector document: one per chunk and vector key."""
+        return f"{chunk_id}|{self.key}"
+
 
 @dataclass
 class Batch:
@@ -71,6 +75,8 @@ class Batch:
     batch_id: str
     spec: VectorSpec
     chunks: list[Chunk] = field(default_factory=list)
+    # Embed again even where a vector for this text and spec is stored (`backfill --force`).
+    force: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -87,4 +93,5 @@ class Batch:
             batch_id=payload["batch_id"],
             spec=VectorSpec(**payload["spec"]),
             chunks=[Chunk(**c) for c in payload["chunks"]],
+            force=payload.get("force", False),
         )

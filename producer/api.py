@@ -1,0 +1,181 @@
+"""The HTTP API: enqueue transcripts, poll a job by id, list, retry and cancel jobs.
+
+Every route but `/healthz` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`. `podembed serve`
+runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
+`def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import pymongo
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
+
+from config.errors import (
+    ConfigError,
+    JobNotFoundError,
+    PodembedError,
+    QueueError,
+    StoreError,
+    TranscriptFormatError,
+)
+from config.settings import Settings, redact_url
+from producer.connections import mongo_database, redis_client
+from producer.enqueue import ingest
+from producer.jobs import JobRecords, JobStatus
+from producer.models import Episode
+from producer.operations import CancelResult, RetryResult, cancel, retry
+from producer.parsing import parse_bytes
+
+# Most specific first: the HTTP status each of our errors answers with (other errors: 409).
+ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
+    (JobNotFoundError, 404),
+    (TranscriptFormatError, 422),
+    (QueueError, 503),
+    (StoreError, 503),
+    (ConfigError, 500),
+]
+
+
+# Checked by our own dependency, so a missing header is a 401 with our message, not FastAPI's 403.
+BEARER = HTTPBearer(auto_error=False)
+
+
+class TranscriptIn(BaseModel):
+    name: str = Field(min_length=1, max_length=500, description="file name; its extension picks the parser")
+    content: str = Field(description="the transcript: WebVTT, SRT, Whisper or chat JSON, or plain text")
+    episode_id: str | None = Field(default=None, description="default: the file name without its extension")
+
+
+class JobRequest(BaseModel):
+    podcast: str | None = None
+    instruction: str | None = Field(default=None, description="default: PODEMBED_INSTRUCTION")
+    transcripts: list[TranscriptIn] = Field(min_length=1)
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    episodes: int
+    chunks: int
+    batches: int
+    tokens: int
+    refused: list[str]
+
+
+class Refused(BaseModel):
+    detail: str
+    refused: list[str]
+
+
+def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
+    """The API over the Redis and MongoDB of `settings`; without `api_token` only if `open_access`."""
+    if not settings.api_token and not open_access:
+        raise ConfigError("PODEMBED_API_TOKEN is not set: the HTTP API does not run without a token")
+    redis = redis_client(settings)
+    db = mongo_database(settings)
+    records = JobRecords(redis, db, settings.result_ttl)
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        if open_access:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, (settings.api_token or "").encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
+                  max_body_size=settings.max_request_bytes)
+    jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(authorize)],
+                     responses={401: {"description": "missing or wrong bearer token"}})
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(response: Response) -> dict[str, bool]:
+        """Whether Redis and MongoDB answer (no token needed)."""
+        health = {"redis": _answers(redis.ping), "mongo": _answers(lambda: _ping(db))}
+        if not all(health.values()):
+            response.status_code = 503
+        return health
+
+    @jobs.post("", status_code=202, response_model=JobCreated, responses={422: {"model": Refused}})
+    def create_job(body: JobRequest, response: Response) -> JobCreated | JSONResponse:
+        """Parse, chunk and enqueue the transcripts as one job; refused ones are listed."""
+        episodes, refused = _parse(body)
+        if not episodes:
+            detail = f"nothing to ingest: {len(refused)} transcript(s) refused, none accepted"
+            return JSONResponse(status_code=422, content={"detail": detail, "refused": refused})
+        job = ingest(settings, redis, db, episodes, kind="ingest", instruction=body.instruction)
+        response.headers["Location"] = f"/jobs/{job.job_id}"
+        return JobCreated.model_validate(asdict(job) | {"refused": refused})
+
+    @jobs.get("", response_model=list[JobStatus])
+    def list_jobs(limit: Annotated[int, Query(ge=1, le=500)] = 20) -> list[JobStatus]:
+        """Recent jobs, newest first."""
+        return records.recent(limit)
+
+    @jobs.get("/{job_id}", response_model=JobStatus, responses={404: {"description": "no job with this id"}})
+    def get_job(job_id: str) -> JobStatus:
+        """The job's status document."""
+        return records.status(job_id)
+
+    @jobs.post("/{job_id}/retry", response_model=RetryResult)
+    def retry_job(job_id: str) -> RetryResult:
+        """Requeue the job's failed batches."""
+        return retry(settings, redis, db, job_id)
+
+    @jobs.post("/{job_id}/cancel", response_model=CancelResult)
+    def cancel_job(job_id: str) -> CancelResult:
+        """Remove the job's queued batches; running ones finish."""
+        return cancel(settings, redis, db, job_id)
+
+    @app.exception_handler(PodembedError)
+    def podembed_error(request: Request, exc: PodembedError) -> JSONResponse:
+        code = next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), 409)
+        return JSONResponse(status_code=code, content={"detail": redact_url(str(exc))})
+
+    app.include_router(jobs)
+    return app
+
+
+def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:
+    """Parse every transcript as `ingest` parses files: bad ones are refused and the others go on."""
+    episodes: list[Episode] = []
+    refused: list[str] = []
+    seen: dict[str, str] = {}
+    for transcript in body.transcripts:
+        episode_id = transcript.episode_id or Path(transcript.name).stem
+        try:
+            episode = parse_bytes(transcript.content.encode(), name=transcript.name, episode_id=episode_id,
+                                  podcast=body.podcast)
+        except TranscriptFormatError as exc:
+            refused.append(str(exc))
+            continue
+        if episode_id in seen:
+            refused.append(f"{transcript.name}: episode id {episode_id!r} already given by {seen[episode_id]}")
+            continue
+        seen[episode_id] = transcript.name
+        episodes.append(episode)
+    return episodes, refused
+
+
+def _ping(db: Database) -> None:
+    # A health check answers quickly: the client's own timeouts allow a slow nx-27017 minutes.
+    with pymongo.timeout(3):
+        db.command("ping")
+
+
+def _answers(ping: Callable[[], object]) -> bool:
+    try:
+        ping()
+    except (RedisError, PyMongoError):
+        return False
+    return True
