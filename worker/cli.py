@@ -10,14 +10,23 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config.errors import ConfigError, JobNotFoundError, PodembedError
 from config.settings import Settings, redact_url
 
+if TYPE_CHECKING:
+    from producer.jobs import JobRecords, JobStatus
+
 EXIT_ERROR = 1
 EXIT_NOT_FOUND = 2
+# States after which a job's counts no longer change (but for batches running when it was cancelled).
+ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +72,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "show a job's status by its id")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--watch", action="store_true", help="draw a progress bar on stderr until the job ends")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch (default 1)")
+
+    p = command("nightly", cmd_nightly, "enqueue the transcripts that are new or changed since the last run")
+    p.add_argument("--source", default="mongo", help="a directory of transcript files, or 'mongo' for the "
+                                                     "transcripts collection (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("backfill", cmd_backfill, "embed stored transcripts again, or under another model or instruction")
+    p.add_argument("--source", default="mongo", help="a directory of transcript files, or 'mongo' (default)")
+    p.add_argument("--since", type=_date, help="published on or after this day (YYYY-MM-DD)")
+    p.add_argument("--until", type=_date, help="published on or before this day (YYYY-MM-DD)")
+    p.add_argument("--podcast", help="only this show")
+    p.add_argument("--episodes", nargs="+", metavar="EPISODE_ID", help="only these episodes")
+    p.add_argument("--model", help="embed with this model (default: PODEMBED_MODEL)")
+    p.add_argument("--instruction", help="embed with this instruction (default: PODEMBED_INSTRUCTION)")
+    p.add_argument("--force", action="store_true", help="embed chunks again even where their vector is stored")
+    p.add_argument("--dry-run", action="store_true", help="enqueue nothing; print the chunks and estimated cost")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("jobs", cmd_jobs, "list recent jobs, newest first")
+    p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of status documents")
+
+    p = command("retry", cmd_retry, "requeue a job's failed batches")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("cancel", cmd_cancel, "remove a job's queued batches (running ones finish)")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("serve", cmd_serve, "run the HTTP API (needs PODEMBED_API_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="serve without a token; only on a loopback address")
+
+    p = command("launch", cmd_launch, "spawn on Modal the GPU drains the queued backlog needs")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; spawn nothing (no Modal credentials needed)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("costs", cmd_costs, "measured cost per GPU and model, busy vs billed, as the README's Markdown "
+                                    "table; or one job's share")
+    p.add_argument("job_id", nargs="?", help="a job: its compute and its share of the containers' billed time")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -113,7 +168,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import mongo_database, redis_client
     from producer.jobs import JobRecords
 
-    status = JobRecords(redis_client(settings), mongo_database(settings), settings.result_ttl).status(args.job_id)
+    records = JobRecords(redis_client(settings), mongo_database(settings), settings.result_ttl)
+    status = _watch(records, args.job_id, args.interval) if args.watch else records.status(args.job_id)
     if args.json:
         _print_json(status.to_dict())
         return 0
@@ -137,6 +193,207 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database, redis_client
+    from producer.operations import nightly
+    from producer.sources import open_source
+
+    db = mongo_database(settings)
+    run = nightly(settings, redis_client(settings), db, open_source(args.source, db))
+    for message in run.refused:
+        _error(f"refused {message}")
+    if args.json:
+        _print_json(run.to_dict())
+    elif run.job_id:
+        print(f"job {run.job_id}: {run.episodes} new or changed episodes ({run.unchanged} unchanged), "
+              f"{run.chunks} chunks, {run.batches} batches, {run.tokens} tokens")
+    else:
+        print(f"nothing new in {run.source} since the last run ({run.unchanged} episodes unchanged)")
+    return EXIT_ERROR if run.refused else 0
+
+
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database, redis_client
+    from producer.operations import backfill
+    from producer.sources import EpisodeFilter, open_source
+
+    if args.instruction is not None:
+        settings = settings.replace(instruction=args.instruction)
+    db = mongo_database(settings)
+    selection = EpisodeFilter(since=args.since, until=args.until, podcast=args.podcast,
+                              episode_ids=frozenset(args.episodes or ()))
+    run = backfill(settings, redis_client(settings), db, open_source(args.source, db), selection, model=args.model,
+                   force=args.force, dry_run=args.dry_run)
+    for message in run.refused:
+        _error(f"refused {message}")
+    if args.json:
+        _print_json(run.to_dict())
+        return EXIT_ERROR if run.refused else 0
+    counts = (f"{run.episodes} episodes, {run.chunks} chunks ({run.already_embedded} already embedded, left out), "
+              f"{run.batches} batches, {run.tokens} tokens")
+    if run.estimate:
+        e = run.estimate
+        measured = (f"measured in the ledger on {e.device}" if e.estimate_from == "ledger" else
+                    "the configured default: the ledger has no batch of this model")
+        print(f"dry run, nothing enqueued: {counts}")
+        print(f"estimate for {e.model}: {e.est_gpu_seconds:.1f} GPU-seconds, ${e.est_cost_usd:.4f}, "
+              f"at {e.tokens_per_second:.0f} tokens/s ({measured})")
+    elif run.job_id:
+        print(f"job {run.job_id}: {counts}")
+    else:
+        print(f"nothing to backfill for {run.model}: {counts}")
+    return EXIT_ERROR if run.refused else 0
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database, redis_client
+    from producer.jobs import JobRecords
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    statuses = JobRecords(redis_client(settings), mongo_database(settings), settings.result_ttl).recent(args.limit)
+    if args.json:
+        _print_json([s.to_dict() for s in statuses])
+        return 0
+    print(f"{'job':<12}  {'kind':<8}  {'state':<9}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  cost")
+    for s in statuses:
+        done = f"{s.chunks.total - s.chunks.pending}/{s.chunks.total}"
+        print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<9}  {s.created_at:<25}  {done:>13}  {s.chunks.failed:>6}  "
+              f"${s.cost_usd:.4f}")
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database, redis_client
+    from producer.operations import retry
+
+    result = retry(settings, redis_client(settings), mongo_database(settings), args.job_id)
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"job {result.job_id}: {len(result.requeued)} failed batches requeued; now {result.state}")
+    return 0
+
+
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database, redis_client
+    from producer.operations import cancel
+
+    result = cancel(settings, redis_client(settings), mongo_database(settings), args.job_id)
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"job {result.job_id}: {len(result.removed)} queued batches removed; now {result.state}")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from config.services import LOOPBACK
+    from producer.api import create_app
+
+    open_access = not settings.api_token
+    if open_access and not args.insecure_loopback:
+        raise ConfigError("PODEMBED_API_TOKEN is not set: set it, or pass --insecure-loopback to serve "
+                          "without a token on a loopback address")
+    if open_access and args.host not in LOOPBACK:
+        raise ConfigError(f"--insecure-loopback serves on a loopback address only, not on {args.host}")
+    app = create_app(settings, open_access=open_access)
+    print(f"podembed API on http://{args.host}:{args.port} (OpenAPI: /docs, /openapi.json)"
+          f"{', no token: loopback only' if open_access else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
+    from modal_jobs.launcher import launch, plan_launch, remote_spawner
+    from modal_jobs.settings import ModalSettings
+    from producer.connections import mongo_database, redis_client
+
+    on_modal = ModalSettings.from_env()
+    plan = plan_launch(settings, on_modal, redis_client(settings), mongo_database(settings))
+    if not args.json:
+        t, b = plan.throughput, plan.backlog
+        measured = (f"measured on {t.measured_batches} {on_modal.gpu} batches" if t.measured_batches else
+                    f"PODEMBED_DEFAULT_TOKENS_PER_SECOND: no {on_modal.gpu} batch of {settings.model} in the ledger")
+        print(f"backlog: {b.batches} batches, {b.chunks} chunks, {b.tokens} tokens; "
+              f"{t.tokens_per_s:.0f} tokens/s per container ({measured})")
+        print(f"{plan.drains} drain(s) of up to {plan.drain_budget_s} s to spawn on {on_modal.gpu} "
+              f"({plan.running} worker(s) already on the queue, at most {plan.max_containers} containers)")
+    calls = [] if args.dry_run else launch(plan, remote_spawner(on_modal))
+    if args.json:
+        _print_json({**plan.to_dict(), "dry_run": args.dry_run, "calls": calls})
+    else:
+        for call_id in calls:
+            print(f"spawned {call_id}")
+    return 0
+
+
+def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
+    from modal_jobs.costs import cost_table, job_cost, measured_costs
+    from producer.connections import mongo_database, redis_client
+    from producer.jobs import JobRecords
+
+    db = mongo_database(settings)
+    if args.job_id:
+        records = JobRecords(redis_client(settings), db, settings.result_ttl)
+        records.status(args.job_id)  # an unknown job is an error (exit 2)
+        cost = job_cost(db, args.job_id, records.batch_ids(args.job_id))
+        if args.json:
+            _print_json(cost.to_dict())
+            return 0
+        print(f"job {cost.job_id}: {cost.batches} batches, busy {cost.busy_seconds:.2f} GPU-s "
+              f"(${cost.busy_usd:.6f}); share of billed {cost.billed_seconds:.2f} s (${cost.billed_usd:.6f}); "
+              f"busy/billed {cost.busy_share:.0%}")
+        if cost.unaccounted_busy_seconds:
+            print(f"{cost.unaccounted_busy_seconds:.2f} busy s ran on workers with no billing record (local workers)")
+        return 0
+    rows = measured_costs(db)
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+    elif not rows:
+        print("no measurements yet: MongoDB `workers` has no container (drain on Modal first)")
+    else:
+        print(cost_table(rows))
+    return 0
+
+
+def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:
+    """Redraw one progress line on stderr every `interval` seconds until the job ends."""
+    began = time.monotonic()
+    status = records.status(job_id)
+    first = status.chunks.total - status.chunks.pending
+    while True:
+        done = status.chunks.total - status.chunks.pending
+        elapsed = time.monotonic() - began
+        rate = (done - first) / elapsed if elapsed > 0 else 0.0
+        sys.stderr.write(f"\r{_progress_line(status, done, rate)}\x1b[K")
+        sys.stderr.flush()
+        if status.state in ENDED_STATES:
+            break
+        time.sleep(interval)
+        status = records.status(job_id)
+    sys.stderr.write("\n")
+    return status
+
+
+def _progress_line(status: JobStatus, done: int, rate: float) -> str:
+    total, pending = status.chunks.total, status.chunks.pending
+    width = 30
+    filled = width * done // total if total else width
+    eta = str(timedelta(seconds=round(pending / rate))) if rate > 0 and pending else "-"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks  {rate:.1f} chunks/s  ETA {eta}  "
+            f"${status.cost_usd:.4f}  {status.state}")
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
 
 
 def _print_json(doc: object) -> None:

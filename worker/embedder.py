@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -167,6 +167,28 @@ def get_embedder(
             embedder = _cache[key] = Embedder(_load(key), key, micro_batch_size, max_forward_tokens)
         embedder.configure(micro_batch_size, max_forward_tokens)
         return embedder
+
+
+def move_embedder(embedder: Embedder, device: str) -> Embedder:
+    """The same weights on `device` (bf16 on CUDA), cached under that device from now on.
+
+    For memory snapshots: the model is loaded on CPU before the snapshot (no GPU exists
+    then) and moved after the restore. A move is not a load: `load_count` is unchanged.
+    """
+    key = replace(embedder.key, device=device)
+    with _lock:
+        if key not in _cache:
+            began = time.perf_counter()
+            model = embedder.model.to(device)
+            if device.startswith("cuda"):
+                # T5 overflows to inf/NaN in fp16; bf16 keeps fp32's range on CUDA.
+                model = model.to(torch.bfloat16)
+            model.encode(["warm-up"], show_progress_bar=False)
+            _cache.pop(embedder.key, None)
+            _cache[key] = Embedder(model, key, embedder.micro_batch_size, embedder.max_forward_tokens)
+            logger.info("moved model %s from %s to %s in %.1fs", key.source, embedder.key.device, device,
+                        time.perf_counter() - began)
+        return _cache[key]
 
 
 def _load(key: ModelKey) -> SentenceTransformer:
