@@ -31,5 +31,9 @@ class QueueError(PodembedError):
     """Redis refused or could not be reached."""
 
 
+class ForeignJobError(PodembedError):
+    """A queued job names a function or callback that is not podembed's (someone else wrote it)."""
+
+
 class ServiceError(PodembedError):
     """A local service could not be started or stopped."""

@@ -53,8 +53,23 @@ class Settings:
     queue_name: str = "podembed"
     job_timeout: int = 1800
     retry_intervals: tuple[int, ...] = (10, 60, 300)
+    # A busy worker beats this often; a batch whose worker missed 3 beats (SIGKILL, lost container)
+    # is abandoned, and the next maintenance pass of any worker retries it.
+    heartbeat_interval: int = 10
+    # How often a worker looks for abandoned batches (rq's default, 10 minutes, is slow recovery).
+    maintenance_interval: int = 15
+    # How long a client looks for a reachable MongoDB before the batch fails and RQ retries it;
+    # long by default, as nx-27017 may not answer for minutes under a large bulk write.
+    mongo_timeout_ms: int = 120_000
     # Job records and RQ results stay in Redis this long after a job ends (Mongo keeps them).
     result_ttl: int = 7 * 24 * 3600
+    # Throughput a dry run assumes until the ledger has measured the model: instructor-xl in
+    # bf16 on an A10G, a deliberately low guess (~35% of its bf16 peak would give ~19k).
+    default_tokens_per_second: float = 10_000.0
+    # Ledger device a dry run estimates for (None: the device of the model's latest batch).
+    estimate_device: str | None = None
+    # Largest POST /jobs body: several long transcripts; bulk loads go through nightly/backfill.
+    max_request_bytes: int = 8 * 1024 * 1024
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 
@@ -71,7 +86,9 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "batch_max_tokens", "batch_max_chunks", "micro_batch_size", "job_timeout"):
+        for name in ("chunk_tokens", "batch_max_tokens", "batch_max_chunks", "micro_batch_size", "job_timeout",
+                     "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
+                     "mongo_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "gpu_price_per_hour"):
@@ -117,7 +134,8 @@ class Settings:
         return out
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*)(?::[^@/]*)?@", re.IGNORECASE)
+# The password runs to the last '@' of the authority: one that holds an unescaped '@' is hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?::[^/\s]*)?@", re.IGNORECASE)
 
 
 def redact_url(text: str) -> str:

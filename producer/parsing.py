@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
@@ -20,9 +21,10 @@ _BRACKET_SPEAKER = re.compile(r"^\[(?P<speaker>[^\]\n]{1,100})\]:\s*")
 # WebVTT voice span: "<v Amit Varma>text".
 _VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>]+)*\s+(?P<speaker>[^>]{1,100})>")
 _TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
-_VTT_TIME = re.compile(r"^(?:(\d+):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
-_SRT_TIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)[,.](\d{3})$")
-_CHAT_TIME = re.compile(r"^(?:(\d+):)?([0-5]\d):([0-5]\d)(?:[.,](\d{1,3}))?$")
+# Hours have at most 9 digits: more is a malformed timestamp (and int() refuses 4,300 digits).
+_VTT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
+_SRT_TIME = re.compile(r"^(\d{1,9}):([0-5]\d):([0-5]\d)[,.](\d{3})$")
+_CHAT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)(?:[.,](\d{1,3}))?$")
 _SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
@@ -88,7 +90,7 @@ def parse_text_auto(text: str, name: str) -> list[Segment]:
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -130,6 +132,9 @@ def parse_json(text: str, name: str) -> list[Segment]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TranscriptFormatError(f"{name}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer of thousands of digits, or nesting deeper than the interpreter's recursion limit.
+        raise TranscriptFormatError(f"{name}: invalid JSON: {exc}") from None
     if isinstance(doc, dict) and "segments" in doc:
         return parse_whisper_segments(doc["segments"], name)
     if isinstance(doc, list):
@@ -153,9 +158,7 @@ def parse_whisper_segments(items: object, name: str) -> list[Segment]:
         end = _number(item, "end", where)
         if end < start:
             raise TranscriptFormatError(f"{where}: end {end} is before start {start}")
-        speaker = item.get("speaker")
-        if speaker is not None and not isinstance(speaker, str):
-            raise TranscriptFormatError(f"{where}.speaker: must be a string, got {type(speaker).__name__}")
+        speaker = None if item.get("speaker") is None else _string(item, "speaker", where)
         segment = _make_segment(start, end, [_string(item, "text", where)], speaker=speaker)
         if segment:
             segments.append(segment)
@@ -251,6 +254,11 @@ def _string(item: dict[str, object], key: str, where: str) -> str:
     value = item[key]
     if not isinstance(value, str):
         raise TranscriptFormatError(f"{where}.{key}: must be a string, got {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # JSON may escape half a surrogate pair ("\ud800"): no UTF-8 text, so no hash, BSON or token.
+        raise TranscriptFormatError(f"{where}.{key}: not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -258,6 +266,7 @@ def _number(item: dict[str, object], key: str, where: str) -> float:
     if key not in item:
         raise TranscriptFormatError(f"{where}: missing field '{key}'")
     value = item[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
-        raise TranscriptFormatError(f"{where}.{key}: must be a non-negative number, got {value!r}")
+    # The bound refuses NaN, infinity and integers too large for a float.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= sys.float_info.max:
+        raise TranscriptFormatError(f"{where}.{key}: must be a non-negative number, got {value!r:.40}")
     return float(value)

@@ -21,11 +21,6 @@ from config.errors import StoreError
 from producer.models import Chunk, VectorSpec
 
 
-def embedding_id(chunk_id: str, spec: VectorSpec) -> str:
-    """One document per chunk and vector key (model, revision, instruction, pooling, normalisation)."""
-    return f"{chunk_id}|{spec.key}"
-
-
 def text_key(text: str, spec: VectorSpec) -> str:
     """Equal text under an equal vector key gives an equal vector: the corpus-wide dedupe key."""
     return hashlib.sha256(f"{spec.key}\x00{text}".encode()).hexdigest()
@@ -76,11 +71,16 @@ class VectorStore:
         except PyMongoError as exc:
             raise StoreError(f"cannot create indexes on {self.db.name}.embeddings: {exc}") from exc
 
-    def existing(self, keys: list[str]) -> dict[str, tuple[set[str], bytes]]:
-        """For each text key already stored: the ids holding it and its vector."""
+    def existing(self, keys: list[str], *, other_than_batch: str) -> dict[str, tuple[set[str], bytes]]:
+        """For each text key already stored by another batch: the ids holding it and its vector.
+
+        What an earlier, interrupted run of the same batch stored does not count, so the batch
+        that runs again counts those chunks embedded (as an uninterrupted run would), not skipped.
+        """
         found: dict[str, tuple[set[str], bytes]] = {}
+        query = {"text_key": {"$in": keys}, "batch_id": {"$ne": other_than_batch}}
         try:
-            for doc in self.embeddings.find({"text_key": {"$in": keys}}, {"text_key": 1, "embedding": 1}):
+            for doc in self.embeddings.find(query, {"text_key": 1, "embedding": 1}):
                 ids, _ = found.setdefault(doc["text_key"], (set(), bytes(doc["embedding"])))
                 ids.add(doc["_id"])
         except PyMongoError as exc:
@@ -90,9 +90,12 @@ class VectorStore:
     def upsert(self, docs: list[dict]) -> None:
         if not docs:
             return
+        # `_id` only in the filter: nx-27017 fails to overwrite a stored vector when `$set` names
+        # `_id` too ("Binary is not JSON serializable"); an upsert takes `_id` from the filter.
+        updates = [UpdateOne({"_id": d["_id"]}, {"$set": {k: v for k, v in d.items() if k != "_id"}}, upsert=True)
+                   for d in docs]
         try:
-            self.embeddings.bulk_write([UpdateOne({"_id": d["_id"]}, {"$set": d}, upsert=True) for d in docs],
-                                       ordered=False)
+            self.embeddings.bulk_write(updates, ordered=False)
         except PyMongoError as exc:
             raise StoreError(f"cannot write {len(docs)} vectors to {self.db.name}.embeddings: {exc}") from exc
 
@@ -110,7 +113,7 @@ def vector_doc(
     embedded_at: datetime,
 ) -> dict:
     return {
-        "_id": embedding_id(chunk.chunk_id, spec),
+        "_id": spec.embedding_id(chunk.chunk_id),
         "chunk_id": chunk.chunk_id,
         "episode_id": chunk.episode_id,
         "podcast": chunk.podcast,

@@ -18,12 +18,12 @@ import numpy as np
 from bson.binary import Binary
 from redis import Redis
 
-from config.settings import Settings
+from config.settings import Settings, redact_url
 from producer.connections import mongo_database, redis_client
 from producer.jobs import JobRecords
 from producer.models import Batch, Chunk, VectorSpec
 from worker.embedder import Embedder, get_embedder
-from worker.store import LedgerEntry, VectorStore, embedding_id, text_key, to_bson_vector, vector_doc
+from worker.store import LedgerEntry, VectorStore, text_key, to_bson_vector, vector_doc
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
     ctx.records.mark_running(batch.job_id, batch.batch_id)
     keys = [text_key(c.text, spec) for c in batch.chunks]
     waited = time.perf_counter()
-    existing = ctx.store.existing(sorted(set(keys)))
+    # A forced batch (`backfill --force`) embeds every text again and overwrites its vectors.
+    existing = {} if batch.force else ctx.store.existing(sorted(set(keys)), other_than_batch=batch.batch_id)
     store_wait = time.perf_counter() - waited
 
     # Chunks whose text already has a vector under this spec reuse it (counted skipped);
@@ -114,7 +115,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
             continue
         skipped += 1
         ids, vector = existing[key]
-        if embedding_id(chunk.chunk_id, spec) not in ids:
+        if spec.embedding_id(chunk.chunk_id) not in ids:
             reused.append(vector_doc(chunk, spec, key, Binary(vector, 9), dim=embedder.dim, job_id=batch.job_id,
                                      batch_id=batch.batch_id, embedded_at=now))
 
@@ -168,7 +169,8 @@ def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  
     """RQ failure callback: a batch with no retries left is counted failed, with its reason."""
     records = current_context().records
     batch_id, job_id = job.id, job.meta.get("podembed_job", "")
-    reason = f"{exc_type.__name__}: {exc_value}"
+    # The reason is shown by `status` and the HTTP API: a library's message may hold a URL.
+    reason = redact_url(f"{exc_type.__name__}: {exc_value}")
     if job.should_retry:
         records.mark_retrying(job_id, batch_id)
         logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, job.retries_left)

@@ -1,0 +1,322 @@
+"""`make soak`: fault drills on real processes, 10,000+ generated bad inputs, 20,000+ chunks through two
+workers; one JSON document on stdout (RELIABILITY.md records it).
+
+Starts its own redis-server (append-only) and nx-27017 on spare ports, data in a temporary
+folder, and stops them at the end. Workers are `python -m worker.cli work` processes with the
+default settings (heartbeat 10 s, maintenance 15 s, retries after 10, 60, 300 s) unless a drill
+says otherwise, and one torch thread each (two workers share this machine's cores).
+
+- kill:  two workers; one is SIGKILLed half-way through a batch; the other must finish the job.
+- mongo: two workers; nx-27017 stopped for a while mid-run (workers give up on it after 2 s),
+         then started again.
+- redis: two workers; redis-server stopped for a while mid-run, then started again; a worker
+         that ended for want of Redis is started again, as its supervisor would.
+- fuzz:  the strategies of tests/test_fuzz.py through every parser and through POST /jobs.
+- load:  every real VTT episode at 96-token chunks through two workers: RSS per worker as the
+         job grows, Redis memory before, at its peak and once results have expired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from rq.job import Job  # noqa: E402
+from rq.registry import StartedJobRegistry  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
+
+from config.services import local_services, services_down, services_up  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from producer.api import create_app  # noqa: E402
+from producer.connections import mongo_database, redis_client  # noqa: E402
+from producer.enqueue import chunk_episodes, ingest, parse_files, vector_spec  # noqa: E402
+from producer.jobs import JobRecords  # noqa: E402
+from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
+from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Run:
+    """One job on fresh stores, worked by real worker processes."""
+
+    def __init__(self, settings: Settings, name: str, logs: Path, paths: list[Path], **worker_settings: object):
+        self.settings = settings.replace(mongo_db=f"soak_{name}")
+        self.redis = redis_client(self.settings)
+        self.redis.flushdb()
+        self.db = mongo_database(self.settings)
+        self.db.client.drop_database(self.db.name)
+        self.records = JobRecords(self.redis, self.db, self.settings.result_ttl)
+        self.name, self.logs = name, logs
+        self.env = worker_env(self.settings.redis_url, self.settings.mongo_uri, self.settings.mongo_db,
+                              **worker_settings)
+        self.env["OMP_NUM_THREADS"] = "1"
+        episodes, refused = parse_files(paths, podcast="The Seen and the Unseen")
+        self.refused = refused
+        self.chunks = chunk_episodes(self.settings, episodes, vector_spec(self.settings))
+        self.job = ingest(self.settings, self.redis, self.db, episodes, kind="ingest")
+        self.batch_ids = self.records.batch_ids(self.job.job_id)
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(self) -> WorkerProcess:
+        worker = start_worker(self.env, self.logs / f"{self.name}-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def finished(self) -> bool:
+        return self.records.status(self.job.job_id).state == "finished"
+
+    def wait_finished(self, timeout: float) -> float:
+        what = f"{self.name}: job {self.job.job_id}"
+        return wait_until(self.finished, timeout=timeout, interval=0.5,
+                          what=lambda: "\n".join([what, *(w.log_tail(15) for w in self.workers)]))
+
+    def retries_used(self) -> int:
+        jobs = Job.fetch_many(self.batch_ids, connection=self.redis, serializer=JSONSerializer)
+        return sum(len(self.settings.retry_intervals) - j.retries_left for j in jobs if j is not None)
+
+    def report(self, **figures: object) -> dict:
+        status = self.records.status(self.job.job_id)
+        found = audit(self.db, self.job.job_id, [c.chunk_id for c in self.chunks], self.batch_ids)
+        return {
+            "drill": self.name, "chunks": len(self.chunks), "batches": len(self.batch_ids),
+            "embedded": status.chunks.embedded, "skipped": status.chunks.skipped,
+            "lost": found.lost, "duplicated": found.duplicated,
+            "ledger_entries": found.ledger_entries,
+            "ledger_exact": not (found.ledger_missing or found.ledger_duplicated),
+            "counters_exact": counters_exact(status), "survived": found.exact and counters_exact(status),
+            "retries_used": self.retries_used(), **figures,
+        }
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+def _mid_batch(run: Run) -> tuple[str, WorkerProcess] | None:
+    """A batch some worker is half-way through (some of its vectors stored), and that worker."""
+    started = StartedJobRegistry(run.settings.queue_name, connection=run.redis, serializer=JSONSerializer)
+    for batch_id in started.get_job_ids(cleanup=False):
+        holder = Job.fetch(batch_id, connection=run.redis, serializer=JSONSerializer).worker_name or ""
+        for worker in run.workers:
+            if holder.endswith(f":{worker.process.pid}") and run.db.embeddings.count_documents({"batch_id": batch_id}):
+                return batch_id, worker
+    return None
+
+
+def _wait_mid_batch(run: Run) -> tuple[str, WorkerProcess]:
+    wait_until(lambda: run.finished() or _mid_batch(run) is not None, timeout=300, what=f"{run.name}: a batch",
+               interval=0.02)
+    if (held := _mid_batch(run)) is None:
+        raise RuntimeError(f"{run.name}: the job finished before a worker was seen half-way through a batch")
+    return held
+
+
+def drill_kill(settings: Settings, logs: Path, paths: list[Path]) -> dict:
+    run = Run(settings, "kill", logs, paths)
+    try:
+        run.start_worker(), run.start_worker()
+        killed, victim = _wait_mid_batch(run)
+        victim.kill()
+        killed_at = time.monotonic()
+        done = f"podembed:job:{run.job.job_id}:done"
+        batch_back = wait_until(lambda: run.redis.sismember(done, killed), timeout=600, what="kill: killed batch",
+                                interval=0.5)
+        run.wait_finished(600)
+        return run.report(killed_batch=killed, killed_batch_done_after_s=round(batch_back, 1),
+                          job_done_after_kill_s=round(time.monotonic() - killed_at, 1))
+    finally:
+        run.stop()
+
+
+def drill_mongo(settings: Settings, logs: Path, paths: list[Path], outage_s: float) -> dict:
+    run = Run(settings, "mongo", logs, paths, mongo_timeout_ms=2000)
+    mongo = local_services(settings)[1]
+    try:
+        run.start_worker(), run.start_worker()
+        _wait_mid_batch(run)
+        mongo.stop()
+        time.sleep(outage_s)
+        services_up(settings)
+        back = run.wait_finished(900)
+        return run.report(outage_s=outage_s, job_done_after_mongo_back_s=round(back, 1))
+    finally:
+        services_up(settings)
+        run.stop()
+
+
+def drill_redis(settings: Settings, logs: Path, paths: list[Path], outage_s: float) -> dict:
+    run = Run(settings, "redis", logs, paths)
+    redis_service = local_services(settings)[0]
+    try:
+        run.start_worker(), run.start_worker()
+        _wait_mid_batch(run)
+        redis_service.stop()
+        time.sleep(outage_s)
+        services_up(settings)
+        ended = [w for w in run.workers if w.process.poll() is not None]
+        for _ in ended:
+            run.start_worker()
+        back = run.wait_finished(900)
+        return run.report(outage_s=outage_s, workers_ended_without_redis=len(ended),
+                          job_done_after_redis_back_s=round(back, 1))
+    finally:
+        services_up(settings)
+        run.stop()
+
+
+def _count_examples(strategy: st.SearchStrategy, n: int, check: Callable[[object], bool]) -> dict:
+    """Run `check` on `n` generated examples: how many were tried, accepted and refused, and any failure."""
+    outcomes: Counter[str] = Counter()
+
+    @hypothesis_settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(example=strategy)
+    def run(example: object) -> None:
+        outcomes["accepted" if check(example) else "refused"] += 1
+
+    began = time.perf_counter()
+    try:
+        run()
+        failure = None
+    except Exception as exc:  # a crash, a hang or a refusal without the file's name: the figure to report
+        failure = f"{type(exc).__name__}: {exc}"[:2000]
+    return {"tried": outcomes.total(), **outcomes, "failure": failure, "seconds": round(time.perf_counter() - began, 1)}
+
+
+def fuzz(settings: Settings, n_parse: int, n_api: int) -> dict:
+    parsers = _count_examples(st.tuples(INPUTS, st.sampled_from(NAMES)), n_parse, lambda e: check_parse(*e))
+    api_settings = settings.replace(mongo_db="soak_fuzz", api_token=TOKEN)
+    redis, db = redis_client(api_settings), mongo_database(api_settings)
+    redis.flushdb()
+    client = TestClient(create_app(api_settings))
+    assert AUTH["Authorization"].endswith(TOKEN)
+    post_jobs = _count_examples(BODIES, n_api, lambda body: check_post(client, redis, db, body))
+    db.client.drop_database(db.name)
+    redis.flushdb()
+    return {"parsers": parsers, "post_jobs": post_jobs}
+
+
+def _redis_memory(settings: Settings) -> dict:
+    redis = redis_client(settings)
+    memory = redis.info("memory")
+    return {"used_memory": memory["used_memory"], "used_memory_dataset": memory["used_memory_dataset"],
+            "keys": redis.dbsize()}
+
+
+def load(settings: Settings, logs: Path, paths: list[Path], chunk_tokens: int, result_ttl: int) -> dict:
+    settings = settings.replace(chunk_tokens=chunk_tokens, result_ttl=result_ttl)
+    redis_client(settings).flushdb()
+    before = _redis_memory(settings)
+    began = time.perf_counter()
+    run = Run(settings, "load", logs, paths, chunk_tokens=chunk_tokens, result_ttl=result_ttl)
+    enqueued_s = time.perf_counter() - began
+    after_enqueue = _redis_memory(settings)
+    samples: list[dict] = []
+    try:
+        workers = [run.start_worker(), run.start_worker()]
+        began = time.perf_counter()
+        while True:
+            status = run.records.status(run.job.job_id)
+            samples.append({"done": status.chunks.embedded + status.chunks.skipped,
+                            "rss_kb": [w.memory_kb()[0] for w in workers]})
+            if status.state == "finished":
+                break
+            if time.perf_counter() - began > 3600:
+                raise TimeoutError("load: job not finished within an hour")
+            time.sleep(2)
+        seconds = time.perf_counter() - began
+        peak_kb = [w.memory_kb()[1] for w in workers]
+        report = run.report(seconds=round(seconds, 1), chunks_per_second=round(len(run.chunks) / seconds, 1))
+        # Results, job records and finished-registry entries expire; the workers' maintenance sweeps.
+        time.sleep(result_ttl + 2 * settings.maintenance_interval)
+    finally:
+        run.stop()
+    # A stopped worker's record stays for 60 s (rq's register_death).
+    wait_until(lambda: not run.redis.keys("rq:worker:*"), timeout=120, what="load: worker records", interval=1)
+    after = _redis_memory(settings)
+    leftover = sorted(k.decode() for k in run.redis.keys("*")) if after["keys"] <= 20 else None
+
+    def rss_at(fraction: float) -> list[float]:
+        sample = next((s for s in samples if s["done"] >= fraction * len(run.chunks)), None)
+        return [round(kb / 1024, 1) for kb in sample["rss_kb"]] if sample else []
+
+    return {
+        **report, "episodes": run.job.episodes, "refused_files": run.refused, "chunk_tokens": chunk_tokens,
+        "workers": 2, "enqueue_seconds": round(enqueued_s, 1),
+        "peak_rss_mb": [round(kb / 1024, 1) for kb in peak_kb],
+        "rss_mb_at_progress": {f"{10 * tenth}%": rss_at(tenth / 10) for tenth in range(1, 11)},
+        "redis_memory": {"before": before, "after_enqueue": after_enqueue, "after_results_expired": after,
+                         "result_ttl_s": result_ttl, "keys_left": leftover},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fuzz", type=int, default=10_000, help="generated inputs through the parsers")
+    parser.add_argument("--api-fuzz", type=int, default=1_000, help="generated bodies through POST /jobs")
+    parser.add_argument("--drill-episodes", type=int, default=20, help="real episodes per fault drill")
+    parser.add_argument("--load-episodes", type=int, default=120, help="real episodes in the load run")
+    parser.add_argument("--load-chunk-tokens", type=int, default=96, help="chunk size of the load run")
+    parser.add_argument("--outage", type=float, default=20.0, help="seconds MongoDB and Redis stay down")
+    parser.add_argument("--result-ttl", type=int, default=30, help="seconds results stay in Redis (load run)")
+    args = parser.parse_args()
+
+    episodes = sorted(DATA.glob("*.vtt"), key=lambda p: int(p.stem[1:]))
+    drill_paths = episodes[: args.drill_episodes]
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="podembed-soak-") as tmp:
+        settings = Settings.from_env(
+            redis_url=f"redis://127.0.0.1:{_free_port()}/0", mongo_uri=f"mongodb://127.0.0.1:{_free_port()}",
+            data_dir=Path(tmp) / "services",
+        )
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        services_up(settings)
+        try:
+            inputs = fuzz(settings, args.fuzz, args.api_fuzz)
+            drills = [drill_kill(settings, logs, drill_paths),
+                      drill_mongo(settings, logs, drill_paths, args.outage),
+                      drill_redis(settings, logs, drill_paths, args.outage)]
+            loaded = load(settings, logs, episodes[: args.load_episodes], args.load_chunk_tokens, args.result_ttl)
+        finally:
+            services_down(settings)
+    runs = [*drills, loaded]
+    print(json.dumps({
+        "command": "make soak",
+        "faults_survived": sum(d["survived"] for d in drills), "faults": len(drills),
+        "inputs_tried": inputs["parsers"]["tried"] + inputs["post_jobs"]["tried"],
+        "input_failures": [f for f in (inputs["parsers"]["failure"], inputs["post_jobs"]["failure"]) if f],
+        "chunks_processed": sum(r["chunks"] for r in runs),
+        "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
+        "peak_rss_mb_per_worker": loaded["peak_rss_mb"],
+        "redis_used_memory": {k: loaded["redis_memory"][k]["used_memory"]
+                              for k in ("before", "after_enqueue", "after_results_expired")},
+        "drills": drills, "inputs": inputs, "load": loaded,
+        "seconds": round(time.perf_counter() - began, 1), "cpus": os.cpu_count(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

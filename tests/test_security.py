@@ -1,0 +1,166 @@
+"""Security: the queue runs only podembed's JSON batches, secrets never reach output, the API guards itself.
+
+A job written into Redis by someone else, pickled or naming another function, is refused
+without running any of it. Connection strings with passwords and the API token never appear
+in what the commands print, whether they succeed or fail.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pymongo.database import Database
+from redis import Redis
+from rq import Callback, Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from config.settings import Settings
+from producer import api
+from producer.enqueue import TASK, batch_queue, ingest, parse_files
+from producer.jobs import JOBS_INDEX, JobRecords
+from tests.conftest import EXAMPLES
+from tests.soak.harness import run_cli, worker_env
+from worker.loop import run_worker
+
+REDIS_SECRET = "r3dis-Secret-7f1c"
+MONGO_SECRET = "m0ngo-Secret-92ab"
+API_SECRET = "api-Token-Secret-4d0e"
+
+
+class Trap:
+    """Unpickling this touches `path`: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.path), "w")
+
+
+def _real_job(settings: Settings, redis: Redis, db: Database) -> str:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
+    return ingest(settings, redis, db, episodes, kind="ingest").job_id
+
+
+def _failure(redis: Redis, job_id: str) -> tuple[JobStatus, str]:
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    return job.get_status(), job.latest_result().exc_string
+
+
+def test_pickled_job_is_refused_not_executed(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
+    real = _real_job(settings, redis, db)
+    trap = tmp_path / "unpickled"
+    # What rq's default (pickle) serializer writes, as anyone with access to Redis could.
+    Queue(settings.queue_name, connection=redis).enqueue("pathlib.Path.touch", Trap(trap), job_id="pickled",
+                                                          at_front=True)
+    assert run_worker(settings, burst=True, redis=redis)
+
+    status, reason = _failure(redis, "pickled")
+    assert not trap.exists()
+    assert status == JobStatus.FAILED and "rq.exceptions.DeserializationError" in reason
+    assert batch_queue(settings, redis).failed_job_registry.get_job_ids() == ["pickled"]
+    assert JobRecords(redis, db, settings.result_ttl).status(real).state == "finished"
+
+
+@pytest.mark.parametrize(("func", "on_failure", "refusal"), [
+    ("os.system", None, "refusing to run 'os.system', not a podembed task"),
+    (TASK, "os.system", "refusing failure callback 'os.system', not podembed's"),
+])
+def test_json_job_naming_other_code_is_refused(
+    settings: Settings, redis: Redis, db: Database, tmp_path: Path, func: str, on_failure: str | None, refusal: str
+) -> None:
+    real = _real_job(settings, redis, db)
+    trap = tmp_path / "ran"
+    queue = batch_queue(settings, redis)
+    # JSON keeps pickles out, but a JSON job names any importable function: the worker must refuse it.
+    queue.enqueue(func, f"touch {trap}", job_id="foreign", at_front=True,
+                  on_failure=Callback(on_failure) if on_failure else None)
+    run_worker(settings, burst=True, redis=redis)
+
+    status, reason = _failure(redis, "foreign")
+    assert not trap.exists()
+    assert status == JobStatus.FAILED and f"ForeignJobError: job foreign: {refusal}" in reason
+    assert JobRecords(redis, db, settings.result_ttl).status(real).state == "finished"
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_secrets_never_appear_in_output(settings: Settings, redis: Redis, db: Database) -> None:
+    port = settings.redis_url.rsplit(":", 1)[1]
+    # This Redis has no password: it takes AUTH with one and carries on, so these commands succeed.
+    env = worker_env(f"redis://:{REDIS_SECRET}@127.0.0.1:{port}", settings.mongo_uri, settings.mongo_db,
+                     api_token=API_SECRET)
+    ran = {}
+    ingested = run_cli(env, "ingest", str(EXAMPLES / "E05.vtt"), "--json")
+    assert ingested.returncode == 0, ingested.stderr
+    job_id = json.loads(ingested.stdout)["job_id"]
+    ran["ingest"] = ingested
+    for args in (["-v", "work", "--burst"], ["status", job_id, "--json"], ["status", job_id], ["jobs", "--json"],
+                 ["retry", job_id, "--json"], ["cancel", job_id, "--json"], ["services", "status"]):
+        ran[" ".join(args)] = done = run_cli(env, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    assert "worker on redis://:***@127.0.0.1" in ran["-v work --burst"].stderr
+    assert json.loads(ran["status " + job_id + " --json"].stdout)["state"] == "finished"
+
+    # Unreachable, refusing or malformed: each fails with one line, the URL shown without its password.
+    dead = _dead_port()
+    failing = {
+        "redis down": {"PODEMBED_REDIS_URL": f"redis://bob:{REDIS_SECRET}@127.0.0.1:{dead}/0"},
+        "redis refuses": {"PODEMBED_REDIS_URL": f"redis://bob:{REDIS_SECRET}@127.0.0.1:{port}/0"},
+        "redis malformed": {"PODEMBED_REDIS_URL": f"redis://:{REDIS_SECRET}@127.0.0.1:no-port/0"},
+        "mongo down": {"PODEMBED_MONGO_URI": f"mongodb://bob:{MONGO_SECRET}@127.0.0.1:{dead}/",
+                       "PODEMBED_MONGO_TIMEOUT_MS": "300"},
+        "mongo malformed": {"PODEMBED_MONGO_URI": f"mongodb://bob:{MONGO_SECRET}@x@127.0.0.1:{dead}/"},
+    }
+    for fault, overrides in failing.items():
+        # An unknown job, so that `status` asks MongoDB too; `work` loads torch, so it runs twice only.
+        for args in (["status", "no-such-job", "--json"], ["ingest", str(EXAMPLES / "E05.vtt"), "--json"],
+                     *([["work", "--burst"]] if fault.endswith("down") else [])):
+            done = ran[f"{fault}: {' '.join(args)}"] = run_cli({**env, **overrides}, *args)
+            assert done.returncode != 0 and done.stdout == "", (fault, args, done.stdout)
+            assert done.stderr.splitlines()[-1].startswith("podembed: "), (fault, args, done.stderr)
+    assert "PODEMBED_REDIS_URL='redis://:***@127.0.0.1:no-port/0'" in ran["redis malformed: ingest"
+                                                                         f" {EXAMPLES / 'E05.vtt'} --json"].stderr
+    assert "Redis unreachable" in ran["redis down: work --burst"].stderr
+    for name, done in ran.items():
+        for secret in (REDIS_SECRET, MONGO_SECRET, API_SECRET):
+            assert secret not in done.stdout + done.stderr, (name, secret)
+
+
+@pytest.fixture
+def client(settings: Settings) -> TestClient:
+    return TestClient(api.create_app(settings.replace(api_token=API_SECRET, max_request_bytes=64 * 1024)))
+
+
+def test_api_token_is_required_and_never_echoed(client: TestClient, redis: Redis) -> None:
+    # The comparison is `hmac.compare_digest` on bytes: its time does not depend on where they differ.
+    assert "hmac.compare_digest(given, (settings.api_token or \"\").encode())" in inspect.getsource(api)
+    wrong = [None, "Bearer ", f"Bearer {API_SECRET[:-1]}x", f"Bearer {API_SECRET}x", "Bearer é".encode("latin-1"),
+             f"Basic {API_SECRET}"]
+    for header in wrong:
+        answer = client.get("/jobs", headers={"Authorization": header} if header else {})
+        assert (answer.status_code, answer.json()) == (401, {"detail": "missing or wrong bearer token"}), header
+        assert API_SECRET not in answer.text
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {API_SECRET}"}).status_code == 200
+
+
+def test_api_refuses_bodies_over_the_limit_and_creates_nothing(client: TestClient, redis: Redis) -> None:
+    auth = {"Authorization": f"Bearer {API_SECRET}", "Content-Type": "application/json"}
+    content = (EXAMPLES / "E05.vtt").read_text()
+    body = json.dumps({"transcripts": [{"name": f"E{i}.vtt", "content": content} for i in range(5)]}).encode()
+    assert len(body) > 64 * 1024
+    assert client.post("/jobs", content=body, headers=auth).status_code == 413
+    # Without a Content-Length (chunked), the limit holds as the body streams in.
+    pieces = (body[i : i + 8192] for i in range(0, len(body), 8192))
+    assert client.post("/jobs", content=pieces, headers=auth).status_code == 413
+    assert redis.zcard(JOBS_INDEX) == 0 and redis.keys("rq:job:*") == []
