@@ -15,6 +15,7 @@ from typing import Annotated
 
 import pymongo
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -137,6 +138,12 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         """Remove the job's queued batches; running ones finish."""
         return cancel(settings, redis, db, job_id)
 
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the input, which may hold NaN or infinity: not renderable as JSON.
+        errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
     @app.exception_handler(PodembedError)
     def podembed_error(request: Request, exc: PodembedError) -> JSONResponse:
         code = next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), 409)
@@ -154,7 +161,10 @@ def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:
     for transcript in body.transcripts:
         episode_id = transcript.episode_id or Path(transcript.name).stem
         try:
-            episode = parse_bytes(transcript.content.encode(), name=transcript.name, episode_id=episode_id,
+            # "surrogatepass": a lone surrogate escaped in the JSON reaches the parser, which refuses
+            # it as invalid UTF-8 like any file's.
+            episode = parse_bytes(transcript.content.encode("utf-8", "surrogatepass"), name=transcript.name,
+                                  episode_id=episode_id,
                                   podcast=body.podcast)
         except TranscriptFormatError as exc:
             refused.append(str(exc))
