@@ -106,6 +106,19 @@ class Service:
             return True
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_spare_ports(settings: Settings, data_dir: Path) -> Settings:
+    """`settings` pointed at a private Redis and nx-27017 on spare ports (tests, benchmarks, soak)."""
+    return settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                            mongo_uri=f"mongodb://127.0.0.1:{free_port()}", data_dir=data_dir)
+
+
 def local_services(settings: Settings) -> tuple[Service, Service]:
     data_dir = settings.data_dir.resolve()
     redis_url = urlsplit(settings.redis_url)

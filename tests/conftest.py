@@ -8,7 +8,6 @@ dropped afterwards. The model is the real small one, loaded once per session.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from pymongo.database import Database
 from redis import Redis
 
-from config.services import services_down, services_up
+from config.services import on_spare_ports, services_down, services_up
 from config.settings import Settings
 from producer.connections import mongo_database, redis_client
 
@@ -28,19 +27,9 @@ EXAMPLES = ROOT / "examples"
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def service_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(
-        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-        mongo_uri=f"mongodb://127.0.0.1:{_free_port()}",
-        data_dir=tmp_path_factory.mktemp("services"),
-    )
+    settings = on_spare_ports(Settings(), tmp_path_factory.mktemp("services"))
     services_up(settings)
     yield settings
     services_down(settings)

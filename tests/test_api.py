@@ -16,10 +16,11 @@ import uvicorn
 from pymongo.database import Database
 from redis import Redis
 
+from config.services import free_port
 from config.settings import Settings
 from producer.api import create_app
 from producer.jobs import JOBS_INDEX, JobRecords
-from tests.conftest import DATA, EXAMPLES, ROOT, _free_port
+from tests.conftest import DATA, EXAMPLES, ROOT
 from worker.loop import run_worker
 
 TOKEN = "test-token-0123456789"
@@ -35,7 +36,7 @@ def api_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def base_url(api_settings: Settings, redis: Redis, db: Database) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(api_settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -183,15 +184,15 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> None:
 
 
 def test_serve_needs_a_token_or_loopback(settings: Settings, redis: Redis, db: Database) -> None:
-    refused = _serve(settings, _free_port())
+    refused = _serve(settings, free_port())
     assert refused.wait(timeout=30) == 1
     assert "PODEMBED_API_TOKEN is not set" in refused.communicate()[1]
-    wide = _serve(settings, _free_port(), "--insecure-loopback", "--host", "0.0.0.0")
+    wide = _serve(settings, free_port(), "--insecure-loopback", "--host", "0.0.0.0")
     assert wide.wait(timeout=30) == 1
     assert "--insecure-loopback serves on a loopback address only, not on 0.0.0.0" in wide.communicate()[1]
 
     for token in (TOKEN, None):
-        port = _free_port()
+        port = free_port()
         process = _serve(settings, port, *([] if token else ["--insecure-loopback"]), token=token)
         try:
             url = f"http://127.0.0.1:{port}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from config.services import services_down, services_up  # noqa: E402
+from config.services import on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import chunk_episodes, enqueue_chunks, parse_files, vector_spec  # noqa: E402
@@ -36,12 +35,6 @@ from worker.loop import make_worker  # noqa: E402
 from worker.store import text_key  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pipeline(settings: Settings, chunks, episodes: int, label: str) -> dict:
@@ -113,10 +106,7 @@ def main() -> None:
 
     files = sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_env(
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0", mongo_uri=f"mongodb://127.0.0.1:{_free_port()}",
-            data_dir=Path(tmp), retry_intervals=(),
-        )
+        settings = on_spare_ports(Settings.from_env(retry_intervals=()), Path(tmp))
         services_up(settings)
         try:
             episodes, refused = parse_files(files[: args.episodes])

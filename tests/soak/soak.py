@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from rq.job import Job  # noqa: E402
 from rq.registry import StartedJobRegistry  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from config.services import local_services, services_down, services_up  # noqa: E402
+from config.services import local_services, on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
@@ -51,12 +50,6 @@ from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worke
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:
@@ -287,10 +280,7 @@ def main() -> None:
     drill_paths = episodes[: args.drill_episodes]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="podembed-soak-") as tmp:
-        settings = Settings.from_env(
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0", mongo_uri=f"mongodb://127.0.0.1:{_free_port()}",
-            data_dir=Path(tmp) / "services",
-        )
+        settings = on_spare_ports(Settings.from_env(), Path(tmp) / "services")
         logs = Path(tmp) / "logs"
         logs.mkdir()
         services_up(settings)
