@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import sys
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
 from producer.models import Episode, Segment
+
+logger = logging.getLogger(__name__)
 
 # Whisper/pyannote output as in the seenunseen files: "[Amit Varma]: text".
 _BRACKET_SPEAKER = re.compile(r"^\[(?P<speaker>[^\]\n]{1,100})\]:\s*")
@@ -225,7 +228,10 @@ def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) 
         raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()!r}")
     start, end = _seconds(start_m), _seconds(end_m)
     if end < start:
-        raise TranscriptFormatError(f"{name}: line {line_no}: cue ends before it starts: {line.strip()!r}")
+        # Whisper writes such cues now and then (seenunseen E104): keep the words, not the bad end.
+        logger.warning("%s: line %d: cue ends before it starts (%r); its end is set to its start",
+                       name, line_no, line.strip())
+        end = start
     return start, end
 
 

@@ -66,7 +66,6 @@ def test_format_comes_from_content_when_extension_is_missing(tmp_path: Path) -> 
         ("latin1.vtt", "WEBVTT\n\n00:00.000 --> 00:01.000\ncaf\xe9\n".encode("latin-1"), "latin1.vtt: line 4: not valid UTF-8"),
         ("nul.srt", b"1\n00:00:00,000 --> 00:00:01,000\nhi\x00\n", "nul.srt: line 3: contains a NUL character"),
         ("bad-time.vtt", b"WEBVTT\n\n00:00:01.000 --> 00:61:00.000\nhi\n", "bad-time.vtt: line 3: malformed timestamp"),
-        ("backwards.srt", b"1\n00:00:05,000 --> 00:00:01,000\nhi\n", "backwards.srt: line 2: cue ends before it starts"),
         ("no-timing.vtt", b"WEBVTT\n\nhello there\n", "no-timing.vtt: line 3: cue has no 'start --> end'"),
         ("header.vtt", b"00:00.000 --> 00:01.000\nhi\n", "header.vtt: line 1: WebVTT file does not start"),
         ("shape.json", b'{"text": "hello"}', "shape.json: JSON must be an object with 'segments'"),
@@ -100,3 +99,14 @@ def test_directory_scan_takes_transcripts_only() -> None:
     episodes, refused = parse_files([EXAMPLES])
     assert sorted(e.episode_id for e in episodes) == ["E01", "E05", "E06"]
     assert refused == []
+
+
+def test_a_cue_that_ends_before_it_starts_is_kept_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Real Whisper output: seenunseen E104, line 357, "00:17:27.640 --> 00:17:25.140" for "green".
+    data = (b"WEBVTT\n\n00:17:26.640 --> 00:17:27.640\n[Guest]: mans a\n\n"
+            b"00:17:27.640 --> 00:17:25.140\n[Unknown]: green\n\n00:17:25.140 --> 00:17:28.640\n[Guest]: to de\n")
+    with caplog.at_level("WARNING"):
+        segments = parse_bytes(data, name="E104.vtt", episode_id="E104").segments
+    assert [(s.start, s.end, s.speaker, s.text) for s in segments][1] == (1047.64, 1047.64, "Unknown", "green")
+    assert len(segments) == 3
+    assert "E104.vtt: line 6: cue ends before it starts" in caplog.text
