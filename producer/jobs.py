@@ -156,7 +156,10 @@ class JobRecords:
         }
         pipe.hset(hash_key, mapping=fields)
         pipe.rpush(batches_key, *job.batch_ids)
-        pipe.zadd(JOBS_INDEX, {job.job_id: datetime.fromisoformat(job.created_at).timestamp()})
+        created = datetime.fromisoformat(job.created_at).timestamp()
+        pipe.zadd(JOBS_INDEX, {job.job_id: created})
+        # The index lists jobs while Redis holds their records; older ones live on in MongoDB `jobs`.
+        pipe.zremrangebyscore(JOBS_INDEX, "-inf", created - self.ttl)
 
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]

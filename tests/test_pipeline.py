@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -15,7 +16,7 @@ from redis import Redis
 from config.errors import JobNotFoundError
 from config.settings import Settings
 from producer.enqueue import batch_queue, ingest, parse_files
-from producer.jobs import JobRecords
+from producer.jobs import JOBS_INDEX, JobRecords
 from tests.conftest import DATA, EXAMPLES, ROOT
 from worker import embedder as embedder_module
 from worker.loop import run_worker
@@ -144,3 +145,14 @@ def test_status_does_not_import_torch(settings: Settings, redis: Redis, db: Data
             "import worker.cli, producer.jobs, producer.enqueue; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_job_index_keeps_only_jobs_redis_still_holds(settings: Settings, redis: Redis, db: Database) -> None:
+    settings = settings.replace(result_ttl=1)
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
+    old = ingest(settings, redis, db, episodes, kind="ingest")
+    time.sleep(2.1)  # created_at has whole seconds
+    new = ingest(settings, redis, db, episodes, kind="ingest")
+    assert [j.decode() for j in redis.zrange(JOBS_INDEX, 0, -1)] == [new.job_id]
+    # Only the index forgets it: the older job is still found by its id.
+    assert JobRecords(redis, db, settings.result_ttl).status(old.job_id).job_id == old.job_id

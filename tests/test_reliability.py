@@ -174,7 +174,8 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 def test_batch_over_the_token_cap_fails_alone_and_retry_completes_it(
     settings: Settings, redis: Redis, db: Database
 ) -> None:
-    settings = settings.replace(batch_max_chunks=4)
+    # An hour's back-off: only a batch that is not retried can be failed by the end of this burst.
+    settings = settings.replace(batch_max_chunks=4, retry_intervals=(3600,))
     job, chunks = _enqueue(settings, redis, db, [DATA / "E03.srt"])
     records = JobRecords(redis, db, settings.result_ttl)
     embedder = embedder_module.get_embedder(settings.model_source(), revision=None, pool_instruction=True)

@@ -18,6 +18,7 @@ import numpy as np
 from bson.binary import Binary
 from redis import Redis
 
+from config.errors import EmbeddingError
 from config.settings import Settings, redact_url
 from producer.connections import mongo_database, redis_client
 from producer.jobs import JobRecords
@@ -171,6 +172,10 @@ def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  
     batch_id, job_id = job.id, job.meta.get("podembed_job", "")
     # The reason is shown by `status` and the HTTP API: a library's message may hold a URL.
     reason = redact_url(f"{exc_type.__name__}: {exc_value}")
+    if issubclass(exc_type, EmbeddingError):
+        # The model refused this batch (a text over the cap, non-finite vectors): trying again gives
+        # the same answer, so it fails now; RQ reads `retries_left` after this callback.
+        job.retries_left = 0
     if job.should_retry:
         records.mark_retrying(job_id, batch_id)
         logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, job.retries_left)
