@@ -26,6 +26,17 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "podembed:job:"
 JOBS_INDEX = "podembed:jobs"
 
+# Shared end of both scripts, whose last two ARGV are always `now` and `ttl`: the job is over
+# once every batch is done or failed for good; every key lives `ttl` past the last change.
+_BATCH_ENDED = """
+local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
+if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1])
+end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
+return 1
+"""
+
 # KEYS: hash, done, running, failed, errors, batches (they expire together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
@@ -39,13 +50,7 @@ redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
 redis.call('HINCRBYFLOAT', KEYS[1], 'gpu_seconds', ARGV[4])
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
 redis.call('HSET', KEYS[1], 'device', ARGV[6])
-local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
-if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[7])
-end
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
-return 1
-"""
+""" + _BATCH_ENDED
 
 
 # KEYS as above. ARGV: batch_id, n_chunks, reason, now, ttl.
@@ -54,13 +59,7 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
-local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
-if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[4])
-end
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-return 1
-"""
+""" + _BATCH_ENDED
 
 
 def now_iso() -> str:

@@ -100,29 +100,26 @@ def _is_json(text: str) -> bool:
 
 def parse_vtt(text: str, name: str) -> list[Segment]:
     """WebVTT cues; NOTE, STYLE and REGION blocks are skipped, speaker tags kept."""
-    segments: list[Segment] = []
-    for line_no, block in _blocks(text):
-        lines = block
-        if lines[0].startswith(("WEBVTT", "NOTE", "STYLE", "REGION")):
-            continue
-        timing_at = 0 if "-->" in lines[0] else 1
-        if timing_at >= len(lines) or "-->" not in lines[timing_at]:
-            raise TranscriptFormatError(f"{name}: line {line_no}: cue has no 'start --> end' timing line")
-        start, end = _parse_timing(lines[timing_at], _VTT_TIME, name, line_no + timing_at)
-        segment = _make_segment(start, end, lines[timing_at + 1 :])
-        if segment:
-            segments.append(segment)
-    return segments
+    return _parse_cues(text, name, _VTT_TIME, "cue", skip=("WEBVTT", "NOTE", "STYLE", "REGION"))
 
 
 def parse_srt(text: str, name: str) -> list[Segment]:
     """SubRip cues: a counter line, a timing line with commas, then text lines."""
+    return _parse_cues(text, name, _SRT_TIME, "SRT cue")
+
+
+def _parse_cues(
+    text: str, name: str, time_pattern: re.Pattern[str], label: str, skip: tuple[str, ...] = ()
+) -> list[Segment]:
+    """Blocks of an optional identifier line (a cue id, SRT's counter), a timing line, then text."""
     segments: list[Segment] = []
     for line_no, lines in _blocks(text):
-        timing_at = 1 if lines[0].strip().isdigit() else 0
+        if skip and lines[0].startswith(skip):
+            continue
+        timing_at = 0 if "-->" in lines[0] else 1
         if timing_at >= len(lines) or "-->" not in lines[timing_at]:
-            raise TranscriptFormatError(f"{name}: line {line_no}: SRT cue has no 'start --> end' timing line")
-        start, end = _parse_timing(lines[timing_at], _SRT_TIME, name, line_no + timing_at)
+            raise TranscriptFormatError(f"{name}: line {line_no}: {label} has no 'start --> end' timing line")
+        start, end = _parse_timing(lines[timing_at], time_pattern, name, line_no + timing_at)
         segment = _make_segment(start, end, lines[timing_at + 1 :])
         if segment:
             segments.append(segment)
