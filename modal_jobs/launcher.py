@@ -24,13 +24,10 @@ from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
 from modal_jobs.settings import ModalSettings
 from producer.enqueue import batch_queue
-from producer.operations import nightly
+from producer.operations import THROUGHPUT_WINDOW, nightly
 from producer.sources import MONGO, open_source
 
 T = TypeVar("T")
-
-# Recent ledger entries the throughput is measured on: recent enough to follow a model or code change.
-THROUGHPUT_WINDOW = 500
 
 
 @dataclass(frozen=True)

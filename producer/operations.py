@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # `$in` lists of embedding ids stay well under MongoDB's 16 MB command size.
 ID_SLICE = 1000
+# Ledger batches a throughput estimate averages over: recent enough to follow the hardware.
+THROUGHPUT_WINDOW = 500
 
 
 @dataclass
@@ -235,17 +237,19 @@ def _not_embedded(db: Database, chunks: list[Chunk], spec: VectorSpec) -> list[C
 
 
 def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[str | None, float | None]:
-    """(device, tokens per compute-second) over the ledger's batches of `model` on `device`
+    """(device, tokens per compute-second) over the latest ledger batches of `model` on `device`
     (None: the device of the model's latest batch); no throughput where none computed anything."""
     query: dict[str, str] = {"model": model} if device is None else {"model": model, "device": device}
+    fields = {"device": 1, "n_tokens": 1, "gpu_seconds": 1, "finished_at": 1}
     try:
-        entries = [e for e in db.batches.find(query, {"device": 1, "n_tokens": 1, "gpu_seconds": 1, "finished_at": 1})
-                   if e.get("gpu_seconds", 0) > 0]
+        # The latest batches only: the ledger grows with every batch ever run.
+        latest = db.batches.find(query, fields).sort("finished_at", -1).limit(THROUGHPUT_WINDOW)
+        entries = [e for e in latest if e.get("gpu_seconds", 0) > 0]
     except PyMongoError as exc:
         raise StoreError(f"cannot read the ledger {db.name}.batches: {exc}") from exc
     if not entries:
         return device, None
-    device = device or max(entries, key=lambda e: e["finished_at"])["device"]
+    device = device or entries[0]["device"]  # newest first
     on_device = [e for e in entries if e["device"] == device]
     return device, sum(e["n_tokens"] for e in on_device) / sum(e["gpu_seconds"] for e in on_device)
 

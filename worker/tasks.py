@@ -125,10 +125,10 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
     pending: list[Future] = []
 
     def store(indices: list[int], vectors: np.ndarray) -> None:
-        now = datetime.now(UTC)
+        embedded_at = datetime.now(UTC)
         docs = [
             vector_doc(chunk, spec, groups[i][0], to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
-                       batch_id=batch.batch_id, embedded_at=now)
+                       batch_id=batch.batch_id, embedded_at=embedded_at)
             for i, vector in zip(indices, vectors, strict=True)
             for chunk in groups[i][1]
         ]
