@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +34,7 @@ from config.errors import (
 )
 from config.settings import Settings, redact_url
 from producer.connections import mongo_database, redis_client
-from producer.enqueue import ingest
+from producer.enqueue import collect_episodes, ingest
 from producer.jobs import JobRecords, JobStatus
 from producer.models import Episode
 from producer.operations import CancelResult, RetryResult, cancel, retry
@@ -155,26 +156,13 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
 
 def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:
     """Parse every transcript as `ingest` parses files: bad ones are refused and the others go on."""
-    episodes: list[Episode] = []
-    refused: list[str] = []
-    seen: dict[str, str] = {}
-    for transcript in body.transcripts:
-        episode_id = transcript.episode_id or Path(transcript.name).stem
-        try:
-            # "surrogatepass": a lone surrogate escaped in the JSON reaches the parser, which refuses
-            # it as invalid UTF-8 like any file's.
-            episode = parse_bytes(transcript.content.encode("utf-8", "surrogatepass"), name=transcript.name,
-                                  episode_id=episode_id,
-                                  podcast=body.podcast)
-        except TranscriptFormatError as exc:
-            refused.append(str(exc))
-            continue
-        if episode_id in seen:
-            refused.append(f"{transcript.name}: episode id {episode_id!r} already given by {seen[episode_id]}")
-            continue
-        seen[episode_id] = transcript.name
-        episodes.append(episode)
-    return episodes, refused
+    return collect_episodes(
+        # "surrogatepass": a lone surrogate escaped in the JSON reaches the parser, which refuses
+        # it as invalid UTF-8 like any file's.
+        (t.name, partial(parse_bytes, t.content.encode("utf-8", "surrogatepass"), name=t.name,
+                         episode_id=t.episode_id or Path(t.name).stem, podcast=body.podcast))
+        for t in body.transcripts
+    )
 
 
 def _ping(db: Database) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pymongo.database import Database
@@ -79,19 +80,27 @@ def transcript_files(paths: Iterable[Path]) -> list[Path]:
 
 def parse_files(paths: Iterable[Path], podcast: str | None = None) -> tuple[list[Episode], list[str]]:
     """Parse every file; bad files are refused with a message and the others go on."""
+    return collect_episodes((str(path), partial(parse_file, path, podcast=podcast))
+                            for path in transcript_files(paths))
+
+
+def collect_episodes(
+    transcripts: Iterable[tuple[str, Callable[[], Episode]]],
+) -> tuple[list[Episode], list[str]]:
+    """Run each named parse: what fails, or repeats an episode id, is refused with a message."""
     episodes: list[Episode] = []
     refused: list[str] = []
-    seen: dict[str, Path] = {}
-    for path in transcript_files(paths):
+    seen: dict[str, str] = {}
+    for name, parse in transcripts:
         try:
-            episode = parse_file(path, podcast=podcast)
+            episode = parse()
         except TranscriptFormatError as exc:
             refused.append(str(exc))
             continue
         if episode.episode_id in seen:
-            refused.append(f"{path}: episode id {episode.episode_id!r} already given by {seen[episode.episode_id]}")
+            refused.append(f"{name}: episode id {episode.episode_id!r} already given by {seen[episode.episode_id]}")
             continue
-        seen[episode.episode_id] = path
+        seen[episode.episode_id] = name
         episodes.append(episode)
     return episodes, refused
 
