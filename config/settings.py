@@ -76,14 +76,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from `PODEMBED_*` variables (default: `os.environ`), then `overrides`."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = environ.get(PREFIX + f.name.upper())
-            if raw is not None and raw.strip() != "":
-                values[f.name] = _parse(f.name, f.type, raw.strip())
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**env_values(cls, PREFIX, environ), **overrides})
 
     def __post_init__(self) -> None:
         for name in ("chunk_tokens", "batch_max_tokens", "batch_max_chunks", "micro_batch_size", "job_timeout",
@@ -143,8 +136,18 @@ def redact_url(text: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
-def _parse(name: str, type_: object, raw: str) -> object:
-    variable = PREFIX + name.upper()
+def env_values(cls: type, prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """The fields of dataclass `cls` set by `{prefix}{FIELD}` variables, parsed to their types."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(cls):
+        raw = environ.get(prefix + f.name.upper(), "").strip()
+        if raw:
+            values[f.name] = _parse(prefix + f.name.upper(), f.type, raw)
+    return values
+
+
+def _parse(variable: str, type_: object, raw: str) -> object:
     type_name = str(type_)
     try:
         if "tuple" in type_name:

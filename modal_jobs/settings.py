@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from config.errors import ConfigError
+from config.settings import env_values
 
 PREFIX = "PODEMBED_MODAL_"
 
@@ -59,13 +60,7 @@ class ModalSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ModalSettings:
         """Defaults, overridden by `PODEMBED_MODAL_*` variables (default: `os.environ`)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = environ.get(PREFIX + f.name.upper(), "").strip()
-            if raw:
-                values[f.name] = _parse(f.name, type(f.default), raw)
-        return cls(**values)
+        return cls(**env_values(cls, PREFIX, environ))
 
     def __post_init__(self) -> None:
         for name in ("max_containers", "timeout", "drain_budget_s", "web_max_inputs"):
@@ -84,13 +79,6 @@ class ModalSettings:
 
     def image_packages(self) -> list[str]:
         return [f"torch=={self.torch_version}", *PINNED_PACKAGES]
-
-
-def _parse(name: str, type_: type, raw: str) -> object:
-    try:
-        return type_(raw)
-    except ValueError:
-        raise ConfigError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {type_.__name__}") from None
 
 
 def container_task_id(environ: Mapping[str, str] | None = None) -> str:
