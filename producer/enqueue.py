@@ -78,16 +78,21 @@ def transcript_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def parse_files(paths: Iterable[Path], podcast: str | None = None) -> tuple[list[Episode], list[str]]:
-    """Parse every file; bad files are refused with a message and the others go on."""
-    return collect_episodes((str(path), partial(parse_file, path, podcast=podcast))
+def parse_files(
+    paths: Iterable[Path], podcast: str | None = None, episode_id: str | None = None,
+) -> tuple[list[Episode], list[str]]:
+    """Parse every file; bad files are refused with a message and the others go on.
+
+    `episode_id` (for a single file) replaces the file name's stem as the episode's id.
+    """
+    return collect_episodes((str(path), partial(parse_file, path, podcast=podcast, episode_id=episode_id))
                             for path in transcript_files(paths))
 
 
 def collect_episodes(
     transcripts: Iterable[tuple[str, Callable[[], Episode]]],
 ) -> tuple[list[Episode], list[str]]:
-    """Run each named parse: what fails, or repeats an episode id, is refused with a message."""
+    """Run each named parse: what fails, or repeats an episode of the same podcast, is refused with a message."""
     episodes: list[Episode] = []
     refused: list[str] = []
     seen: dict[str, str] = {}
@@ -97,12 +102,17 @@ def collect_episodes(
         except TranscriptFormatError as exc:
             refused.append(str(exc))
             continue
-        if episode.episode_id in seen:
-            refused.append(f"{name}: episode id {episode.episode_id!r} already given by {seen[episode.episode_id]}")
+        if episode.key in seen:
+            refused.append(f"{name}: {describe_episode(episode)} already given by {seen[episode.key]}")
             continue
-        seen[episode.episode_id] = name
+        seen[episode.key] = name
         episodes.append(episode)
     return episodes, refused
+
+
+def describe_episode(episode: Episode) -> str:
+    show = f" of podcast {episode.podcast!r}" if episode.podcast is not None else ""
+    return f"episode id {episode.episode_id!r}{show}"
 
 
 def chunk_episodes(settings: Settings, episodes: list[Episode], spec: VectorSpec) -> list[Chunk]:

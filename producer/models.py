@@ -4,8 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# What `podcast_key` keeps of a podcast's name to stay readable in ids.
+_SLUG_CHARS = re.compile(r"[^a-z0-9]+")
+# The podcast part of an id when the episode names no podcast.
+NO_PODCAST = "_"
+
+
+def podcast_key(podcast: str | None) -> str:
+    """The podcast's part of every id: a readable slug plus a hash of the exact name.
+
+    The hash keeps names that slug alike ("Show A", "show-a") apart; the key never holds '/'.
+    """
+    if podcast is None:
+        return NO_PODCAST
+    slug = _SLUG_CHARS.sub("-", podcast.lower()).strip("-")[:40]
+    return f"{slug}.{hashlib.sha256(podcast.encode()).hexdigest()[:8]}"
+
+
+def episode_key(podcast: str | None, episode_id: str) -> str:
+    """An episode's identity: its own id within its podcast (two shows may both have an `E01`)."""
+    return f"{podcast_key(podcast)}/{episode_id}"
+
+
+def embedding_id(chunk_id: str, vector_key: str) -> str:
+    """`_id` of a chunk's vector document: one per chunk and vector key."""
+    return f"{chunk_id}|{vector_key}"
 
 
 @dataclass(frozen=True)
@@ -24,6 +51,10 @@ class Episode:
     segments: list[Segment]
     source: str = ""
 
+    @property
+    def key(self) -> str:
+        return episode_key(self.podcast, self.episode_id)
+
     def content_sha256(self) -> str:
         """Hash of what chunking reads, so a changed transcript is seen as changed."""
         payload = json.dumps([[s.start, s.end, s.speaker, s.text] for s in self.segments])
@@ -41,6 +72,10 @@ class Chunk:
     speakers: list[str]
     text: str
     n_tokens: int
+
+    @property
+    def episode_key(self) -> str:
+        return episode_key(self.podcast, self.episode_id)
 
     @property
     def text_sha256(self) -> str:
@@ -63,8 +98,7 @@ class VectorSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def embedding_id(self, chunk_id: str) -> str:
-        """`_id` of a chunk's vector document: one per chunk and vector key."""
-        return f"{chunk_id}|{self.key}"
+        return embedding_id(chunk_id, self.key)
 
 
 @dataclass

@@ -21,11 +21,12 @@ from rq.serializers import JSONSerializer
 from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
 from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, vector_spec
-from producer.jobs import JobRecords, now_iso
-from producer.models import Chunk, VectorSpec
+from producer.jobs import JobRecords
+from producer.models import Chunk, Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.sources import EpisodeFilter, TranscriptSource
 from producer.tokens import load_tokenizer
+from producer.watermark import Mark, Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -99,28 +100,32 @@ class CancelResult:
 def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSource) -> NightlyRun:
     """Enqueue, as one job, the episodes of `source` that are new or changed since the last run.
 
-    The watermark (every episode's content hash, per source and vector key, so a new model or
-    instruction takes everything again) advances only once the job is enqueued: a run that fails
-    leaves it, the next run enqueues those episodes again, and idempotent upserts make that harmless.
+    The watermark (every episode's content hash and job, per source and vector key, so a new model
+    or instruction takes everything again) advances only once the job is enqueued: a run that fails
+    leaves it, and the next run enqueues those episodes again. Episodes of a job that was cancelled
+    or failed for good are not past it either.
     """
     spec = vector_spec(settings)
-    mark_id = f"{source.key}|{spec.key}"
-    hashes = _read_watermark(db, mark_id)
-    changed = []
-    seen: dict[str, str] = {}
+    records = JobRecords(redis, db, settings.result_ttl)
+    watermark = Watermark(db, f"{source.key}|{spec.key}").load(records)
+    changed: list[Episode] = []
+    marks: dict[str, Mark] = {}
     for episode in source.episodes():
-        seen[episode.episode_id] = episode.content_sha256()
-        if hashes.get(episode.episode_id) != seen[episode.episode_id]:
+        mark = watermark.passed(episode)
+        if mark is None:
             changed.append(episode)
+        else:
+            marks[episode.key] = mark
+    unchanged = len(marks)
     chunks = chunk_episodes(settings, changed, spec)
     job = enqueue_chunks(settings, redis, db, chunks=chunks, episodes=len(changed), kind="nightly", spec=spec)
-    if changed:
-        _write_watermark(db, mark_id, {**hashes, **seen}, job.job_id)
+    marks.update({e.key: Mark(e.content_sha256(), job.job_id) for e in changed})
+    if changed or watermark.legacy:
+        watermark.save(marks)
     logger.info("nightly %s: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,
-                len(changed), len(seen) - len(changed))
+                len(changed), unchanged)
     return NightlyRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks, batches=job.batches,
-                      tokens=job.tokens, unchanged=len(seen) - len(changed), source=source.key,
-                      refused=source.refused)
+                      tokens=job.tokens, unchanged=unchanged, source=source.key, refused=source.refused)
 
 
 def backfill(
@@ -139,7 +144,7 @@ def backfill(
     episodes = [e for e in source.episodes(selection.episode_ids) if selection.matches(e)]
     chunks = chunk_episodes(settings, episodes, spec)
     todo = chunks if force else _not_embedded(db, chunks, spec)
-    n_episodes = len({c.episode_id for c in todo})
+    n_episodes = len({c.episode_key for c in todo})
     run = BackfillRun(job_id=None, episodes=n_episodes, chunks=len(todo), batches=0,
                       tokens=sum(c.n_tokens for c in todo), already_embedded=len(chunks) - len(todo),
                       model=spec.model, force=force, dry_run=dry_run, refused=source.refused)
@@ -252,21 +257,3 @@ def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[
     device = device or entries[0]["device"]  # newest first
     on_device = [e for e in entries if e["device"] == device]
     return device, sum(e["n_tokens"] for e in on_device) / sum(e["gpu_seconds"] for e in on_device)
-
-
-def _read_watermark(db: Database, mark_id: str) -> dict[str, str]:
-    try:
-        doc = db.watermarks.find_one({"_id": mark_id})
-    except PyMongoError as exc:
-        raise StoreError(f"cannot read watermark {mark_id!r}: {exc}") from exc
-    return dict(doc["episodes"]) if doc else {}
-
-
-def _write_watermark(db: Database, mark_id: str, hashes: dict[str, str], job_id: str | None) -> None:
-    # Pairs, not a mapping: episode ids may hold '.' or '$', which field names may not.
-    doc = {"_id": mark_id, "episodes": sorted(hashes.items()), "job_id": job_id, "updated_at": now_iso()}
-    try:
-        # `_id` in the document too: nx-27017 does not take it from the filter on upsert.
-        db.watermarks.replace_one({"_id": mark_id}, doc, upsert=True)
-    except PyMongoError as exc:
-        raise StoreError(f"cannot write watermark {mark_id!r}: {exc}") from exc

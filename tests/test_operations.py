@@ -19,6 +19,7 @@ from config.errors import PodembedError, QueueError
 from config.settings import Settings
 from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, ingest, parse_files, vector_spec
 from producer.jobs import JOBS_INDEX, JobRecords
+from producer.models import episode_key
 from producer.operations import backfill, cancel, nightly, retry
 from producer.parsing import parse_file
 from producer.sources import DirectorySource, EpisodeFilter, MongoSource
@@ -75,8 +76,9 @@ def test_nightly_enqueues_only_new_or_changed_episodes(
     assert (third.episodes, third.unchanged) == (2, 1)
     assert third.chunks == 11 + 4
     mark = db.watermarks.find_one({"_id": f"{DirectorySource(folder).key}|{vector_spec(settings).key}"})
-    assert dict(mark["episodes"]) == {p.stem: parse_file(p).content_sha256() for p in folder.iterdir()}
-    assert mark["job_id"] == third.job_id
+    assert {key: content for key, content, _ in mark["episodes"]} == {
+        parse_file(p).key: parse_file(p).content_sha256() for p in folder.iterdir()}
+    assert {job_id for *_, job_id in mark["episodes"]} == {first.job_id, third.job_id}
 
     # Another instruction is another vector key: everything is new to it.
     other = nightly(settings.replace(instruction="Represent the episode for clustering:"), redis, db,
@@ -199,13 +201,14 @@ def test_backfill_other_model_writes_new_documents_only(
     new_spec = vector_spec(settings.replace(model=model_copy, model_path=None))
     docs = {d["_id"]: d for d in db.embeddings.find({})}
     assert len(docs) == 22
-    assert {i for i in docs if i not in before} == {new_spec.embedding_id(f"E05:{n}") for n in range(11)}
+    e05 = episode_key(SHOW, "E05")
+    assert {i for i in docs if i not in before} == {new_spec.embedding_id(f"{e05}:{n}") for n in range(11)}
     for doc_id, doc in before.items():  # the first model's vectors are untouched
         assert docs[doc_id]["embedding"] == doc["embedding"] and docs[doc_id]["embedded_at"] == doc["embedded_at"]
     assert {docs[i]["model"] for i in docs if i not in before} == {model_copy}
     # Same weights under another name: the vectors agree.
-    assert docs[new_spec.embedding_id("E05:3")]["embedding"] == docs[vector_spec(settings).embedding_id("E05:3")][
-        "embedding"]
+    assert docs[new_spec.embedding_id(f"{e05}:3")]["embedding"] == docs[
+        vector_spec(settings).embedding_id(f"{e05}:3")]["embedding"]
 
 
 def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Database, records: JobRecords,

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ingest", cmd_ingest, "parse, chunk and enqueue transcript files; prints the job id")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="transcript files or directories")
-    p.add_argument("--podcast", help="name of the show")
+    p.add_argument("--podcast", help="name of the show; episodes are identified within it")
+    p.add_argument("--episode-id", help="the episode's id, for a single file (default: the file name's stem)")
     p.add_argument("--instruction", help="instruction for this job (default: PODEMBED_INSTRUCTION)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
+    p = command("migrate", cmd_migrate, "move vectors stored under ids of an older layout to the current ids")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
     p = command("serve", cmd_serve, "run the HTTP API (needs PODEMBED_API_TOKEN)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -137,7 +141,9 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or directory: {', '.join(missing)}")
-    episodes, refused = parse_files(args.paths, podcast=args.podcast)
+    if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir()):
+        raise ConfigError("--episode-id names the episode of a single file, not of several files or a directory")
+    episodes, refused = parse_files(args.paths, podcast=args.podcast, episode_id=args.episode_id)
     for message in refused:
         _error(f"refused {message}")
     if not episodes:
@@ -286,6 +292,18 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
         _print_json(asdict(result))
     else:
         print(f"job {result.job_id}: {len(result.removed)} queued batches removed; now {result.state}")
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database
+    from worker.migration import migrate_ids
+
+    result = migrate_ids(mongo_database(settings))
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"{result.moved} of {result.examined} vector documents moved to ids within their podcast")
     return 0
 
 
