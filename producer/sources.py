@@ -125,6 +125,10 @@ class EpisodeFilter:
     podcast: str | None = None
     episode_ids: frozenset[str] = frozenset()
 
+    def key(self) -> str:
+        """The selection as text: equal selections, equal keys."""
+        return f"{self.since}|{self.until}|{self.podcast}|{','.join(sorted(self.episode_ids))}"
+
     def matches(self, episode: Episode) -> bool:
         if self.episode_ids and episode.episode_id not in self.episode_ids:
             return False

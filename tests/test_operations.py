@@ -17,12 +17,13 @@ from rq.registry import CanceledJobRegistry
 
 from config.errors import PodembedError, QueueError
 from config.settings import Settings
-from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, ingest, parse_files, vector_spec
+from producer.enqueue import batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
 from producer.jobs import JOBS_INDEX, JobRecords
 from producer.models import episode_key
 from producer.operations import backfill, cancel, nightly, retry
 from producer.parsing import parse_file
 from producer.sources import DirectorySource, EpisodeFilter, MongoSource
+from producer.streaming import chunk_episodes
 from producer.tokens import load_tokenizer
 from tests.conftest import DATA, EXAMPLES, ROOT
 from tests.test_sources import SHOW, transcript_docs
@@ -171,8 +172,13 @@ def test_backfill_skips_embedded_chunks_unless_forced(
     before = {d["_id"]: d["job_id"] for d in db.embeddings.find({}, {"job_id": 1})}
     assert set(before.values()) == {first.job_id}
 
+    # Nothing is queued, and the job says why: every chunk skipped, finished at once.
     again = backfill(settings, redis, db, MongoSource(db), only_e05)
-    assert (again.job_id, again.chunks, again.already_embedded) == (None, 0, 11)
+    assert (again.chunks, again.batches, again.already_embedded) == (0, 0, 11)
+    status = records.status(again.job_id)
+    assert (status.state, status.chunks.total, status.chunks.skipped, status.batches.total) == ("finished", 11, 11, 0)
+    assert status.enqueue_done and status.finished_at is not None
+    assert batch_queue(settings, redis).count == 0
 
     forced = backfill(settings, redis, db, MongoSource(db), only_e05, force=True)
     assert forced.chunks == 11
@@ -216,10 +222,8 @@ def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Dat
     # The job names a model directory that is not there yet: every batch really fails.
     late_model = tmp_path / "late-model"
     episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
-    chunks = chunk_episodes(settings, episodes, vector_spec(settings))
     spec = vector_spec(settings.replace(model=str(late_model), model_path=None))
-    job = enqueue_chunks(settings.replace(batch_max_chunks=4), redis, db, chunks=chunks, episodes=1, kind="ingest",
-                         spec=spec)
+    job = enqueue_episodes(settings.replace(batch_max_chunks=4), redis, db, episodes, kind="ingest", spec=spec)
     _drain(settings, redis)
     status = records.status(job.job_id)
     assert (status.state, status.chunks.failed, status.batches.failed) == ("failed", 11, 3)

@@ -136,26 +136,28 @@ def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import mongo_database, redis_client
-    from producer.enqueue import ingest, parse_files
+    from producer.enqueue import ingest, stream_files
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or directory: {', '.join(missing)}")
-    if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir()):
+    if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir() or not args.episode_id.strip()):
         raise ConfigError("--episode-id names the episode of a single file, not of several files or a directory")
-    episodes, refused = parse_files(args.paths, podcast=args.podcast, episode_id=args.episode_id)
-    for message in refused:
-        _error(f"refused {message}")
-    if not episodes:
-        raise PodembedError(f"nothing to ingest: {len(refused)} file(s) refused, none accepted")
+    refused: list[str] = []
+    # Files are parsed as the job is enqueued, window by window: the first batches are on the queue early.
+    episodes = stream_files(args.paths, refused, podcast=args.podcast, episode_id=args.episode_id)
     job = ingest(settings, redis_client(settings), mongo_database(settings), episodes, kind="ingest",
                  instruction=args.instruction)
+    for message in refused:
+        _error(f"refused {message}")
+    if not job.episodes:
+        raise PodembedError(f"nothing to ingest: {len(refused)} file(s) refused, none accepted")
     if args.json:
         _print_json({"job_id": job.job_id, "episodes": job.episodes, "chunks": job.chunks, "batches": job.batches,
-                     "tokens": job.tokens, "refused": refused})
+                     "tokens": job.tokens, "skipped": job.skipped, "refused": refused})
     else:
-        print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks, {job.batches} batches, "
-              f"{job.tokens} tokens")
+        print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks ({job.skipped} already embedded), "
+              f"{job.batches} batches, {job.tokens} tokens")
         if refused:
             print(f"{len(refused)} file(s) refused (see above)")
     return EXIT_ERROR if refused else 0

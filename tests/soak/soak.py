@@ -44,8 +44,9 @@ from config.services import local_services, on_spare_ports, services_down, servi
 from config.settings import Settings  # noqa: E402
 from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
-from producer.enqueue import chunk_episodes, ingest, parse_files, vector_spec  # noqa: E402
+from producer.enqueue import ingest, parse_files, vector_spec  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
+from producer.streaming import chunk_episodes  # noqa: E402
 from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
