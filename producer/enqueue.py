@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -163,20 +164,25 @@ class JobStream:
         The new job leaves them to that job, whose batches are on the queue or done; the
         interrupted job ends `interrupted` once they have run.
         """
-        self.run_key = RUN_PREFIX + run_key
-        prior = self.redis.get(self.run_key)
-        if prior is None:
-            return set()
-        prior_id = prior.decode()
-        if self.records.producer_alive(prior_id):
-            raise PodembedError(f"job {prior_id} is still being enqueued for the same selection by another "
-                                "process: wait for it, or cancel it")
+        # Under this job's vector key: the same command under another model is another run.
+        self.run_key = RUN_PREFIX + hashlib.sha256(f"{run_key}|{self.spec.key}".encode()).hexdigest()[:32]
         try:
-            if self.records.status(prior_id).enqueue_done:
+            prior = self.redis.get(self.run_key)
+            if prior is None:
                 return set()
-        except JobNotFoundError:
-            return set()
-        self.job.resumed_from, self.job.resumed = prior_id, self.records.enqueued_episodes(prior_id)
+            prior_id = prior.decode()
+            if self.records.producer_alive(prior_id):
+                raise PodembedError(f"job {prior_id} is still being enqueued for the same selection by another "
+                                    "process: wait for it, or cancel it")
+            try:
+                if self.records.status(prior_id).enqueue_done:
+                    return set()
+            except JobNotFoundError:
+                return set()
+            self.records.release_producer(prior_id)  # known dead: its job shows `interrupted` from now on
+            self.job.resumed_from, self.job.resumed = prior_id, self.records.enqueued_episodes(prior_id)
+        except RedisError as exc:
+            raise QueueError(f"cannot read the state of earlier runs from Redis: {exc}") from exc
         logger.info("resuming job %s: its %d enqueued episodes are left to it", prior_id, len(self.job.resumed))
         return self.job.resumed
 
@@ -186,7 +192,10 @@ class JobStream:
             self.records.create(NewJob(job_id=job_id, kind=self.kind, model=self.spec.model,
                                        instruction=self.spec.instruction, vector_key=self.spec.key))
             if self.run_key is not None:
-                self.redis.set(self.run_key, job_id, ex=self.settings.result_ttl)
+                try:
+                    self.redis.set(self.run_key, job_id, ex=self.settings.result_ttl)
+                except RedisError as exc:
+                    raise QueueError(f"cannot record job {job_id} in Redis: {exc}") from exc
             self.job.job_id = job_id
         return self.job.job_id
 
@@ -232,9 +241,12 @@ class JobStream:
 
     def close(self) -> EnqueuedJob:
         """Mark the job wholly enqueued (a job with no chunks was never recorded)."""
-        if self.run_key is not None:
-            self.redis.delete(self.run_key)
         if self.job.job_id is not None:
+            if self.run_key is not None:
+                try:
+                    self.redis.delete(self.run_key)
+                except RedisError as exc:
+                    raise QueueError(f"cannot record job {self.job.job_id} enqueued in Redis: {exc}") from exc
             self.records.finish_enqueue(self.job.job_id)
             logger.info("job %s: enqueued %d chunks (%d skipped) in %d batches", self.job.job_id, self.job.chunks,
                         self.job.skipped, self.job.batches)
@@ -287,7 +299,8 @@ def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
 
 def ingest(
     settings: Settings, redis: Redis, db: Database, episodes: Iterable[Episode], *, kind: str,
-    instruction: str | None = None,
+    instruction: str | None = None, run_key: str | None = None,
 ) -> EnqueuedJob:
-    """Chunk and enqueue parsed episodes as one job, as they come."""
-    return enqueue_episodes(settings, redis, db, episodes, kind=kind, spec=vector_spec(settings, instruction))
+    """Chunk and enqueue parsed episodes as one job, as they come (see `enqueue_episodes`)."""
+    return enqueue_episodes(settings, redis, db, episodes, kind=kind, spec=vector_spec(settings, instruction),
+                            run_key=run_key)

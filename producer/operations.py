@@ -128,7 +128,7 @@ def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSo
     def enqueued(job: EnqueuedJob, episodes: list[Episode]) -> None:
         marks.update({e.key: Mark(hashes[e.key], job.job_id) for e in episodes})
 
-    job = enqueue_episodes(settings, redis, db, changed(), kind="nightly", spec=spec, run_key=mark_id,
+    job = enqueue_episodes(settings, redis, db, changed(), kind="nightly", spec=spec, run_key=f"nightly|{source.key}",
                            on_window=enqueued)
     # A run that resumed a dead one leaves that run's episodes to its job.
     marks.update({key: Mark(hashes[key], job.resumed_from) for key in job.resumed if key in hashes})
@@ -157,7 +157,7 @@ def backfill(
     if dry_run:
         return _dry_run(settings, db, episodes, spec, force=force, refused=source.refused)
     # The same command run again after a crash resumes the dead run.
-    run_key = f"backfill|{source.key}|{selection.key()}|{spec.key}|{force}"
+    run_key = f"backfill|{source.key}|{selection.key()}|{force}"
     job = enqueue_episodes(settings, redis, db, episodes, kind="backfill", spec=spec, force=force, run_key=run_key)
     return BackfillRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks - job.skipped, batches=job.batches,
                        tokens=job.tokens, already_embedded=job.skipped, model=spec.model, force=force, dry_run=False,

@@ -146,8 +146,10 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     refused: list[str] = []
     # Files are parsed as the job is enqueued, window by window: the first batches are on the queue early.
     episodes = stream_files(args.paths, refused, podcast=args.podcast, episode_id=args.episode_id)
+    # The same command run again after a crash resumes it (see README, Catalog-scale runs).
+    run_key = "|".join(["ingest", str(args.podcast), str(args.episode_id), *(str(p.resolve()) for p in args.paths)])
     job = ingest(settings, redis_client(settings), mongo_database(settings), episodes, kind="ingest",
-                 instruction=args.instruction)
+                 instruction=args.instruction, run_key=run_key)
     for message in refused:
         _error(f"refused {message}")
     if not job.episodes:

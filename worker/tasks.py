@@ -189,6 +189,11 @@ def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  
     batch_id, job_id = job.id, job.meta.get("podembed_job", "")
     # The reason is shown by `status` and the HTTP API: a library's message may hold a URL.
     reason = redact_url(f"{exc_type.__name__}: {exc_value}")
+    if not records.has_batch(job_id, batch_id):
+        # Written by someone else into Redis: it stays in the failed registry, and no job counts it.
+        logger.error("batch %s: not a batch of any job, failed: %s", batch_id, reason)
+        job.retries_left = 0
+        return
     if issubclass(exc_type, EmbeddingError | PayloadError):
         # The model refused this batch (a text over the cap, non-finite vectors), or its payload is not
         # one podembed wrote: trying again gives the same answer, so it fails now; RQ reads
