@@ -31,11 +31,10 @@ from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import enqueue_episodes, parse_files, vector_spec  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
+from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from worker import embedder as embedder_module  # noqa: E402
 from worker.loop import make_worker  # noqa: E402
 from worker.store import text_key  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
 
 
 def run_pipeline(settings: Settings, episodes, label: str) -> dict:
@@ -100,11 +99,12 @@ def measure(settings: Settings, model, chunks, episodes, label: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of transcripts")
+    parser.add_argument("--data", type=Path, help="folder of transcripts (default: the vendored seenunseen corpus)")
     parser.add_argument("--episodes", type=int, default=20)
     args = parser.parse_args()
 
-    files = sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+    files = (sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+             if args.data else seenunseen_vtt())
     with tempfile.TemporaryDirectory() as tmp:
         settings = on_spare_ports(Settings.from_env(retry_intervals=()), Path(tmp))
         services_up(settings)
