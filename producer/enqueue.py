@@ -268,7 +268,8 @@ def enqueue_episodes(
     taken = stream.resume(run_key) if run_key is not None else set()
     todo = (e for e in episodes if e.key not in taken)
     try:
-        for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks):
+        for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks,
+                              settings.batch_max_chunks):
             if not stream.add(window):
                 logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
                 break

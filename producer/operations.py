@@ -170,7 +170,8 @@ def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec
     store = ChunkStore(db)
     run = BackfillRun(job_id=None, episodes=0, chunks=0, batches=0, tokens=0, already_embedded=0, model=spec.model,
                       force=force, dry_run=True, refused=refused)
-    for window in windows(chunk_stream(settings, episodes, spec), settings.enqueue_window_chunks):
+    for window in windows(chunk_stream(settings, episodes, spec), settings.enqueue_window_chunks,
+                          settings.batch_max_chunks):
         chunks = [c for chunked in window for c in chunked.chunks]
         done = set() if force else store.embedded(chunks, spec)
         todo = [c for c in chunks if c.chunk_id not in done]

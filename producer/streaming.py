@@ -3,7 +3,7 @@
 Episodes go to the pool a few at a time (never the whole catalog), and their chunks come
 back in reading order, grouped into windows of about `enqueue_window_chunks` chunks: the
 unit the producer dedupes, stores and enqueues at once. Memory stays flat however large
-the selection; the first window reaches the queue after a few episodes.
+the selection; the first window, about one batch, reaches the queue after the first episode or two.
 """
 
 from __future__ import annotations
@@ -70,16 +70,20 @@ def chunk_stream(settings: Settings, episodes: Iterable[Episode], spec: VectorSp
             yield ChunkedEpisode(done, result.get())
 
 
-def windows(stream: Iterable[ChunkedEpisode], max_chunks: int) -> Iterator[list[ChunkedEpisode]]:
-    """Consecutive episodes grouped until a group holds `max_chunks` chunks (an episode is never split)."""
+def windows(stream: Iterable[ChunkedEpisode], max_chunks: int, first_chunks: int) -> Iterator[list[ChunkedEpisode]]:
+    """Consecutive episodes grouped until a group holds enough chunks (an episode is never split).
+
+    The first group needs `first_chunks` (about a batch: workers start at once), each next one
+    twice the last, up to `max_chunks` (fewer, larger round trips once the queue is fed).
+    """
     window: list[ChunkedEpisode] = []
-    size = 0
+    size, target = 0, min(first_chunks, max_chunks)
     for chunked in stream:
         window.append(chunked)
         size += len(chunked.chunks)
-        if size >= max_chunks:
+        if size >= target:
             yield window
-            window, size = [], 0
+            window, size, target = [], 0, min(2 * target, max_chunks)
     if window:
         yield window
 

@@ -156,10 +156,13 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
         raise PodembedError(f"nothing to ingest: {len(refused)} file(s) refused, none accepted")
     if args.json:
         _print_json({"job_id": job.job_id, "episodes": job.episodes, "chunks": job.chunks, "batches": job.batches,
-                     "tokens": job.tokens, "skipped": job.skipped, "refused": refused})
+                     "tokens": job.tokens, "skipped": job.skipped, "resumed_from": job.resumed_from,
+                     "refused": refused})
     else:
         print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks ({job.skipped} already embedded), "
               f"{job.batches} batches, {job.tokens} tokens")
+        if job.resumed_from:
+            print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
         if refused:
             print(f"{len(refused)} file(s) refused (see above)")
     return EXIT_ERROR if refused else 0
