@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 from config.errors import PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
 from producer.chunking import ChunkLimits, chunk_episode
+from producer.connections import check_mongo
 from producer.jobs import JobRecords, NewJob
 from producer.models import Batch, Chunk, Episode, VectorSpec
 from producer.packing import pack_batches
@@ -121,6 +122,7 @@ def enqueue_chunks(
     """
     if not chunks:
         return EnqueuedJob(job_id=None, episodes=episodes, chunks=0, batches=0, tokens=0)
+    check_mongo(settings, db)  # a URI nx-27017 cannot serve fails here, before anything is queued
     job_id = new_job_id()
     batches = pack_batches(
         job_id, chunks, spec, max_tokens=settings.batch_max_tokens, max_chunks=settings.batch_max_chunks, force=force
