@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
@@ -28,6 +29,8 @@ _TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
 _VTT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
 _SRT_TIME = re.compile(r"^(\d{1,9}):([0-5]\d):([0-5]\d)[,.](\d{3})$")
 _CHAT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)(?:[.,](\d{1,3}))?$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_SPACES = re.compile(r"\s+")
 _SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
@@ -196,23 +199,34 @@ def parse_plain_text(text: str, name: str) -> list[Segment]:
     return [s for _, lines in _blocks(text) if (s := _make_segment(0.0, 0.0, lines))]
 
 
-def _blocks(text: str) -> list[tuple[int, list[str]]]:
-    """Blank-line separated blocks with the 1-based line number of their first line."""
-    blocks: list[tuple[int, list[str]]] = []
+def _blocks(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Blank-line separated blocks with the 1-based line number of their first line, as they come."""
     current: list[str] = []
     start = 0
-    for i, raw in enumerate(text.splitlines(), start=1):
+    for i, raw in enumerate(_lines(text), start=1):
         line = raw.rstrip()
-        if line.strip():
+        if line:
             if not current:
                 start = i
             current.append(line)
         elif current:
-            blocks.append((start, current))
+            yield start, current
             current = []
     if current:
-        blocks.append((start, current))
-    return blocks
+        yield start, current
+
+
+def _lines(text: str) -> Iterator[str]:
+    """Lines split at \\n, \\r\\n and \\r only, one at a time.
+
+    `str.splitlines` also splits at U+2028, NEL, form feed and others, which are text inside a cue.
+    """
+    start = 0
+    for match in _LINE_BREAK.finditer(text):
+        yield text[start : match.start()]
+        start = match.end()
+    if start < len(text):
+        yield text[start:]
 
 
 def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) -> tuple[float, float]:
@@ -245,7 +259,8 @@ def _make_segment(start: float, end: float, lines: list[str], speaker: str | Non
         if match:
             speaker = match["speaker"].strip()
             text = text[match.end() :]
-    text = " ".join(html.unescape(_TAG.sub("", text)).split())
+    # One regex pass, not split() and join(): a long line makes no list of millions of words.
+    text = _SPACES.sub(" ", html.unescape(_TAG.sub("", text))).strip()
     if not text:
         return None
     return Segment(start=start, end=end, speaker=speaker or None, text=text)
