@@ -71,6 +71,8 @@ class Settings:
     estimate_device: str | None = None
     # Largest POST /jobs body: several long transcripts; bulk loads go through nightly/backfill.
     max_request_bytes: int = 8 * 1024 * 1024
+    # POST /jobs bodies over 1 MiB the API works on at once (each costs ~10x its size); more get a 503.
+    max_large_requests: int = 1
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 
