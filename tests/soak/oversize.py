@@ -1,7 +1,7 @@
 """Oversized-input drill (part of `make soak`, or alone): peak memory of real processes on hostile sizes.
 
 - `ingest` of a 20 MB file of one line of real words, of a 20 MB run of one letter, and of a
-  WebVTT file of 1,000,000 cues: peak RSS of the process (its own, from wait4), seconds, chunks.
+  WebVTT file of 1,000,000 cues: peak RSS of the process (VmHWM), seconds, chunks.
 - `podembed serve`: one 8 MB single-line POST, then three at once: VmHWM of the server.
 
 Run alone: `python tests/soak/oversize.py` (starts its own services; one JSON document).
@@ -37,19 +37,25 @@ MB = 1024 * 1024
 TOKEN = "oversize-drill-token"
 
 
+# `podembed` that prints its own peak RSS last on stderr. (wait4's ru_maxrss is no use here: a
+# child started by vfork+exec keeps the high-water mark of the parent it was started from.)
+_PEAK_REPORTING = ("import runpy, sys\n"
+                   "try:\n    runpy.run_module('worker.cli', run_name='__main__', alter_sys=True)\n"
+                   "finally:\n    print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0],"
+                   " file=sys.stderr)\n")
+
+
 def _ingest_peak(settings: Settings, path: Path) -> dict:
     """`podembed ingest PATH --json` in its own process: exit code, seconds, chunks, peak RSS."""
     env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db)
     began = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "ingest", str(path), "--json"], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    job = json.loads(out) if out.strip() else {}
-    return {"file_mb": round(path.stat().st_size / MB, 1), "rc": process.returncode,
+    done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING, "ingest", str(path), "--json"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    job = json.loads(done.stdout) if done.stdout.strip() else {}
+    peak_kb = int(done.stderr.splitlines()[-1].split()[1])
+    return {"file_mb": round(path.stat().st_size / MB, 1), "rc": done.returncode,
             "seconds": round(time.perf_counter() - began, 1), "chunks": job.get("chunks"),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def _files(folder: Path) -> dict[str, Path]:
