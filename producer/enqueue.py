@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 from config.errors import JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
 from producer.chunkstore import ChunkStore
+from producer.connections import check_mongo
 from producer.jobs import JobRecords, NewJob, Window
 from producer.models import Batch, Episode, VectorSpec
 from producer.packing import pack_batches
@@ -190,6 +191,8 @@ class JobStream:
 
     def open(self) -> str:
         if self.job.job_id is None:
+            # A URI the server cannot serve (credentials against nx-27017) fails here, before anything is queued.
+            check_mongo(self.settings, self.records.db)
             job_id = new_job_id()
             self.records.create(NewJob(job_id=job_id, kind=self.kind, model=self.spec.model,
                                        instruction=self.spec.instruction, vector_key=self.spec.key))
