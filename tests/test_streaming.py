@@ -117,7 +117,7 @@ def test_nothing_is_queued_when_mongo_cannot_keep_the_job(settings: Settings, re
     from producer.connections import mongo_database
 
     episodes, _ = parse_files([DATA / "E03.txt"])
-    with pytest.raises(StoreError, match="cannot save job"):
+    with pytest.raises(StoreError, match="MongoDB at mongodb://127.0.0.1"):
         ingest(down, redis, mongo_database(down), episodes, kind="ingest")
     assert batch_queue(settings, redis).count == 0 and redis.zcard(JOBS_INDEX) == 0
 
