@@ -37,11 +37,12 @@ for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
 return 1
 """
 
-# KEYS: hash, done, running, failed, errors, batches (they expire together). ARGV: batch_id,
+# KEYS: hash, done, running, failed, errors, batches, cancelled, progress (they expire together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
@@ -57,9 +58,18 @@ redis.call('HSET', KEYS[1], 'device', ARGV[6])
 _FAIL_BATCH = """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 """ + _BATCH_ENDED
+
+# KEYS as above. ARGV: batch_id, chunks stored, ttl. A batch already counted keeps no progress entry.
+_STORED_SO_FAR = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HINCRBY', KEYS[8], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[8], ARGV[3])
+return 1
+"""
 
 
 def now_iso() -> str:
@@ -72,7 +82,10 @@ class ChunkCounts:
     embedded: int = 0
     skipped: int = 0
     failed: int = 0
+    cancelled: int = 0
     pending: int = 0
+    # Of the pending chunks, those whose vectors running batches have stored so far (per forward pass).
+    in_progress: int = 0
 
 
 @dataclass
@@ -82,6 +95,7 @@ class BatchCounts:
     running: int = 0
     finished: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 @dataclass
@@ -129,15 +143,17 @@ class JobRecords:
         self.ttl = ttl_seconds
         self._finish = redis.register_script(_FINISH_BATCH)
         self._fail = redis.register_script(_FAIL_BATCH)
+        self._progress = redis.register_script(_STORED_SO_FAR)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
-        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches"]
+        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
+                base + ":cancelled", base + ":progress"]
 
     def create(self, job: NewJob, pipe: Pipeline) -> None:
         """Add the record's writes to `pipe`, the transaction that also enqueues the batches,
         so a job exists with all its batches or not at all."""
-        hash_key, *_, batches_key = self._keys(job.job_id)
+        hash_key, *_, batches_key, _, _ = self._keys(job.job_id)
         fields = {
             "kind": job.kind,
             "created_at": job.created_at,
@@ -175,6 +191,10 @@ class JobRecords:
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
         return bool(self._finish(keys=keys, args=args))
 
+    def mark_stored(self, job_id: str, batch_id: str, n_chunks: int) -> None:
+        """Count `n_chunks` of a running batch as stored (after each forward pass), until the batch is counted."""
+        self._progress(keys=self._keys(job_id), args=[batch_id, n_chunks, self.ttl])
+
     def mark_retrying(self, job_id: str, batch_id: str) -> None:
         self.redis.srem(self._keys(job_id)[2], batch_id)
 
@@ -193,11 +213,13 @@ class JobRecords:
                 pipe.scard(keys[2])
                 pipe.hgetall(keys[3])
                 pipe.hgetall(keys[4])
-                record, done, running, failed, errors = pipe.execute()
+                pipe.hgetall(keys[6])
+                pipe.hvals(keys[7])
+                record, done, running, failed, errors, cancelled, progress = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         if not record:
-            return self._stored_status(job_id)
+            return self.stored_status(job_id)
         rec = {k.decode(): v.decode() for k, v in record.items()}
         failed_chunks = sum(int(n) for n in failed.values())
         chunks = ChunkCounts(
@@ -205,10 +227,14 @@ class JobRecords:
             embedded=int(rec["embedded"]),
             skipped=int(rec["skipped"]),
             failed=failed_chunks,
+            cancelled=sum(int(n) for n in cancelled.values()),
+            in_progress=sum(int(n) for n in progress),
         )
-        chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed
-        batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed))
-        batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed)
+        chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed - chunks.cancelled
+        batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed),
+                              cancelled=len(cancelled))
+        batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed
+                             - batches.cancelled)
         return JobStatus(
             job_id=job_id,
             kind=rec["kind"],
@@ -234,7 +260,8 @@ class JobRecords:
         except PyMongoError as exc:
             raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
 
-    def _stored_status(self, job_id: str) -> JobStatus:
+    def stored_status(self, job_id: str) -> JobStatus:
+        """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
         try:
             doc = self.db.jobs.find_one({"_id": job_id})
         except PyMongoError as exc:
@@ -258,11 +285,24 @@ class JobRecords:
         except RedisError as exc:
             raise QueueError(f"cannot mark job {job_id} cancelled in Redis: {exc}") from exc
 
+    def count_cancelled(self, job_id: str, removed: dict[str, int]) -> None:
+        """Count these batches (batch id -> chunks) cancelled: taken off the queue before they ran."""
+        if not removed:
+            return
+        key = self._keys(job_id)[6]
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hset(key, mapping=removed)
+                pipe.expire(key, self.ttl)
+                pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot count cancelled batches of job {job_id} in Redis: {exc}") from exc
+
     def clear_failed(self, job_id: str, batch_ids: list[str]) -> None:
         """Count these failed batches as queued again (they are being retried): the job is not over."""
         if not batch_ids:
             return
-        hash_key, _, _, failed, errors, _ = self._keys(job_id)
+        hash_key, _, _, failed, errors, *_ = self._keys(job_id)
         try:
             with self.redis.pipeline() as pipe:
                 pipe.hdel(failed, *batch_ids)

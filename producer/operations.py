@@ -18,7 +18,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from config.errors import PodembedError, QueueError, StoreError
+from config.errors import QueueError, StoreError
 from config.settings import Settings
 from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, vector_spec
 from producer.jobs import JobRecords
@@ -76,6 +76,8 @@ class BackfillRun:
     dry_run: bool
     refused: list[str]
     estimate: Estimate | None = None
+    # Episode ids given to select by that no selected episode has.
+    not_found: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -142,12 +144,13 @@ def backfill(
         settings = settings.replace(model=model, model_path=None)
     spec = vector_spec(settings)
     episodes = [e for e in source.episodes(selection.episode_ids) if selection.matches(e)]
+    not_found = sorted(selection.episode_ids - {e.episode_id for e in episodes})
     chunks = chunk_episodes(settings, episodes, spec)
     todo = chunks if force else _not_embedded(db, chunks, spec)
     n_episodes = len({c.episode_key for c in todo})
     run = BackfillRun(job_id=None, episodes=n_episodes, chunks=len(todo), batches=0,
                       tokens=sum(c.n_tokens for c in todo), already_embedded=len(chunks) - len(todo),
-                      model=spec.model, force=force, dry_run=dry_run, refused=source.refused)
+                      model=spec.model, force=force, dry_run=dry_run, refused=source.refused, not_found=not_found)
     if dry_run:
         run.batches = len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
                                        max_chunks=settings.batch_max_chunks))
@@ -174,10 +177,13 @@ def estimate(settings: Settings, db: Database, chunks: list[Chunk], spec: Vector
 
 
 def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryResult:
-    """Put the job's failed batches back on the queue; run again, it finds none left to requeue."""
+    """Put the job's failed batches back on the queue; run again, it finds none left to requeue.
+
+    A cancelled job is never retried: like a finished one, it has nothing to requeue.
+    """
     records = JobRecords(redis, db, settings.result_ttl)
     if records.status(job_id).state == "cancelled":
-        raise PodembedError(f"job {job_id} was cancelled: nothing to retry")
+        return RetryResult(job_id=job_id, state="cancelled")
     registry = batch_queue(settings, redis).failed_job_registry
     requeued: list[str] = []
     try:
@@ -212,20 +218,23 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     records.mark_cancelled(job_id)
     queue = batch_queue(settings, redis)
     scheduled = queue.scheduled_job_registry
-    removed: list[str] = []
+    removed: dict[str, int] = {}  # batch id -> its chunks
     try:
         for batch_id in records.batch_ids(job_id):
             # Off the queue (or the retry schedule) first: once removed, no worker can take it.
             if queue.remove(batch_id) or scheduled.remove(batch_id):
-                Job.fetch(batch_id, connection=redis, serializer=JSONSerializer).cancel()
-                removed.append(batch_id)
+                batch = Job.fetch(batch_id, connection=redis, serializer=JSONSerializer)
+                batch.cancel()
+                # Counted at once: a cancel that stops halfway leaves nothing removed uncounted.
+                removed[batch_id] = int(batch.meta.get("n_chunks", 0))
+                records.count_cancelled(job_id, {batch_id: removed[batch_id]})
     except RedisError as exc:
         raise QueueError(f"cannot remove batches of job {job_id} from the queue: {exc}") from exc
     status = records.status(job_id)
     status.state = "cancelled"  # also where only MongoDB still knows the job
     records.save(status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))
-    return CancelResult(job_id=job_id, state=status.state, removed=removed)
+    return CancelResult(job_id=job_id, state=status.state, removed=list(removed))
 
 
 def _not_embedded(db: Database, chunks: list[Chunk], spec: VectorSpec) -> list[Chunk]:
