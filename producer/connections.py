@@ -1,16 +1,23 @@
 """Clients for Redis and MongoDB, built from settings; nothing connects at import time.
 
 A malformed URL is a `ConfigError` whose message shows the URL without its password.
+`reach_redis` and `reach_mongo` make the first contact with a short timeout, so a server
+that is down is one line in seconds; the clients keep their long timeouts for the work after.
 """
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+import pymongo
 from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
+from redis.exceptions import RedisError
 
-from config.errors import ConfigError
+from config.errors import ConfigError, QueueError, StoreError
+from config.services import LOOPBACK
 from config.settings import Settings, redact_url
 
 # nx-27017 can stall for minutes under a large bulk write; a real server answers at once.
@@ -38,3 +45,38 @@ def mongo_database(settings: Settings) -> Database:
     except (PyMongoError, ValueError) as exc:
         raise ConfigError(f"PODEMBED_MONGO_URI={redact_url(settings.mongo_uri)!r}: {redact_url(str(exc))}") from None
     return client[settings.mongo_db]
+
+
+def reach_redis(settings: Settings) -> Redis:
+    """A Redis client that has answered a ping; `QueueError` in one line if none answers."""
+    client = redis_client(settings)
+    try:
+        client.ping()
+    except RedisError as exc:
+        client.close()
+        raise QueueError(unreachable("Redis", settings.redis_url, str(exc))) from None
+    return client
+
+
+def reach_mongo(settings: Settings) -> Database:
+    """A MongoDB database whose server answered within `first_contact_seconds`; `StoreError` in one line if not."""
+    db = mongo_database(settings)
+    try:
+        # Caps server selection for this command only; later bulk writes keep the long timeouts.
+        with pymongo.timeout(settings.first_contact_seconds):
+            db.command("ping")
+    except PyMongoError:
+        db.client.close()
+        raise StoreError(unreachable("MongoDB", settings.mongo_uri,
+                                     f"no answer within {settings.first_contact_seconds:g} s")) from None
+    return db
+
+
+def unreachable(name: str, url: str, reason: str) -> str:
+    """One line for a service that does not answer; on this machine, how to start the local one."""
+    try:
+        local = urlsplit(url.split(",")[0]).hostname in LOOPBACK
+    except ValueError:
+        local = False
+    hint = "is it running? podembed services up" if local else reason
+    return f"{name} at {redact_url(url)} is not reachable ({hint})"
