@@ -33,6 +33,12 @@ TRANSCRIPT_SUFFIXES = {".vtt", ".srt", ".json", ".txt"}
 # The worker's job function, by dotted path: the producer never imports torch.
 TASK = "worker.tasks.embed_batch"
 ON_FAILURE = "worker.tasks.on_batch_failure"
+# One transcript giving more chunks than this is unusual (some 18 hours of speech at the default
+# chunk size): often a file that is not what it seems, such as a whole archive on one line.
+UNUSUAL_CHUNKS = 1000
+
+# Told (done, total, what) as each file is parsed or each episode chunked: long ingests show progress.
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -80,13 +86,20 @@ def transcript_files(paths: Iterable[Path]) -> list[Path]:
 
 def parse_files(
     paths: Iterable[Path], podcast: str | None = None, episode_id: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[Episode], list[str]]:
     """Parse every file; bad files are refused with a message and the others go on.
 
     `episode_id` (for a single file) replaces the file name's stem as the episode's id.
     """
-    return collect_episodes((str(path), partial(parse_file, path, podcast=podcast, episode_id=episode_id))
-                            for path in transcript_files(paths))
+    files = transcript_files(paths)
+
+    def parse(n: int, path: Path) -> Episode:
+        if progress:
+            progress(n, len(files), f"parsing {path}")
+        return parse_file(path, podcast=podcast, episode_id=episode_id)
+
+    return collect_episodes((str(path), partial(parse, n, path)) for n, path in enumerate(files))
 
 
 def collect_episodes(
@@ -115,10 +128,21 @@ def describe_episode(episode: Episode) -> str:
     return f"episode id {episode.episode_id!r}{show}"
 
 
-def chunk_episodes(settings: Settings, episodes: list[Episode], spec: VectorSpec) -> list[Chunk]:
+def chunk_episodes(
+    settings: Settings, episodes: list[Episode], spec: VectorSpec, progress: Progress | None = None,
+) -> list[Chunk]:
     tokenizer = load_tokenizer(settings)
     limits = ChunkLimits(settings.chunk_tokens, settings.chunk_overlap_tokens, spec.instruction)
-    return [chunk for episode in episodes for chunk in chunk_episode(episode, tokenizer, limits)]
+    chunks: list[Chunk] = []
+    for n, episode in enumerate(episodes):
+        if progress:
+            progress(n, len(episodes), f"chunking {episode.source or episode.episode_id}")
+        ours = chunk_episode(episode, tokenizer, limits)
+        if len(ours) > UNUSUAL_CHUNKS:
+            logger.warning("%s gave %d chunks, an unusual number for one episode (over %d): is it one transcript?",
+                           episode.source or describe_episode(episode), len(ours), UNUSUAL_CHUNKS)
+        chunks.extend(ours)
+    return chunks
 
 
 def enqueue_chunks(
@@ -175,11 +199,11 @@ def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
 
 def ingest(
     settings: Settings, redis: Redis, db: Database, episodes: list[Episode], *, kind: str,
-    instruction: str | None = None,
+    instruction: str | None = None, progress: Progress | None = None,
 ) -> EnqueuedJob:
     """Chunk and enqueue parsed episodes as one job."""
     if not episodes:
         raise PodembedError("nothing to ingest: no transcript was accepted")
     spec = vector_spec(settings, instruction)
-    chunks = chunk_episodes(settings, episodes, spec)
+    chunks = chunk_episodes(settings, episodes, spec, progress)
     return enqueue_chunks(settings, redis, db, chunks=chunks, episodes=len(episodes), kind=kind, spec=spec)
