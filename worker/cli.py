@@ -173,7 +173,8 @@ def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
     states = action(settings)
     if args.json:
         _print_json([asdict(state) for state in states])
-    for state in [] if args.json else states:
+        return 0
+    for state in states:
         print(state.line())
     return 0
 
@@ -558,7 +559,8 @@ def _print_json(doc: object) -> None:
 
 
 def _error(message: str) -> None:
-    print(f"podembed: {redact_url(message)}", file=sys.stderr)
+    over_progress = "\r\x1b[K" if sys.stderr.isatty() else ""  # on a terminal, over a progress line
+    print(f"{over_progress}podembed: {redact_url(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
