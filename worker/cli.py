@@ -244,7 +244,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         ("model", status.model),
         ("episodes", str(status.episodes)),
         ("chunks", f"{c.total} total: {c.embedded} embedded, {c.skipped} skipped, {c.failed} failed, "
-                   f"{c.cancelled} cancelled, {c.pending} pending ({c.in_progress} of them stored so far)"),
+                   f"{c.cancelled} cancelled, {c.pending} pending"
+                   + (f" ({c.in_progress} of them stored so far)" if c.pending else "")),
         ("batches", f"{b.total} total: {b.queued} queued, {b.running} running, {b.finished} finished, "
                     f"{b.failed} failed, {b.cancelled} cancelled"),
         ("compute", f"{status.gpu_seconds:.2f} s on {status.device or '-'}"),
