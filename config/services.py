@@ -32,11 +32,13 @@ class ServiceState:
     name: str
     address: str
     answering: bool
-    started_here: bool
+    # The process `services up` started and still runs; None: not started by podembed.
+    pid: int | None
 
     def line(self) -> str:
         how = "up" if self.answering else "down"
-        return f"{self.name:<6} {self.address:<22} {how}{' (started by podembed)' if self.started_here else ''}"
+        started = f"started by podembed, pid {self.pid}" if self.pid is not None else "not started by podembed"
+        return f"{self.name:<6} {self.address:<22} {how} ({started})"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Service:
             return False
 
     def state(self) -> ServiceState:
-        return ServiceState(self.name, f"{self.host}:{self.port}", self.answering(), self._pid() is not None)
+        return ServiceState(self.name, f"{self.host}:{self.port}", self.answering(), self._pid())
 
     def _pid(self) -> int | None:
         try:

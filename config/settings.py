@@ -67,6 +67,8 @@ class Settings:
     # How long a client looks for a reachable MongoDB before the batch fails and RQ retries it;
     # long by default, as nx-27017 may not answer for minutes under a large bulk write.
     mongo_timeout_ms: int = 120_000
+    # A command's first contact with Redis or MongoDB: a server that is down is reported this soon.
+    first_contact_seconds: float = 5.0
     # Job records and RQ results stay in Redis this long after a job ends (Mongo keeps them).
     result_ttl: int = 7 * 24 * 3600
     # Throughput a dry run assumes until the ledger has measured the model: instructor-xl in
@@ -90,7 +92,7 @@ class Settings:
         for name in ("chunk_tokens", "enqueue_window_chunks", "batch_max_tokens", "batch_max_chunks",
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
-                     "mongo_timeout_ms"):
+                     "mongo_timeout_ms", "first_contact_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "gpu_price_per_hour", "producer_processes"):

@@ -1,6 +1,7 @@
 """The HTTP API: enqueue transcripts, poll a job by id, list, retry and cancel jobs.
 
-Every route but `/healthz` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`. `podembed serve`
+Every route but `/healthz`, `/docs` and `/openapi.json` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`
+(the API's description holds no data, and a browser opening `/docs` sends no token). `podembed serve`
 runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
 `def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block, so the
 event loop stays free. Large bodies are taken `PODEMBED_MAX_LARGE_REQUESTS` at a time, before
@@ -25,6 +26,7 @@ from pydantic import BaseModel, Field
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config.errors import (
@@ -108,8 +110,8 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         if not hmac.compare_digest(given, (settings.api_token or "").encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    app = FastAPI(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
-                  max_body_size=settings.max_request_bytes)
+    app = _App(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
+               max_body_size=settings.max_request_bytes)
     jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(authorize)],
                      responses={401: {"description": "missing or wrong bearer token"}})
 
@@ -160,6 +162,10 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
 
+    @app.exception_handler(413)
+    def too_large(request: Request, exc: Exception) -> JSONResponse:
+        return _too_large(settings.max_request_bytes)
+
     @app.exception_handler(PodembedError)
     def podembed_error(request: Request, exc: PodembedError) -> JSONResponse:
         code = next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), 409)
@@ -209,6 +215,29 @@ def _check_instruction(settings: Settings, instruction: str) -> None:
         text_budget(load_tokenizer(settings), ChunkLimits(settings.chunk_tokens, 0, instruction))
     except ConfigError as exc:
         raise HTTPException(422, f"instruction too long: {exc}") from None
+
+
+class _App(FastAPI):
+    """FastAPI whose 413 is JSON like every other error, also for a declared Content-Length over the limit
+    (Starlette answers that one in plain text, outside every handler and middleware of the app)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        limit = self.max_body_size
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            length = Headers(scope=scope).get("content-length", "") if scope["type"] == "http" else ""
+            if limit is not None and length.isdigit() and int(length) > limit:
+                await _too_large(limit)(scope, receive, send)
+                return
+            await inner(scope, receive, send)
+
+        return app
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes "
+                                                           "(PODEMBED_MAX_REQUEST_BYTES)"})
 
 
 def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:

@@ -1,16 +1,23 @@
 """Clients for Redis and MongoDB, built from settings; nothing connects at import time.
 
 A malformed URL is a `ConfigError` whose message shows the URL without its password.
+`reach_redis` and `reach_mongo` make the first contact with a short timeout, so a server
+that is down is one line in seconds; the clients keep their long timeouts for the work after.
 """
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+import pymongo
 from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
+from redis.exceptions import RedisError
 
-from config.errors import StoreError
+from config.errors import QueueError, StoreError
+from config.services import LOOPBACK
 from config.settings import Settings, bad_url, redact_url
 
 # nx-27017 can stall for minutes under a large bulk write; a real server answers at once.
@@ -40,15 +47,50 @@ def mongo_database(settings: Settings) -> Database:
     return client[settings.mongo_db]
 
 
-def check_mongo(settings: Settings, db: Database) -> None:
-    """One clear `StoreError` if MongoDB cannot be reached or refuses the URI's credentials."""
-    where = redact_url(settings.mongo_uri)
+def reach_redis(settings: Settings) -> Redis:
+    """A Redis client that has answered a ping; `QueueError` in one line if none answers."""
+    client = redis_client(settings)
     try:
-        db.command("ping")
+        client.ping()
+    except RedisError as exc:
+        client.close()
+        raise QueueError(unreachable("Redis", settings.redis_url, str(exc))) from None
+    return client
+
+
+def reach_mongo(settings: Settings) -> Database:
+    """A MongoDB database whose server answered within `first_contact_seconds`; `StoreError` in one line if not."""
+    db = mongo_database(settings)
+    try:
+        check_mongo(settings, db)
+    except StoreError:
+        db.client.close()
+        raise
+    return db
+
+
+def check_mongo(settings: Settings, db: Database) -> None:
+    """One clear `StoreError` if MongoDB does not answer in time or refuses the URI's credentials."""
+    try:
+        # Caps server selection for this command only; later bulk writes keep the long timeouts.
+        with pymongo.timeout(settings.first_contact_seconds):
+            db.command("ping")
     except KeyError as exc:
         # pymongo's SCRAM handshake reading a reply with no 'payload': a server without
         # authentication (nx-27017) answering a URI that carries a user and password.
-        raise StoreError(f"MongoDB at {where} does not take credentials (nx-27017 has no authentication): "
-                         f"remove the user and password from PODEMBED_MONGO_URI ({exc!r} in the handshake)") from None
-    except PyMongoError as exc:
-        raise StoreError(f"MongoDB at {where}: {redact_url(str(exc), settings.mongo_uri)}") from None
+        raise StoreError(f"MongoDB at {redact_url(settings.mongo_uri)} does not take credentials (nx-27017 has no "
+                         f"authentication): remove the user and password from PODEMBED_MONGO_URI ({exc!r} in the "
+                         "handshake)") from None
+    except PyMongoError:
+        raise StoreError(unreachable("MongoDB", settings.mongo_uri,
+                                     f"no answer within {settings.first_contact_seconds:g} s")) from None
+
+
+def unreachable(name: str, url: str, reason: str) -> str:
+    """One line for a service that does not answer; on this machine, how to start the local one."""
+    try:
+        local = urlsplit(url.split(",")[0]).hostname in LOOPBACK
+    except ValueError:
+        local = False
+    hint = "is it running? podembed services up" if local else reason
+    return f"{name} at {redact_url(url)} is not reachable ({hint})"

@@ -371,7 +371,8 @@ def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
 def ingest(
     settings: Settings, redis: Redis, db: Database, episodes: Iterable[Episode], *, kind: str,
     instruction: str | None = None, run_key: str | None = None,
+    on_window: Callable[[EnqueuedJob, list[Episode]], None] | None = None,
 ) -> EnqueuedJob:
     """Chunk and enqueue parsed episodes as one job, as they come (see `enqueue_episodes`)."""
     return enqueue_episodes(settings, redis, db, episodes, kind=kind, spec=vector_spec(settings, instruction),
-                            run_key=run_key)
+                            run_key=run_key, on_window=on_window)

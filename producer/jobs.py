@@ -53,11 +53,13 @@ _ENQUEUE_DONE = """
 redis.call('HSET', KEYS[1], 'enqueue_done', '1')
 """ + _BATCH_ENDED
 
-# KEYS: hash, done, running, failed, errors, batches, episodes (they expire together). ARGV: batch_id,
+# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress (they expire
+# together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[9], ARGV[1])
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
@@ -73,9 +75,19 @@ redis.call('HSET', KEYS[1], 'device', ARGV[6])
 _FAIL_BATCH = """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[9], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 """ + _BATCH_ENDED
+
+
+# KEYS as above. ARGV: batch_id, chunks stored, ttl. A batch already counted keeps no progress entry.
+_STORED_SO_FAR = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HINCRBY', KEYS[9], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[9], ARGV[3])
+return 1
+"""
 
 
 def now_iso() -> str:
@@ -88,7 +100,10 @@ class ChunkCounts:
     embedded: int = 0
     skipped: int = 0
     failed: int = 0
+    cancelled: int = 0
     pending: int = 0
+    # Of the pending chunks, those whose vectors running batches have stored so far (per forward pass).
+    in_progress: int = 0
 
 
 @dataclass
@@ -98,6 +113,7 @@ class BatchCounts:
     running: int = 0
     finished: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 @dataclass
@@ -155,11 +171,12 @@ class JobRecords:
         self._finish = redis.register_script(_FINISH_BATCH)
         self._fail = redis.register_script(_FAIL_BATCH)
         self._enqueue_done = redis.register_script(_ENQUEUE_DONE)
+        self._progress = redis.register_script(_STORED_SO_FAR)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
         return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
-                base + ":episodes"]
+                base + ":episodes", base + ":cancelled", base + ":progress"]
 
     @staticmethod
     def _producer_key(job_id: str) -> str:
@@ -205,7 +222,7 @@ class JobRecords:
     def add_window(self, job_id: str, window: Window, pipe: Pipeline) -> None:
         """Add the window's counts to `pipe`, the transaction that also enqueues its batches, so
         a window is on the queue and counted whole or not at all."""
-        hash_key, *_, batches_key, episodes_key = self._keys(job_id)
+        hash_key, *_, batches_key, episodes_key, _, _ = self._keys(job_id)
         pipe.hincrby(hash_key, "chunks_total", window.chunks)
         pipe.hincrby(hash_key, "skipped", window.skipped)
         pipe.hincrby(hash_key, "batches_total", len(window.batch_ids))
@@ -282,6 +299,10 @@ class JobRecords:
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
         return bool(self._finish(keys=keys, args=args))
 
+    def mark_stored(self, job_id: str, batch_id: str, n_chunks: int) -> None:
+        """Count `n_chunks` of a running batch as stored (after each forward pass), until the batch is counted."""
+        self._progress(keys=self._keys(job_id), args=[batch_id, n_chunks, self.ttl])
+
     def mark_retrying(self, job_id: str, batch_id: str) -> None:
         self.redis.srem(self._keys(job_id)[2], batch_id)
 
@@ -300,12 +321,14 @@ class JobRecords:
                 pipe.scard(keys[2])
                 pipe.hgetall(keys[3])
                 pipe.hgetall(keys[4])
+                pipe.hgetall(keys[7])
+                pipe.hvals(keys[8])
                 pipe.exists(self._producer_key(job_id))
-                record, done, running, failed, errors, producing = pipe.execute()
+                record, done, running, failed, errors, cancelled, progress, producing = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         if not record:
-            return self._stored_status(job_id)
+            return self.stored_status(job_id)
         rec = {k.decode(): v.decode() for k, v in record.items()}
         failed_chunks = sum(int(n) for n in failed.values())
         chunks = ChunkCounts(
@@ -313,10 +336,14 @@ class JobRecords:
             embedded=int(rec["embedded"]),
             skipped=int(rec["skipped"]),
             failed=failed_chunks,
+            cancelled=sum(int(n) for n in cancelled.values()),
+            in_progress=sum(int(n) for n in progress),
         )
-        chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed
-        batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed))
-        batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed)
+        chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed - chunks.cancelled
+        batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed),
+                              cancelled=len(cancelled))
+        batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed
+                             - batches.cancelled)
         enqueue_done = rec.get("enqueue_done") != "0"
         return JobStatus(
             job_id=job_id,
@@ -345,7 +372,8 @@ class JobRecords:
         except PyMongoError as exc:
             raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
 
-    def _stored_status(self, job_id: str) -> JobStatus:
+    def stored_status(self, job_id: str) -> JobStatus:
+        """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
         try:
             doc = self.db.jobs.find_one({"_id": job_id})
         except PyMongoError as exc:
@@ -374,6 +402,19 @@ class JobRecords:
                     pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot mark job {job_id} cancelled in Redis: {exc}") from exc
+
+    def count_cancelled(self, job_id: str, removed: dict[str, int]) -> None:
+        """Count these batches (batch id -> chunks) cancelled: taken off the queue before they ran."""
+        if not removed:
+            return
+        key = self._keys(job_id)[7]
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hset(key, mapping=removed)
+                pipe.expire(key, self.ttl)
+                pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot count cancelled batches of job {job_id} in Redis: {exc}") from exc
 
     def clear_failed(self, job_id: str, batch_ids: list[str]) -> None:
         """Count these failed batches as queued again (they are being retried): the job is not over."""

@@ -19,7 +19,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from config.errors import PodembedError, QueueError, StoreError
+from config.errors import QueueError, StoreError
 from config.settings import Settings
 from producer.chunkstore import ChunkStore
 from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
@@ -79,6 +79,8 @@ class BackfillRun:
     estimate: Estimate | None = None
     # The interrupted job of the same backfill that this run resumed (its episodes are left to it).
     resumed_from: str | None = None
+    # Episode ids given to select by that no selected episode has.
+    not_found: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -153,15 +155,27 @@ def backfill(
     if model and model != settings.model:
         settings = settings.replace(model=model, model_path=None)
     spec = vector_spec(settings)
-    episodes = (e for e in source.episodes(selection.episode_ids) if selection.matches(e))
+    found: set[str] = set()
+
+    def selected() -> Iterator[Episode]:
+        for episode in source.episodes(selection.episode_ids):
+            if selection.matches(episode):
+                if episode.episode_id in selection.episode_ids:
+                    found.add(episode.episode_id)
+                yield episode
+
     if dry_run:
-        return _dry_run(settings, db, episodes, spec, force=force, refused=source.refused)
-    # The same command run again after a crash resumes the dead run.
-    run_key = f"backfill|{source.key}|{selection.key()}|{force}"
-    job = enqueue_episodes(settings, redis, db, episodes, kind="backfill", spec=spec, force=force, run_key=run_key)
-    return BackfillRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks - job.skipped, batches=job.batches,
-                       tokens=job.tokens, already_embedded=job.skipped, model=spec.model, force=force, dry_run=False,
-                       refused=source.refused, resumed_from=job.resumed_from)
+        run = _dry_run(settings, db, selected(), spec, force=force, refused=source.refused)
+    else:
+        # The same command run again after a crash resumes the dead run.
+        run_key = f"backfill|{source.key}|{selection.key()}|{force}"
+        job = enqueue_episodes(settings, redis, db, selected(), kind="backfill", spec=spec, force=force,
+                               run_key=run_key)
+        run = BackfillRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks - job.skipped,
+                          batches=job.batches, tokens=job.tokens, already_embedded=job.skipped, model=spec.model,
+                          force=force, dry_run=False, refused=source.refused, resumed_from=job.resumed_from)
+    run.not_found = sorted(selection.episode_ids - found)
+    return run
 
 
 def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec: VectorSpec, *, force: bool,
@@ -200,10 +214,13 @@ def estimate(settings: Settings, db: Database, n_chunks: int, text_tokens: int, 
 
 
 def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryResult:
-    """Put the job's failed batches back on the queue; run again, it finds none left to requeue."""
+    """Put the job's failed batches back on the queue; run again, it finds none left to requeue.
+
+    A cancelled job is never retried: like a finished one, it has nothing to requeue.
+    """
     records = JobRecords(redis, db, settings.result_ttl)
     if records.status(job_id).state == "cancelled":
-        raise PodembedError(f"job {job_id} was cancelled: nothing to retry")
+        return RetryResult(job_id=job_id, state="cancelled")
     registry = batch_queue(settings, redis).failed_job_registry
     requeued: list[str] = []
     try:
@@ -238,20 +255,23 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     records.mark_cancelled(job_id)
     queue = batch_queue(settings, redis)
     scheduled = queue.scheduled_job_registry
-    removed: list[str] = []
+    removed: dict[str, int] = {}  # batch id -> its chunks
     try:
         for batch_id in records.batch_ids(job_id):
             # Off the queue (or the retry schedule) first: once removed, no worker can take it.
             if queue.remove(batch_id) or scheduled.remove(batch_id):
-                Job.fetch(batch_id, connection=redis, serializer=JSONSerializer).cancel()
-                removed.append(batch_id)
+                batch = Job.fetch(batch_id, connection=redis, serializer=JSONSerializer)
+                batch.cancel()
+                # Counted at once: a cancel that stops halfway leaves nothing removed uncounted.
+                removed[batch_id] = int(batch.meta.get("n_chunks", 0))
+                records.count_cancelled(job_id, {batch_id: removed[batch_id]})
     except RedisError as exc:
         raise QueueError(f"cannot remove batches of job {job_id} from the queue: {exc}") from exc
     status = records.status(job_id)
     status.state = "cancelled"  # also where only MongoDB still knows the job
     records.save(status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))
-    return CancelResult(job_id=job_id, state=status.state, removed=removed)
+    return CancelResult(job_id=job_id, state=status.state, removed=list(removed))
 
 
 def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[str | None, float | None]:

@@ -8,6 +8,7 @@ the selection; the first window, about one batch, reaches the queue after the fi
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections import deque
@@ -20,10 +21,15 @@ from producer.chunking import ChunkLimits, chunk_episode
 from producer.models import Chunk, Episode, VectorSpec
 from producer.tokens import load_tokenizer
 
+logger = logging.getLogger(__name__)
+
 # Episodes chunked in this process before a pool starts: a small ingest never pays for one.
 INLINE_EPISODES = 8
 # Episodes in flight per pool process: enough to keep it busy, few enough to keep memory flat.
 IN_FLIGHT_PER_PROCESS = 4
+# One transcript giving more chunks than this is unusual (some 18 hours of speech at the default
+# chunk size): often a file that is not what it seems, such as a whole archive on one line.
+UNUSUAL_CHUNKS = 1000
 
 
 @dataclass
@@ -42,7 +48,15 @@ def chunk_episodes(settings: Settings, episodes: Iterable[Episode], spec: Vector
 
 
 def chunk_stream(settings: Settings, episodes: Iterable[Episode], spec: VectorSpec) -> Iterator[ChunkedEpisode]:
-    """Each episode with its chunks, in reading order."""
+    """Each episode with its chunks, in reading order; an unusual number of chunks is warned of."""
+    for chunked in _chunk_stream(settings, episodes, spec):
+        if len(chunked.chunks) > UNUSUAL_CHUNKS:
+            logger.warning("%s gave %d chunks, an unusual number for one episode (over %d): is it one transcript?",
+                           chunked.episode.source or chunked.episode.key, len(chunked.chunks), UNUSUAL_CHUNKS)
+        yield chunked
+
+
+def _chunk_stream(settings: Settings, episodes: Iterable[Episode], spec: VectorSpec) -> Iterator[ChunkedEpisode]:
     limits = chunk_limits(settings, spec)
     tokenizer = load_tokenizer(settings)
     remaining = iter(episodes)

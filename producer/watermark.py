@@ -15,7 +15,7 @@ from pymongo.errors import PyMongoError
 
 from config.errors import JobNotFoundError, StoreError
 from producer.jobs import JobRecords, now_iso
-from producer.models import Episode
+from producer.models import Episode, episode_key
 
 # A job that ended in one of these states left some of its episodes unembedded.
 UNDONE_STATES = ("cancelled", "failed", "partial")
@@ -71,6 +71,26 @@ class Watermark:
         except PyMongoError as exc:
             raise StoreError(f"cannot write watermark {self.mark_id!r}: {exc}") from exc
         self.marks, self.legacy = entries, {}
+
+
+def forget_episodes(db: Database, podcast: str, episode_ids: Iterable[str], *, dry_run: bool = False) -> int:
+    """Drop these episodes of `podcast` from every watermark, so the next nightly takes them again.
+
+    Older entries, keyed by the bare episode id, are dropped too (they say nothing of the podcast).
+    Returns how many entries went (or would go).
+    """
+    ids = set(episode_ids)
+    keys = {episode_key(podcast, e) for e in ids}
+    dropped = 0
+    try:
+        for doc in db.watermarks.find({}, {"episodes": 1}):
+            kept = [e for e in doc["episodes"] if e[0] not in (ids if len(e) == 2 else keys)]
+            dropped += len(doc["episodes"]) - len(kept)
+            if not dry_run and len(kept) < len(doc["episodes"]):
+                db.watermarks.update_one({"_id": doc["_id"]}, {"$set": {"episodes": kept, "updated_at": now_iso()}})
+    except PyMongoError as exc:
+        raise StoreError(f"cannot update the watermarks in {db.name}.watermarks: {exc}") from exc
+    return dropped
 
 
 def _undone_jobs(records: JobRecords, job_ids: Iterable[str]) -> set[str]:

@@ -120,8 +120,8 @@ def test_cancel_then_retry_over_http(client: httpx.Client, redis: Redis) -> None
     assert cancelled.json() == {"job_id": job_id, "state": "cancelled", "removed": [f"{job_id}-00000"]}
     assert client.post(f"/jobs/{job_id}/cancel").json()["removed"] == []
     assert client.get(f"/jobs/{job_id}").json()["state"] == "cancelled"
-    refused = client.post(f"/jobs/{job_id}/retry")
-    assert (refused.status_code, refused.json()) == (409, {"detail": f"job {job_id} was cancelled: nothing to retry"})
+    retried = client.post(f"/jobs/{job_id}/retry")  # never retried, like the CLI: nothing to requeue
+    assert (retried.status_code, retried.json()) == (200, {"job_id": job_id, "state": "cancelled", "requeued": []})
 
 
 def test_refused_input_creates_no_job(client: httpx.Client, redis: Redis) -> None:
@@ -205,3 +205,17 @@ def test_serve_needs_a_token_or_loopback(settings: Settings, redis: Redis, db: D
         # uvicorn shuts down cleanly, then re-raises the signal it caught.
         assert process.returncode == -signal.SIGTERM
         assert "Finished server process" in stderr
+
+
+def test_docs_need_no_token_and_a_413_is_json(base_url: str, api_settings: Settings, redis: Redis) -> None:
+    # The API's description holds no data, and a browser opening /docs sends no token: README says so.
+    assert httpx.get(base_url + "/docs").status_code == 200
+    assert httpx.get(base_url + "/openapi.json").json()["info"]["title"] == "podembed"
+    assert "Every route but `/healthz`, `/docs` and `/openapi.json` needs" in (ROOT / "README.md").read_text()
+    limit = api_settings.max_request_bytes
+    big = {"transcripts": [{"name": "big.txt", "content": "word " * limit}]}
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+        response = httpx.post(base_url + "/jobs", json=big, headers=headers)
+        assert response.status_code == 413 and response.headers["content-type"] == "application/json"
+        assert response.json() == {"detail": f"request body over {limit} bytes (PODEMBED_MAX_REQUEST_BYTES)"}
+    assert redis.zcard(JOBS_INDEX) == 0

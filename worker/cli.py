@@ -9,22 +9,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import date, timedelta
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config.errors import ConfigError, JobNotFoundError, PodembedError
+from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError
 from config.settings import Settings, redact_url
 
 if TYPE_CHECKING:
+    from producer.enqueue import EnqueuedJob
     from producer.jobs import JobRecords, JobStatus
+    from producer.models import Episode
 
 EXIT_ERROR = 1
 EXIT_NOT_FOUND = 2
+# What a shell reports for a command ended by SIGPIPE: the reader of its output went away.
+EXIT_BROKEN_PIPE = 141
 # States after which a job's counts no longer change (but for batches running when it was cancelled).
 ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 
@@ -34,9 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if args.command == "work" else
                         logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("rq.worker").addFilter(_without_rq_traceback)
     try:
         settings = Settings.from_env()
-        return args.handler(settings, args)
+        code = args.handler(settings, args)
+        sys.stdout.flush()  # a reader that went away shows here, while we can still exit quietly
+        return code
     except JobNotFoundError as exc:
         _error(str(exc))
         return EXIT_NOT_FOUND
@@ -45,20 +55,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `podembed jobs | head -3`: stop quietly, as Unix tools do; the interpreter's last flush
+        # must not find the closed pipe either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _without_rq_traceback(record: logging.LogRecord) -> bool:
+    """Drop rq's traceback of a failed batch: our failure callback has logged it in one line (`-v` keeps it)."""
+    return not str(record.msg).startswith("Worker %s: job %s: exception raised while executing")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="podembed", description="Batch embedding of podcast transcripts.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("--version", action="version", version=f"podembed {_version()}")
+    # `-v` after the subcommand too; SUPPRESS keeps one given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str):
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[verbose])
         p.set_defaults(handler=handler)
         return p
 
     p = command("services", cmd_services, "start, stop or show the local Redis and MongoDB-compatible server")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = command("ingest", cmd_ingest, "parse, chunk and enqueue transcript files; prints the job id")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="transcript files or directories")
@@ -108,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("migrate", cmd_migrate, "move vectors stored under ids of an older layout to the current ids")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
+    p = command("export", cmd_export, "write a podcast's (or an episode's) stored vectors as JSONL or Parquet")
+    p.add_argument("--podcast", required=True, help="the show, as named at ingest")
+    p.add_argument("--episode", help="only this episode id")
+    p.add_argument("--model", help="vectors of this model (default: PODEMBED_MODEL)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="jsonl (default) or parquet "
+                   "(needs pyarrow: pip install 'podembed[parquet]')")
+    p.add_argument("--out", type=Path, help="file to write (default for jsonl: stdout)")
+    p.add_argument("--json", action="store_true", help="with --out: print one JSON document")
+
+    p = command("delete", cmd_delete, "delete a podcast's (or an episode's) vectors; a later nightly embeds it again")
+    p.add_argument("--podcast", required=True, help="the show, as named at ingest")
+    p.add_argument("--episode", help="only this episode id")
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
     p = command("serve", cmd_serve, "run the HTTP API (needs PODEMBED_API_TOKEN)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -129,27 +172,40 @@ def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
     from config.services import services_down, services_status, services_up
 
     action = {"up": services_up, "down": services_down, "status": services_status}[args.action]
-    for state in action(settings):
+    states = action(settings)
+    if args.json:
+        _print_json([asdict(state) for state in states])
+        return 0
+    for state in states:
         print(state.line())
     return 0
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
-    from producer.enqueue import ingest, stream_files
+    from producer.connections import reach_mongo, reach_redis
+    from producer.enqueue import ingest, stream_files, transcript_files
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or directory: {', '.join(missing)}")
     if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir() or not args.episode_id.strip()):
         raise ConfigError("--episode-id names the episode of a single file, not of several files or a directory")
+    redis, db = reach_redis(settings), reach_mongo(settings)  # before a long parse, not after it
     refused: list[str] = []
     # Files are parsed as the job is enqueued, window by window: the first batches are on the queue early.
     episodes = stream_files(args.paths, refused, podcast=args.podcast, episode_id=args.episode_id)
-    # The same command run again after a crash resumes it (see README, Catalog-scale runs).
+    n_files = len(transcript_files(args.paths))
+
+    def progress(job: EnqueuedJob, window: list[Episode]) -> None:
+        _show_progress(job.episodes - 1, n_files, f"enqueued {window[-1].source}")
+
+    # The same command run again after a crash resumes it (see README, Streaming and the claim check).
     run_key = "|".join(["ingest", str(args.podcast), str(args.episode_id), *(str(p.resolve()) for p in args.paths)])
-    job = ingest(settings, redis_client(settings), mongo_database(settings), episodes, kind="ingest",
-                 instruction=args.instruction, run_key=run_key)
+    on_terminal = sys.stderr.isatty()
+    job = ingest(settings, redis, db, episodes, kind="ingest", instruction=args.instruction, run_key=run_key,
+                 on_window=progress if on_terminal else None)
+    if on_terminal:
+        sys.stderr.write("\r\x1b[K")
     for message in refused:
         _error(f"refused {message}")
     if not job.episodes:
@@ -169,20 +225,28 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_work(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import reach_mongo, reach_redis
     from worker.loop import run_worker
 
+    redis = reach_redis(settings)
+    reach_mongo(settings).client.close()  # the worker opens its own; this one only checked it answers
     print(f"worker on {redact_url(settings.redis_url)} queue {settings.queue_name!r}, model {settings.model}",
           file=sys.stderr)
-    run_worker(settings, burst=args.burst)
+    run_worker(settings, burst=args.burst, redis=redis)
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis, redis_client
     from producer.jobs import JobRecords
 
-    records = JobRecords(redis_client(settings), mongo_database(settings), settings.result_ttl)
-    status = _watch(records, args.job_id, args.interval) if args.watch else records.status(args.job_id)
+    db = reach_mongo(settings)
+    try:
+        records = JobRecords(reach_redis(settings), db, settings.result_ttl)
+    except QueueError as down:
+        status = _ended_status(JobRecords(redis_client(settings), db, settings.result_ttl), args.job_id, down)
+    else:
+        status = _watch(records, args.job_id, args.interval) if args.watch else records.status(args.job_id)
     if args.json:
         _print_json(status.to_dict())
         return 0
@@ -195,9 +259,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         ("model", status.model),
         ("episodes", str(status.episodes)),
         ("chunks", f"{c.total} total: {c.embedded} embedded, {c.skipped} skipped, {c.failed} failed, "
-                   f"{c.pending} pending"),
+                   f"{c.cancelled} cancelled, {c.pending} pending"
+                   + (f" ({c.in_progress} of them stored so far)" if c.pending else "")),
         ("batches", f"{b.total} total: {b.queued} queued, {b.running} running, {b.finished} finished, "
-                    f"{b.failed} failed"),
+                    f"{b.failed} failed, {b.cancelled} cancelled"),
         ("compute", f"{status.gpu_seconds:.2f} s on {status.device or '-'}"),
         ("cost", f"${status.cost_usd:.6f}"),
     ]
@@ -209,12 +274,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
     from producer.operations import nightly
     from producer.sources import open_source
 
-    db = mongo_database(settings)
-    run = nightly(settings, redis_client(settings), db, open_source(args.source, db))
+    db = reach_mongo(settings)
+    run = nightly(settings, reach_redis(settings), db, open_source(args.source, db))
     for message in run.refused:
         _error(f"refused {message}")
     if args.json:
@@ -228,19 +293,29 @@ def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis, redis_client
     from producer.operations import backfill
     from producer.sources import EpisodeFilter, open_source
 
     if args.instruction is not None:
         settings = settings.replace(instruction=args.instruction)
-    db = mongo_database(settings)
+    if (args.since or args.until) and args.source != "mongo":
+        raise ConfigError("--since/--until select by publication date, which transcript files do not carry: "
+                          "select a directory's episodes with --episodes or --podcast, or use --source mongo")
+    db = reach_mongo(settings)
     selection = EpisodeFilter(since=args.since, until=args.until, podcast=args.podcast,
                               episode_ids=frozenset(args.episodes or ()))
-    run = backfill(settings, redis_client(settings), db, open_source(args.source, db), selection, model=args.model,
+    # A dry run enqueues nothing: it needs no Redis.
+    redis = redis_client(settings) if args.dry_run else reach_redis(settings)
+    run = backfill(settings, redis, db, open_source(args.source, db), selection, model=args.model,
                    force=args.force, dry_run=args.dry_run)
     for message in run.refused:
         _error(f"refused {message}")
+    if run.not_found:
+        _error(f"not found: {', '.join(run.not_found)}")
+        if len(run.not_found) == len(selection.episode_ids):
+            raise PodembedError(f"none of the {len(run.not_found)} episodes given with --episodes was found "
+                                f"in {args.source}")
     if args.json:
         _print_json(run.to_dict())
         return EXIT_ERROR if run.refused else 0
@@ -261,40 +336,44 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
     from producer.jobs import JobRecords
 
     if args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
-    statuses = JobRecords(redis_client(settings), mongo_database(settings), settings.result_ttl).recent(args.limit)
+    statuses = JobRecords(reach_redis(settings), reach_mongo(settings), settings.result_ttl).recent(args.limit)
     if args.json:
         _print_json([s.to_dict() for s in statuses])
         return 0
-    print(f"{'job':<12}  {'kind':<8}  {'state':<9}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  cost")
+    print(f"{'job':<12}  {'kind':<8}  {'state':<9}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
+          f"{'cancelled':>9}  cost")
     for s in statuses:
-        done = f"{s.chunks.total - s.chunks.pending}/{s.chunks.total}"
+        # Done is embedded or already there (skipped); failed and cancelled chunks are counted apart.
+        done = f"{s.chunks.embedded + s.chunks.skipped}/{s.chunks.total}"
         print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<9}  {s.created_at:<25}  {done:>13}  {s.chunks.failed:>6}  "
-              f"${s.cost_usd:.4f}")
+              f"{s.chunks.cancelled:>9}  ${s.cost_usd:.4f}")
     return 0
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
     from producer.operations import retry
 
-    result = retry(settings, redis_client(settings), mongo_database(settings), args.job_id)
+    result = retry(settings, reach_redis(settings), reach_mongo(settings), args.job_id)
     if args.json:
         _print_json(asdict(result))
+    elif result.state == "cancelled":
+        print(f"job {result.job_id}: cancelled, nothing to retry")
     else:
         print(f"job {result.job_id}: {len(result.requeued)} failed batches requeued; now {result.state}")
     return 0
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
     from producer.operations import cancel
 
-    result = cancel(settings, redis_client(settings), mongo_database(settings), args.job_id)
+    result = cancel(settings, reach_redis(settings), reach_mongo(settings), args.job_id)
     if args.json:
         _print_json(asdict(result))
     else:
@@ -303,14 +382,44 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database
+    from producer.connections import reach_mongo
     from worker.migration import migrate_ids
 
-    result = migrate_ids(mongo_database(settings))
+    result = migrate_ids(reach_mongo(settings))
     if args.json:
         _print_json(asdict(result))
     else:
         print(f"{result.moved} of {result.examined} vector documents moved to ids within their podcast")
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import reach_mongo
+    from worker.catalog import Selection, export_vectors
+
+    selection = Selection(args.podcast, args.episode, args.model or settings.model)
+    result = export_vectors(reach_mongo(settings), selection, args.format, args.out, sys.stdout.buffer)
+    summary = (f"exported {result.vectors} vectors of {result.episodes} episodes of {selection.describe()}"
+               f"{f' to {result.out}' if result.out else ''}")
+    if args.json and result.out:
+        _print_json(asdict(result))
+    else:  # without --out the vectors are on stdout: the summary goes to stderr
+        print(summary, file=sys.stdout if result.out else sys.stderr)
+    return 0
+
+
+def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import reach_mongo
+    from worker.catalog import Selection, delete_vectors
+
+    result = delete_vectors(reach_mongo(settings), Selection(args.podcast, args.episode), dry_run=args.dry_run)
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        verb = "would delete" if result.dry_run else "deleted"
+        print(f"{verb} {result.vectors} vectors of {len(result.episodes)} episodes of podcast {result.podcast!r}; "
+              f"{result.watermark_entries} watermark entries {'would go' if result.dry_run else 'gone'} "
+              "(the ledger keeps its batches)")
     return 0
 
 
@@ -336,10 +445,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
     from modal_jobs.launcher import launch, plan_launch, remote_spawner
     from modal_jobs.settings import ModalSettings
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
 
     on_modal = ModalSettings.from_env()
-    plan = plan_launch(settings, on_modal, redis_client(settings), mongo_database(settings))
+    plan = plan_launch(settings, on_modal, reach_redis(settings), reach_mongo(settings))
     if not args.json:
         t, b = plan.throughput, plan.backlog
         measured = (f"measured on {t.measured_batches} {on_modal.gpu} batches" if t.measured_batches else
@@ -359,12 +468,12 @@ def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
     from modal_jobs.costs import cost_table, job_cost, measured_costs
-    from producer.connections import mongo_database, redis_client
+    from producer.connections import reach_mongo, reach_redis
     from producer.jobs import JobRecords
 
-    db = mongo_database(settings)
+    db = reach_mongo(settings)
     if args.job_id:
-        records = JobRecords(redis_client(settings), db, settings.result_ttl)
+        records = JobRecords(reach_redis(settings), db, settings.result_ttl)
         records.status(args.job_id)  # an unknown job is an error (exit 2)
         cost = job_cost(db, args.job_id, records.batch_ids(args.job_id))
         if args.json:
@@ -387,26 +496,58 @@ def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:
-    """Redraw one progress line on stderr every `interval` seconds until the job ends."""
+    """Redraw one progress line on a terminal's stderr every `interval` seconds until the job ends;
+    elsewhere (a file, a pipe) write a plain line each time the progress changes."""
+    terminal = sys.stderr.isatty()
     began = time.monotonic()
     status = records.status(job_id)
-    first = status.chunks.total - status.chunks.pending
+    first = _done(status)
+    shown = None
     while True:
-        done = status.chunks.total - status.chunks.pending
+        done = _done(status)
         elapsed = time.monotonic() - began
         rate = (done - first) / elapsed if elapsed > 0 else 0.0
-        sys.stderr.write(f"\r{_progress_line(status, done, rate)}\x1b[K")
+        if terminal:
+            sys.stderr.write(f"\r{_progress_line(status, done, rate)}\x1b[K")
+        elif (done, status.state) != shown:
+            sys.stderr.write(_progress_line(status, done, rate) + "\n")
+            shown = (done, status.state)
         sys.stderr.flush()
         if status.state in ENDED_STATES:
             break
         time.sleep(interval)
         status = records.status(job_id)
-    sys.stderr.write("\n")
+    if terminal:
+        sys.stderr.write("\n")
+    return status
+
+
+def _show_progress(done: int, total: int, what: str) -> None:
+    """One line on a terminal's stderr, redrawn per file or episode: `[3/120] chunking E03.vtt`."""
+    sys.stderr.write(f"\r[{done + 1}/{total}] {what}\x1b[K")
+    sys.stderr.flush()
+
+
+def _done(status: JobStatus) -> int:
+    """Chunks counted, and those that running batches have stored so far (they move within a batch)."""
+    return status.chunks.total - status.chunks.pending + status.chunks.in_progress
+
+
+def _ended_status(records: JobRecords, job_id: str, down: QueueError) -> JobStatus:
+    """With Redis away, the status MongoDB `jobs` kept, if the job had ended (its counts no longer change)."""
+    try:
+        status = records.stored_status(job_id)
+    except JobNotFoundError:
+        raise down from None
+    if status.state not in ENDED_STATES:
+        raise QueueError(f"{down}; job {job_id} was {status.state} when last saved, and its live counters are in "
+                         "Redis") from None
+    _error(f"{down}: live counters unavailable; job {job_id} as MongoDB `jobs` kept it when it ended")
     return status
 
 
 def _progress_line(status: JobStatus, done: int, rate: float) -> str:
-    total, pending = status.chunks.total, status.chunks.pending
+    total, pending = status.chunks.total, status.chunks.pending - status.chunks.in_progress
     width = 30
     filled = width * done // total if total else width
     eta = str(timedelta(seconds=round(pending / rate))) if rate > 0 and pending else "-"
@@ -421,13 +562,21 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
 
 
+def _version() -> str:
+    try:
+        return version("podembed")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _print_json(doc: object) -> None:
     json.dump(doc, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
 
 
 def _error(message: str) -> None:
-    print(f"podembed: {redact_url(message)}", file=sys.stderr)
+    over_progress = "\r\x1b[K" if sys.stderr.isatty() else ""  # on a terminal, over a progress line
+    print(f"{over_progress}podembed: {redact_url(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

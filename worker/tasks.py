@@ -150,6 +150,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
             for chunk in groups[i][1]
         ]
         pending.append(ctx.writer.submit(ctx.store.upsert, docs))
+        pending.append(ctx.writer.submit(ctx.records.mark_stored, batch.job_id, batch.batch_id, len(docs)))
 
     if reused:
         pending.append(ctx.writer.submit(ctx.store.upsert, reused))

@@ -1,0 +1,109 @@
+"""`podembed export` and `podembed delete` on real transcripts of two podcasts that share an episode id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pymongo.database import Database
+from redis import Redis
+
+from config.settings import Settings
+from producer.models import episode_key
+from producer.operations import nightly
+from producer.sources import DirectorySource
+from tests.conftest import DATA, EXAMPLES
+from tests.test_cli import _run
+from worker.loop import run_worker
+from worker.store import from_bson_vector
+
+SHOW = "The Seen and the Unseen"
+OTHER = "Cooking Weekly"
+
+
+def _two_podcasts(settings: Settings, redis: Redis, db: Database, root: Path) -> DirectorySource:
+    """One folder per podcast, both with an `E01`; embedded by a nightly run (so a watermark exists)."""
+    (root / SHOW).mkdir(parents=True)
+    (root / OTHER).mkdir()
+    shutil.copy(EXAMPLES / "E01.vtt", root / SHOW / "E01.vtt")
+    shutil.copy(EXAMPLES / "E05.vtt", root / SHOW / "E05.vtt")
+    shutil.copy(DATA / "E03.txt", root / OTHER / "E01.txt")
+    source = DirectorySource(root)
+    assert nightly(settings, redis, db, source).episodes == 3
+    run_worker(settings, burst=True, redis=redis)
+    return source
+
+
+def _stored(db: Database, **query: str) -> dict[str, np.ndarray]:
+    return {d["chunk_id"]: from_bson_vector(d["embedding"]) for d in db.embeddings.find(query)}
+
+
+def test_export_jsonl_and_parquet(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
+    _two_podcasts(settings, redis, db, tmp_path / "src")
+    stored = _stored(db, podcast=SHOW)
+    out = _run(settings, "export", "--podcast", SHOW)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == len(stored) and {r["podcast"] for r in rows} == {SHOW}
+    assert [(r["episode_id"], r["seq"]) for r in rows] == sorted((r["episode_id"], r["seq"]) for r in rows)
+    for row in rows:  # the float32 vectors read back exactly
+        vector = np.array(row["embedding"], dtype=np.float32)
+        assert vector.shape == (384,) and np.array_equal(vector, stored[row["chunk_id"]])
+    assert out.stderr.strip() == (f"exported {len(stored)} vectors of 2 episodes of podcast {SHOW!r} "
+                                  f"under {settings.model}")
+
+    target = tmp_path / "e01.parquet"
+    shown = _run(settings, "export", "--podcast", OTHER, "--episode", "E01", "--format", "parquet", "--out",
+                 str(target), "--json")
+    assert shown.returncode == 0, shown.stderr
+    theirs = _stored(db, podcast=OTHER)
+    assert json.loads(shown.stdout) == {"vectors": len(theirs), "episodes": 1, "format": "parquet",
+                                        "out": str(target)}
+    table = pq.read_table(target)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert set(table.column("podcast").to_pylist()) == {OTHER}
+    for chunk_id, vector in zip(table.column("chunk_id").to_pylist(),
+                                table.column("embedding").to_numpy(zero_copy_only=False), strict=True):
+        assert np.array_equal(np.asarray(vector, dtype=np.float32), theirs[chunk_id])
+
+    missing = _run(settings, "export", "--podcast", "No Such Show", "--out", str(tmp_path / "none.jsonl"))
+    assert missing.returncode == 1 and "no stored vectors of podcast 'No Such Show'" in missing.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e01.parquet", "src"]  # no file, no leftover
+    piped = _run(settings, "export", "--podcast", SHOW, "--format", "parquet")
+    assert piped.returncode == 1 and "give --out FILE" in piped.stderr
+
+
+def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redis: Redis, db: Database,
+                                                        tmp_path: Path) -> None:
+    source = _two_podcasts(settings, redis, db, tmp_path)
+    ours, theirs = _stored(db, podcast=SHOW, episode_id="E01"), _stored(db, podcast=OTHER)
+    total, ledger = db.embeddings.count_documents({}), db.batches.count_documents({})
+    (watermark,) = db.watermarks.find({})
+    assert episode_key(SHOW, "E01") in [e[0] for e in watermark["episodes"]]
+
+    dry = _run(settings, "delete", "--podcast", SHOW, "--episode", "E01", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {"podcast": SHOW, "episode_id": "E01", "vectors": len(ours), "episodes": ["E01"],
+                                      "watermark_entries": 1, "dry_run": True}
+    assert db.embeddings.count_documents({}) == total and db.watermarks.find_one({}) == watermark
+
+    done = _run(settings, "delete", "--podcast", SHOW, "--episode", "E01")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deleted {len(ours)} vectors of 1 episodes of podcast {SHOW!r}; 1 watermark")
+    assert db.embeddings.count_documents({}) == total - len(ours)
+    assert _stored(db, podcast=SHOW, episode_id="E01") == {}
+    assert _stored(db, podcast=OTHER).keys() == theirs.keys()  # the other show's E01 is untouched
+    assert db.batches.count_documents({}) == ledger  # the ledger keeps its references
+
+    again = nightly(settings, redis, db, source)
+    assert (again.episodes, again.unchanged) == (1, 2)
+    run_worker(settings, burst=True, redis=redis)
+    assert _stored(db, podcast=SHOW, episode_id="E01").keys() == ours.keys()
+
+    whole = _run(settings, "delete", "--podcast", SHOW, "--json")
+    assert json.loads(whole.stdout)["episodes"] == ["E01", "E05"]
+    assert db.embeddings.count_documents({"podcast": SHOW}) == 0 and db.embeddings.count_documents({}) == len(theirs)

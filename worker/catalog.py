@@ -1,0 +1,186 @@
+"""What is stored, by podcast and episode: export the vectors, or delete them.
+
+Both select by the `podcast` and `episode_id` fields of `embeddings` (never by parsing ids),
+so they work the same on nx-27017, a real MongoDB and Atlas. Deleting leaves the ledger as it
+is and drops the episodes from the nightly watermark, so a later nightly embeds them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from config.errors import ConfigError, PodembedError, StoreError
+from producer.watermark import forget_episodes
+from worker.store import from_bson_vector
+
+FORMATS = ("jsonl", "parquet")
+# Columns every exported vector carries besides the vector itself.
+FIELDS = ("chunk_id", "podcast", "episode_id", "seq", "start", "end", "speakers", "text", "model", "instruction",
+          "vector_key", "dim")
+# Rows per Parquet row group: keeps memory flat however many vectors a podcast has.
+PARQUET_ROWS = 2048
+
+
+@dataclass
+class ExportResult:
+    vectors: int
+    episodes: int
+    format: str
+    out: str | None
+
+
+@dataclass
+class DeleteResult:
+    podcast: str
+    episode_id: str | None
+    vectors: int
+    episodes: list[str]
+    watermark_entries: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Stored vectors of one podcast (or one of its episodes), under one model."""
+
+    podcast: str
+    episode_id: str | None = None
+    model: str | None = None
+    query: dict[str, str] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        query = {"podcast": self.podcast}
+        if self.episode_id is not None:
+            query["episode_id"] = self.episode_id
+        if self.model is not None:
+            query["model"] = self.model
+        object.__setattr__(self, "query", query)
+
+    def describe(self) -> str:
+        episode = f" episode {self.episode_id!r}" if self.episode_id is not None else ""
+        model = f" under {self.model}" if self.model is not None else ""
+        return f"podcast {self.podcast!r}{episode}{model}"
+
+
+def export_vectors(db: Database, selection: Selection, fmt: str, out: Path | None, stdout: IO[bytes]) -> ExportResult:
+    """Write the selected vectors (ordered by episode and seq) as JSONL or Parquet to `out`, else `stdout`.
+
+    A file appears only complete: it is written beside `out` and renamed at the end.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt == "parquet" and out is None:
+        raise ConfigError("--format parquet writes a file: give --out FILE")
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory, not a file")
+    episodes: set[str] = set()
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for row in _stored_rows(db, selection):
+            episodes.add(row["episode_id"])
+            yield row
+
+    partial = out.with_name(f".{out.name}.partial") if out is not None else None
+    try:
+        if partial is None:
+            written = _write_jsonl(rows(), stdout)
+        else:
+            with partial.open("wb") as file:
+                written = (_write_jsonl if fmt == "jsonl" else _write_parquet)(rows(), file)
+            if written:
+                os.replace(partial, out)
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    if not written:
+        raise PodembedError(f"no stored vectors of {selection.describe()}")
+    return ExportResult(vectors=written, episodes=len(episodes), format=fmt, out=str(out) if out else None)
+
+
+def delete_vectors(db: Database, selection: Selection, *, dry_run: bool = False) -> DeleteResult:
+    """Delete the selected vectors (every model's) and their episodes' watermark entries; the ledger stays."""
+    try:
+        episodes = sorted({d["episode_id"] for d in db.embeddings.find(selection.query, {"episode_id": 1})})
+        vectors = db.embeddings.count_documents(selection.query)
+        if not dry_run and vectors:
+            db.embeddings.delete_many(selection.query)
+    except PyMongoError as exc:
+        raise StoreError(f"cannot delete from {db.name}.embeddings: {exc}") from exc
+    forgotten = forget_episodes(db, selection.podcast, episodes, dry_run=dry_run)
+    return DeleteResult(podcast=selection.podcast, episode_id=selection.episode_id, vectors=vectors,
+                        episodes=episodes, watermark_entries=forgotten, dry_run=dry_run)
+
+
+def _stored_rows(db: Database, selection: Selection) -> Iterator[dict[str, Any]]:
+    projection = {name: 1 for name in (*FIELDS, "embedding")}
+    try:
+        for doc in db.embeddings.find(selection.query, projection).sort([("episode_id", 1), ("seq", 1)]):
+            row = {name: doc.get(name) for name in FIELDS}
+            row["embedding"] = from_bson_vector(doc["embedding"])
+            yield row
+    except PyMongoError as exc:
+        raise StoreError(f"cannot read {db.name}.embeddings: {exc}") from exc
+
+
+def _write_jsonl(rows: Iterator[dict[str, Any]], file: IO[bytes]) -> int:
+    written = 0
+    for row in rows:
+        vector = row.pop("embedding")
+        # str() of a float32 is its shortest exact form: the JSON numbers read back to the same float32s.
+        line = json.dumps(row, ensure_ascii=False)[:-1] + f', "embedding": [{", ".join(map(str, vector))}]}}\n'
+        file.write(line.encode())
+        written += 1
+    return written
+
+
+def _write_parquet(rows: Iterator[dict[str, Any]], file: IO[bytes]) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("Parquet export needs pyarrow: pip install 'podembed[parquet]'") from None
+    writer = None
+    written = 0
+    group: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal writer
+        dim = len(group[0]["embedding"])
+        if writer is None:
+            writer = pq.ParquetWriter(file, _arrow_schema(pa, dim))
+        if any(len(r["embedding"]) != writer.schema.field("embedding").type.list_size for r in group):
+            raise PodembedError("the selected vectors differ in dimension: export one model at a time (--model)")
+        columns = {n: [r[n] for r in group] for n in FIELDS}
+        flat = pa.array(np.concatenate([r["embedding"] for r in group]), type=pa.float32())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+        writer.write_table(pa.table(columns, schema=writer.schema))
+        group.clear()
+
+    for row in rows:
+        group.append(row)
+        written += 1
+        if len(group) == PARQUET_ROWS:
+            flush()
+    if group:
+        flush()
+    if writer is not None:
+        writer.close()
+    return written
+
+
+
+def _arrow_schema(pa: Any, dim: int) -> Any:
+    text, number = pa.string(), pa.float64()
+    return pa.schema([("chunk_id", text), ("podcast", text), ("episode_id", text), ("seq", pa.int32()),
+                      ("start", number), ("end", number), ("speakers", pa.list_(text)), ("text", text),
+                      ("model", text), ("instruction", text), ("vector_key", text), ("dim", pa.int32()),
+                      ("embedding", pa.list_(pa.float32(), dim))])
