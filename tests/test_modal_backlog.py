@@ -6,6 +6,9 @@ runs the drain here, in this process, as the container would.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +29,7 @@ from modal_jobs.settings import ModalSettings, drain_budget
 from modal_jobs.spawns import SpawnLedger
 from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
-from tests.conftest import DATA
+from tests.conftest import DATA, ROOT
 from tests.soak.harness import wait_until
 from worker.loop import drain, make_worker
 
@@ -62,6 +65,10 @@ def test_retry_after_the_drain_ended_is_counted_and_launched_for_when_due(
     assert 0 < backlog.next_retry_in_s <= BACK_OFF
     plan = plan_launch(settings, ModalSettings(), redis, db)
     assert plan.drains == 0
+    shown = _cli(settings, "launch", "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert "backlog: 0 batches (0 queued, 0 retries due, 0 abandoned)" in shown.stdout
+    assert "1 retries wait out their back-off (the first in " in shown.stdout
     # Once the back-off has passed, the same backlog plans a drain for it.
     due = plan_launch(settings, ModalSettings(), redis, db, now=failed_at + BACK_OFF + 1)
     assert (due.backlog.batches, due.backlog.retries_due, due.backlog.tokens, due.drains) == (1, 1, job.tokens, 1)
@@ -86,24 +93,36 @@ def test_retry_after_the_drain_ended_is_counted_and_launched_for_when_due(
     assert SpawnLedger(redis, settings.queue_name).cold(900) == 0  # the drain cleared its note
 
 
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
+           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_abandoned_batch_counts_once_its_heartbeat_lapses(settings: Settings, redis: Redis, db: Database) -> None:
     settings = settings.replace(batch_max_chunks=16)
     job = _ingest(settings, redis, db, DATA / "E03.srt")
     queue = batch_queue(settings, redis)
-    # What a worker does when it takes a batch: dequeue it and register its execution, with a heartbeat
-    # of 30 s. This worker then dies: nothing beats again.
+    # What a worker does when it takes a batch: dequeue it and register its execution, here with a
+    # heartbeat of 1 s. This worker then dies: nothing beats again.
     taken, _ = Queue.dequeue_any([queue], None, connection=redis, serializer=JSONSerializer)
-    with redis.pipeline() as pipe:
-        Execution.create(taken, ttl=30, pipeline=pipe, worker_name="lost")
-        pipe.execute()
     now = time.time()
+    with redis.pipeline() as pipe:
+        Execution.create(taken, ttl=1, pipeline=pipe, worker_name="lost")
+        pipe.execute()
 
     running = read_backlog(settings, redis, now)
     assert (running.batches, running.queued, running.abandoned) == (job.batches - 1, job.batches - 1, 0)
-    lapsed = read_backlog(settings, redis, now + 31)
+    lapsed = read_backlog(settings, redis, now + 2)
     assert (lapsed.batches, lapsed.queued, lapsed.abandoned) == (job.batches, job.batches - 1, 1)
     assert lapsed.tokens == job.tokens
-    assert plan_launch(settings, ModalSettings(), redis, db, now=now + 31).drains == 1
+    assert plan_launch(settings, ModalSettings(), redis, db, now=now + 2).drains == 1
+    # `podembed launch --dry-run`, once the heartbeat has really lapsed, counts it too.
+    wait_until(lambda: read_backlog(settings, redis).abandoned == 1, timeout=10, what="heartbeat lapsed")
+    shown = _cli(settings, "launch", "--dry-run", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["backlog"]["abandoned"] == 1
 
 
 def test_cold_drains_count_until_they_start_or_their_grace_ends(
