@@ -32,6 +32,7 @@ from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, ingest
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, ROOT
 from tests.soak.harness import wait_until
+from tests.test_modal_drain import drain_container
 from worker import embedder as embedder_module
 from worker.embedder import get_embedder, nvidia_driver_version, weight_bytes
 
@@ -210,12 +211,7 @@ def test_process_started_at_reads_the_kernel() -> None:
 
 def test_reconcile_with_the_billing_report(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
     _ingest(settings, redis, db, DATA / "E03.srt")
-    container = Container(settings, gpu="cpu")
-    container.load_weights("ta-bill")
-    container.start("ta-bill")
-    container.drain(600)
-    container.stop()
-    doc = db.workers.find_one({"_id": "ta-bill"})
+    doc = drain_container(settings, db, "ta-bill")
     ours = doc["billed_seconds"] * 0.047 / 3600
     asked = []
 

@@ -31,6 +31,16 @@ def _ingest(settings: Settings, redis: Redis, db: Database, path: Path) -> Enque
     return ingest(settings, redis, db, episodes, kind="ingest")
 
 
+def drain_container(settings: Settings, db: Database, task_id: str) -> dict:
+    """A CPU container's whole life, one drain of the queue; its `workers` document."""
+    container = Container(settings, gpu="cpu")
+    container.load_weights(task_id)
+    container.start(task_id)
+    container.drain(600)
+    container.stop()
+    return db.workers.find_one({"_id": task_id})
+
+
 def test_container_drains_a_real_job_and_records_its_worker(settings: Settings, redis: Redis, db: Database) -> None:
     settings = settings.replace(batch_max_chunks=4)
     job = _ingest(settings, redis, db, DATA / "E03.srt")
@@ -133,12 +143,7 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
 def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Database) -> None:
     first = _ingest(settings, redis, db, DATA / "E03.srt")
     second = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
-    container = Container(settings, gpu="cpu")
-    container.load_weights("ta-costs")
-    container.start("ta-costs")
-    container.drain(600)
-    container.stop()
-    worker = db.workers.find_one({"_id": "ta-costs"})
+    worker = drain_container(settings, db, "ta-costs")
 
     [row] = measured_costs(db)
     price = settings.price_per_hour("cpu")
