@@ -147,7 +147,7 @@ class Container:
         """
         loaded = self.weights
         fresh = settings or self.settings
-        if vector_spec(fresh) != vector_spec(self.settings):
+        if vector_spec(fresh).weights != vector_spec(self.settings).weights:
             raise ConfigError(f"this container's snapshot holds {self.settings.model} (revision "
                               f"{self.settings.model_revision}) but its settings now name {fresh.model} (revision "
                               f"{fresh.model_revision}): deploy again to snapshot the new model")

@@ -46,8 +46,7 @@ class WorkerContext:
         model inside a drain would double the memory and the cold start of every container)."""
         s = self.settings
         serves = vector_spec(s)
-        wanted = (spec.model, spec.revision, spec.pool_instruction)
-        if wanted != (serves.model, serves.revision, serves.pool_instruction):
+        if spec.weights != serves.weights:
             raise EmbeddingError(
                 f"batch needs model {spec.model!r} (revision {spec.revision}, pool instruction "
                 f"{spec.pool_instruction}) but this worker serves {serves.model!r} (revision {serves.revision}, "
