@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install redis-server services-up services-down demo test lint bench soak clean
+.PHONY: install redis-server services-up services-down demo test lint bench soak scale clean
 
 install: $(STAMP) redis-server
 
@@ -39,6 +39,10 @@ test: install
 # Pipeline vs bare model on 20 real episodes (one JSON document; see BENCHMARKS.md).
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/pipeline_bench.py
+
+# Catalog-scale backfill: 3,000+ episodes, 400,000+ chunks, streamed, killed halfway and resumed (one JSON document).
+scale: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/scale.py
 
 # Fault drills, 10,000+ bad inputs, 20,000+ chunks through two workers (one JSON document; see RELIABILITY.md).
 soak: install

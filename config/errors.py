@@ -23,6 +23,10 @@ class EmbeddingError(PodembedError):
     """The model refused a batch or produced vectors that cannot be stored."""
 
 
+class PayloadError(PodembedError):
+    """A batch's payload is not one podembed wrote, or names what this worker does not serve."""
+
+
 class StoreError(PodembedError):
     """MongoDB refused or could not be reached."""
 

@@ -43,6 +43,11 @@ class Settings:
     # Chunk size in tokens of the model's own tokenizer; overlap repeats whole segments.
     chunk_tokens: int = 256
     chunk_overlap_tokens: int = 32
+    # The producer dedupes, stores and enqueues this many chunks at once: a bounded window keeps its
+    # memory flat and puts the first batches on the queue within seconds.
+    enqueue_window_chunks: int = 4096
+    # Processes that chunk episodes in parallel (0: one per CPU core).
+    producer_processes: int = 0
     # One RQ job per batch: large enough to amortise queue and store round trips.
     batch_max_tokens: int = 32768
     batch_max_chunks: int = 128
@@ -86,12 +91,13 @@ class Settings:
         return cls(**{**env_values(cls, PREFIX, environ), **overrides})
 
     def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "batch_max_tokens", "batch_max_chunks", "micro_batch_size", "job_timeout",
+        for name in ("chunk_tokens", "enqueue_window_chunks", "batch_max_tokens", "batch_max_chunks",
+                     "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
                      "mongo_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("chunk_overlap_tokens", "max_forward_tokens"):
+        for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must not be negative, got {getattr(self, name)}")
         if self.chunk_overlap_tokens >= self.chunk_tokens:

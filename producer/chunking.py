@@ -34,7 +34,7 @@ def text_budget(tokenizer: ModelTokenizer, limits: ChunkLimits) -> int:
 
 
 def chunk_episode(episode: Episode, tokenizer: ModelTokenizer, limits: ChunkLimits) -> list[Chunk]:
-    """Chunks of `episode` with deterministic ids `{episode_id}:{seq}`."""
+    """Chunks of `episode` with deterministic ids `{episode key}:{seq}` (the key includes the podcast)."""
     budget = text_budget(tokenizer, limits)
     pieces = _fit_segments(episode.segments, tokenizer, budget)
     chunks: list[Chunk] = []
@@ -119,7 +119,7 @@ def _make_chunk(episode: Episode, seq: int, pieces: list[tuple[Segment, int]], t
             speakers.append(segment.speaker)
     text = _join(pieces)
     return Chunk(
-        chunk_id=f"{episode.episode_id}:{seq}",
+        chunk_id=f"{episode.key}:{seq}",
         episode_id=episode.episode_id,
         podcast=episode.podcast,
         seq=seq,

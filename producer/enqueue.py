@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,19 +17,22 @@ from rq import Callback, Queue, Retry
 from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
-from config.errors import PodembedError, QueueError, TranscriptFormatError
+from config.errors import JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
-from producer.chunking import ChunkLimits, chunk_episode
-from producer.jobs import JobRecords, NewJob
-from producer.models import Batch, Chunk, Episode, VectorSpec
+from producer.chunkstore import ChunkStore
+from producer.jobs import JobRecords, NewJob, Window
+from producer.models import Batch, Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.parsing import parse_file
-from producer.tokens import load_tokenizer
+from producer.streaming import ChunkedEpisode, chunk_stream, windows
 
 logger = logging.getLogger(__name__)
 
 # What a directory scan picks up; other files can still be named one by one.
 TRANSCRIPT_SUFFIXES = {".vtt", ".srt", ".json", ".txt"}
+
+# A command that can be resumed keeps the id of its job here until the job is wholly enqueued.
+RUN_PREFIX = "podembed:run:"
 
 # The worker's job function, by dotted path: the producer never imports torch.
 TASK = "worker.tasks.embed_batch"
@@ -41,8 +45,14 @@ class EnqueuedJob:
     episodes: int
     chunks: int
     batches: int
+    # Tokens queued for the model (skipped chunks are not).
     tokens: int
-    refused: list[str] = field(default_factory=list)
+    # Chunks whose vector was already stored: counted done, never queued.
+    skipped: int = 0
+    # The interrupted job of the same command this run resumed, and the keys of the episodes it had
+    # enqueued (left to it).
+    resumed_from: str | None = None
+    resumed: set[str] = field(default_factory=set, repr=False)
 
 
 def batch_queue(settings: Settings, redis: Redis) -> Queue:
@@ -78,18 +88,35 @@ def transcript_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def parse_files(paths: Iterable[Path], podcast: str | None = None) -> tuple[list[Episode], list[str]]:
-    """Parse every file; bad files are refused with a message and the others go on."""
-    return collect_episodes((str(path), partial(parse_file, path, podcast=podcast))
-                            for path in transcript_files(paths))
+def parse_files(
+    paths: Iterable[Path], podcast: str | None = None, episode_id: str | None = None,
+) -> tuple[list[Episode], list[str]]:
+    """Parse every file; bad files are refused with a message and the others go on.
+
+    `episode_id` (for a single file) replaces the file name's stem as the episode's id.
+    """
+    refused: list[str] = []
+    return list(stream_files(paths, refused, podcast=podcast, episode_id=episode_id)), refused
+
+
+def stream_files(
+    paths: Iterable[Path], refused: list[str], *, podcast: str | None = None, episode_id: str | None = None,
+) -> Iterator[Episode]:
+    """`parse_files` one file at a time, adding refusals to `refused` as they happen."""
+    return stream_episodes(((str(path), partial(parse_file, path, podcast=podcast, episode_id=episode_id))
+                            for path in transcript_files(paths)), refused)
 
 
 def collect_episodes(
     transcripts: Iterable[tuple[str, Callable[[], Episode]]],
 ) -> tuple[list[Episode], list[str]]:
-    """Run each named parse: what fails, or repeats an episode id, is refused with a message."""
-    episodes: list[Episode] = []
+    """Run each named parse: what fails, or repeats an episode of the same podcast, is refused with a message."""
     refused: list[str] = []
+    return list(stream_episodes(transcripts, refused)), refused
+
+
+def stream_episodes(transcripts: Iterable[tuple[str, Callable[[], Episode]]], refused: list[str]) -> Iterator[Episode]:
+    """`collect_episodes` one transcript at a time, adding refusals to `refused` as they happen."""
     seen: dict[str, str] = {}
     for name, parse in transcripts:
         try:
@@ -97,53 +124,161 @@ def collect_episodes(
         except TranscriptFormatError as exc:
             refused.append(str(exc))
             continue
-        if episode.episode_id in seen:
-            refused.append(f"{name}: episode id {episode.episode_id!r} already given by {seen[episode.episode_id]}")
+        if episode.key in seen:
+            refused.append(f"{name}: {describe_episode(episode)} already given by {seen[episode.key]}")
             continue
-        seen[episode.episode_id] = name
-        episodes.append(episode)
-    return episodes, refused
+        seen[episode.key] = name
+        yield episode
 
 
-def chunk_episodes(settings: Settings, episodes: list[Episode], spec: VectorSpec) -> list[Chunk]:
-    tokenizer = load_tokenizer(settings)
-    limits = ChunkLimits(settings.chunk_tokens, settings.chunk_overlap_tokens, spec.instruction)
-    return [chunk for episode in episodes for chunk in chunk_episode(episode, tokenizer, limits)]
+def describe_episode(episode: Episode) -> str:
+    show = f" of podcast {episode.podcast!r}" if episode.podcast is not None else ""
+    return f"episode id {episode.episode_id!r}{show}"
 
 
-def enqueue_chunks(
-    settings: Settings, redis: Redis, db: Database, *, chunks: list[Chunk], episodes: int, kind: str,
-    spec: VectorSpec, force: bool = False,
-) -> EnqueuedJob:
-    """Create the job record, then enqueue one RQ job per batch; no chunks, no job.
+class JobStream:
+    """One job, enqueued window by window as its episodes are chunked.
 
-    `force` makes the worker embed every chunk even where its vector is stored.
+    The job is recorded (MongoDB first, then Redis) when its first window arrives. Each window's
+    chunks whose vector is already stored under the spec are counted skipped and never queued;
+    the others are written to MongoDB `chunks`, packed, and enqueued with the window's counts in
+    one Redis transaction, so a window is on the queue whole or not at all.
     """
-    if not chunks:
-        return EnqueuedJob(job_id=None, episodes=episodes, chunks=0, batches=0, tokens=0)
-    job_id = new_job_id()
-    batches = pack_batches(
-        job_id, chunks, spec, max_tokens=settings.batch_max_tokens, max_chunks=settings.batch_max_chunks, force=force
-    )
-    records = JobRecords(redis, db, settings.result_ttl)
-    job = NewJob(
-        job_id=job_id, kind=kind, model=spec.model, instruction=spec.instruction, vector_key=spec.key,
-        episodes=episodes, chunks_total=len(chunks), batch_ids=[b.batch_id for b in batches],
-    )
-    queue = batch_queue(settings, redis)
+
+    def __init__(self, settings: Settings, redis: Redis, db: Database, *, kind: str, spec: VectorSpec,
+                 force: bool = False) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.records = JobRecords(redis, db, settings.result_ttl)
+        self.store = ChunkStore(db)
+        self.queue = batch_queue(settings, redis)
+        self.kind = kind
+        self.spec = spec
+        self.force = force
+        self.job = EnqueuedJob(job_id=None, episodes=0, chunks=0, batches=0, tokens=0)
+        self.run_key: str | None = None
+
+    def resume(self, run_key: str) -> set[str]:
+        """Keys of the episodes that the interrupted job of the same command (if any) enqueued.
+
+        The new job leaves them to that job, whose batches are on the queue or done; the
+        interrupted job ends `interrupted` once they have run.
+        """
+        # Under this job's vector key: the same command under another model is another run.
+        self.run_key = RUN_PREFIX + hashlib.sha256(f"{run_key}|{self.spec.key}".encode()).hexdigest()[:32]
+        try:
+            prior = self.redis.get(self.run_key)
+            if prior is None:
+                return set()
+            prior_id = prior.decode()
+            if self.records.producer_alive(prior_id):
+                raise PodembedError(f"job {prior_id} is still being enqueued for the same selection by another "
+                                    "process: wait for it, or cancel it")
+            try:
+                if self.records.status(prior_id).enqueue_done:
+                    return set()
+            except JobNotFoundError:
+                return set()
+            self.records.release_producer(prior_id)  # known dead: its job shows `interrupted` from now on
+            self.job.resumed_from, self.job.resumed = prior_id, self.records.enqueued_episodes(prior_id)
+        except RedisError as exc:
+            raise QueueError(f"cannot read the state of earlier runs from Redis: {exc}") from exc
+        logger.info("resuming job %s: its %d enqueued episodes are left to it", prior_id, len(self.job.resumed))
+        return self.job.resumed
+
+    def open(self) -> str:
+        if self.job.job_id is None:
+            job_id = new_job_id()
+            self.records.create(NewJob(job_id=job_id, kind=self.kind, model=self.spec.model,
+                                       instruction=self.spec.instruction, vector_key=self.spec.key))
+            if self.run_key is not None:
+                try:
+                    self.redis.set(self.run_key, job_id, ex=self.settings.result_ttl)
+                except RedisError as exc:
+                    raise QueueError(f"cannot record job {job_id} in Redis: {exc}") from exc
+            self.job.job_id = job_id
+        return self.job.job_id
+
+    def add(self, window: list[ChunkedEpisode]) -> bool:
+        """Enqueue one window; False (nothing enqueued) once the job has been cancelled."""
+        chunks = [c for chunked in window for c in chunked.chunks]
+        if not chunks:
+            return True
+        job_id = self.open()
+        if self.records.cancelled(job_id):
+            return False
+        done = set() if self.force else self.store.embedded(chunks, self.spec)
+        todo = [c for c in chunks if c.chunk_id not in done]
+        self.store.write(todo)
+        batches = pack_batches(job_id, todo, self.spec, max_tokens=self.settings.batch_max_tokens,
+                               max_chunks=self.settings.batch_max_chunks, force=self.force,
+                               first_index=self.job.batches)
+        counts = Window(batch_ids=[b.batch_id for b in batches], chunks=len(chunks), skipped=len(done),
+                        episode_keys=[chunked.episode.key for chunked in window])
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                self.records.add_window(job_id, counts, pipe)
+                if batches:
+                    self.queue.enqueue_many([_job_data(self.settings, b) for b in batches], pipeline=pipe)
+                failed = [r for r in pipe.execute(raise_on_error=False) if isinstance(r, Exception)]
+            if failed:
+                # Redis ran the rest of the transaction: a resumed run must not take these episodes as enqueued.
+                self.records.forget_episodes(job_id, counts.episode_keys)
+                raise failed[0]
+        except RedisError as exc:
+            raise QueueError(f"cannot enqueue job {job_id} on {self.queue.name!r}: {exc}") from exc
+        self.job.episodes += len(window)
+        self.job.chunks += len(chunks)
+        self.job.batches += len(batches)
+        self.job.tokens += sum(c.n_tokens for c in todo)
+        self.job.skipped += len(done)
+        return True
+
+    def abandon(self) -> None:
+        """Leave the job `interrupted` now (this process stops short): the same command resumes it."""
+        if self.job.job_id is not None:
+            self.records.release_producer(self.job.job_id)
+
+    def close(self) -> EnqueuedJob:
+        """Mark the job wholly enqueued (a job with no chunks was never recorded)."""
+        if self.job.job_id is not None:
+            if self.run_key is not None:
+                try:
+                    self.redis.delete(self.run_key)
+                except RedisError as exc:
+                    raise QueueError(f"cannot record job {self.job.job_id} enqueued in Redis: {exc}") from exc
+            self.records.finish_enqueue(self.job.job_id)
+            logger.info("job %s: enqueued %d chunks (%d skipped) in %d batches", self.job.job_id, self.job.chunks,
+                        self.job.skipped, self.job.batches)
+        return self.job
+
+
+def enqueue_episodes(
+    settings: Settings, redis: Redis, db: Database, episodes: Iterable[Episode], *, kind: str, spec: VectorSpec,
+    force: bool = False, run_key: str | None = None,
+    on_window: Callable[[EnqueuedJob, list[Episode]], None] | None = None,
+) -> EnqueuedJob:
+    """Chunk and enqueue `episodes` as one job while they are read; no chunks, no job.
+
+    `force` queues every chunk even where its vector is stored (the worker embeds it again).
+    `run_key` names the command: run again after a crash, it resumes where the dead run stopped.
+    `on_window` is called with the job's running counts and the episodes of each window enqueued.
+    """
+    stream = JobStream(settings, redis, db, kind=kind, spec=spec, force=force)
+    taken = stream.resume(run_key) if run_key is not None else set()
+    todo = (e for e in episodes if e.key not in taken)
     try:
-        with redis.pipeline(transaction=True) as pipe:
-            records.create(job, pipe)
-            queue.enqueue_many([_job_data(settings, batch) for batch in batches], pipeline=pipe)
-            pipe.execute()
-    except RedisError as exc:
-        raise QueueError(f"cannot enqueue job {job_id} on {queue.name!r}: {exc}") from exc
-    records.save(records.status(job_id))
-    logger.info("job %s: enqueued %d chunks in %d batches", job_id, len(chunks), len(batches))
-    return EnqueuedJob(
-        job_id=job_id, episodes=episodes, chunks=len(chunks), batches=len(batches),
-        tokens=sum(c.n_tokens for c in chunks),
-    )
+        for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks,
+                              settings.batch_max_chunks):
+            if not stream.add(window):
+                logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
+                break
+            if on_window is not None:
+                on_window(stream.job, [chunked.episode for chunked in window])
+    except BaseException:
+        stream.abandon()
+        raise
+    return stream.close()
 
 
 def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
@@ -151,7 +286,7 @@ def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
         if settings.retry_intervals else None
     return Queue.prepare_data(
         TASK,
-        args=(batch.to_payload(),),
+        args=(batch.ticket().to_payload(),),
         job_id=batch.batch_id,
         timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
@@ -164,12 +299,9 @@ def _job_data(settings: Settings, batch: Batch) -> EnqueueData:
 
 
 def ingest(
-    settings: Settings, redis: Redis, db: Database, episodes: list[Episode], *, kind: str,
-    instruction: str | None = None,
+    settings: Settings, redis: Redis, db: Database, episodes: Iterable[Episode], *, kind: str,
+    instruction: str | None = None, run_key: str | None = None,
 ) -> EnqueuedJob:
-    """Chunk and enqueue parsed episodes as one job."""
-    if not episodes:
-        raise PodembedError("nothing to ingest: no transcript was accepted")
-    spec = vector_spec(settings, instruction)
-    chunks = chunk_episodes(settings, episodes, spec)
-    return enqueue_chunks(settings, redis, db, chunks=chunks, episodes=len(episodes), kind=kind, spec=spec)
+    """Chunk and enqueue parsed episodes as one job, as they come (see `enqueue_episodes`)."""
+    return enqueue_episodes(settings, redis, db, episodes, kind=kind, spec=vector_spec(settings, instruction),
+                            run_key=run_key)

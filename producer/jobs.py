@@ -4,11 +4,17 @@ A job groups many batches (RQ jobs). Redis holds one hash of counters per job an
 a few sets of batch ids; a batch's counters are added by one Lua script that first
 adds the batch to the `done` set, so a batch that runs twice (a retry after a crash,
 say) is counted once.
+
+A job is enqueued in windows while its producer reads: its totals grow with each
+window, and it can finish only once `enqueue_done` is set. The producer keeps a key
+alive while it works; a job whose producer died before the end is `interrupted`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,24 +26,34 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, QueueError, StoreError
+from producer.models import BATCH_ID
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "podembed:job:"
 JOBS_INDEX = "podembed:jobs"
+# A producer refreshes its job's key at every window; one silent for this long has died.
+PRODUCER_TTL_SECONDS = 120
 
-# Shared end of both scripts, whose last two ARGV are always `now` and `ttl`: the job is over
-# once every batch is done or failed for good; every key lives `ttl` past the last change.
+# Shared end of the scripts, whose last two ARGV are always `now` and `ttl`: the job is over once
+# it is wholly enqueued (records written before streaming have no flag) and every batch is done or
+# failed for good; every key lives `ttl` past the last change.
 _BATCH_ENDED = """
 local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
-if ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
+if redis.call('HGET', KEYS[1], 'enqueue_done') ~= '0'
+   and ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1])
 end
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
 return 1
 """
 
-# KEYS: hash, done, running, failed, errors, batches (they expire together). ARGV: batch_id,
+# KEYS as below. ARGV: now, ttl.
+_ENQUEUE_DONE = """
+redis.call('HSET', KEYS[1], 'enqueue_done', '1')
+""" + _BATCH_ENDED
+
+# KEYS: hash, done, running, failed, errors, batches, episodes (they expire together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
@@ -102,6 +118,8 @@ class JobStatus:
     cost_usd: float
     device: str
     errors: dict[str, str] = field(default_factory=dict)
+    # False while the producer still adds batches (totals grow until then).
+    enqueue_done: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,10 +132,17 @@ class NewJob:
     model: str
     instruction: str
     vector_key: str
-    episodes: int
-    chunks_total: int
-    batch_ids: list[str]
     created_at: str = field(default_factory=now_iso)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one window of a streaming enqueue adds to its job."""
+
+    batch_ids: list[str]
+    chunks: int
+    skipped: int
+    episode_keys: list[str]
 
 
 class JobRecords:
@@ -129,36 +154,118 @@ class JobRecords:
         self.ttl = ttl_seconds
         self._finish = redis.register_script(_FINISH_BATCH)
         self._fail = redis.register_script(_FAIL_BATCH)
+        self._enqueue_done = redis.register_script(_ENQUEUE_DONE)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
-        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches"]
+        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
+                base + ":episodes"]
 
-    def create(self, job: NewJob, pipe: Pipeline) -> None:
-        """Add the record's writes to `pipe`, the transaction that also enqueues the batches,
-        so a job exists with all its batches or not at all."""
-        hash_key, *_, batches_key = self._keys(job.job_id)
+    @staticmethod
+    def _producer_key(job_id: str) -> str:
+        return f"{KEY_PREFIX}{job_id}:producer"
+
+    def create(self, job: NewJob) -> JobStatus:
+        """Record a job with nothing enqueued yet: in MongoDB first, so a job that MongoDB cannot
+        keep never reaches the queue, then in Redis with its producer's key."""
         fields = {
             "kind": job.kind,
             "created_at": job.created_at,
             "model": job.model,
             "instruction": job.instruction,
             "vector_key": job.vector_key,
-            "episodes": job.episodes,
-            "chunks_total": job.chunks_total,
-            "batches_total": len(job.batch_ids),
+            "episodes": 0,
+            "chunks_total": 0,
+            "batches_total": 0,
             "embedded": 0,
             "skipped": 0,
             "gpu_seconds": 0.0,
             "cost_usd": 0.0,
             "device": "",
+            "enqueue_done": 0,
         }
-        pipe.hset(hash_key, mapping=fields)
-        pipe.rpush(batches_key, *job.batch_ids)
+        status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued", created_at=job.created_at,
+                           finished_at=None, model=job.model, instruction=job.instruction, episodes=0,
+                           chunks=ChunkCounts(), batches=BatchCounts(), gpu_seconds=0.0, cost_usd=0.0, device="",
+                           enqueue_done=False)
+        self.save(status)
         created = datetime.fromisoformat(job.created_at).timestamp()
-        pipe.zadd(JOBS_INDEX, {job.job_id: created})
-        # The index lists jobs while Redis holds their records; older ones live on in MongoDB `jobs`.
-        pipe.zremrangebyscore(JOBS_INDEX, "-inf", created - self.ttl)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._keys(job.job_id)[0], mapping=fields)
+                pipe.set(self._producer_key(job.job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
+                pipe.zadd(JOBS_INDEX, {job.job_id: created})
+                # The index lists jobs while Redis holds their records; older ones live on in MongoDB `jobs`.
+                pipe.zremrangebyscore(JOBS_INDEX, "-inf", created - self.ttl)
+                pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"cannot create job {job.job_id} in Redis: {exc}") from exc
+        return status
+
+    def add_window(self, job_id: str, window: Window, pipe: Pipeline) -> None:
+        """Add the window's counts to `pipe`, the transaction that also enqueues its batches, so
+        a window is on the queue and counted whole or not at all."""
+        hash_key, *_, batches_key, episodes_key = self._keys(job_id)
+        pipe.hincrby(hash_key, "chunks_total", window.chunks)
+        pipe.hincrby(hash_key, "skipped", window.skipped)
+        pipe.hincrby(hash_key, "batches_total", len(window.batch_ids))
+        pipe.hincrby(hash_key, "episodes", len(window.episode_keys))
+        if window.batch_ids:
+            pipe.rpush(batches_key, *window.batch_ids)
+        if window.episode_keys:
+            pipe.sadd(episodes_key, *window.episode_keys)
+        pipe.set(self._producer_key(job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
+
+    def finish_enqueue(self, job_id: str) -> JobStatus:
+        """Mark the job wholly enqueued (it may be finished already) and keep its status in MongoDB."""
+        try:
+            self._enqueue_done(keys=self._keys(job_id), args=[now_iso(), self.ttl])
+            self.redis.delete(self._producer_key(job_id))
+        except RedisError as exc:
+            raise QueueError(f"cannot mark job {job_id} enqueued in Redis: {exc}") from exc
+        status = self.status(job_id)
+        self.save(status)
+        return status
+
+    def release_producer(self, job_id: str) -> None:
+        """Say the job's producer stopped short (best effort: Redis may be what failed)."""
+        try:
+            self.redis.delete(self._producer_key(job_id))
+        except RedisError as exc:
+            logger.warning("job %s: cannot release its producer key: %s", job_id, exc)
+
+    def producer_alive(self, job_id: str) -> bool:
+        """Whether the process enqueueing the job may still be at work."""
+        owner = self.redis.get(self._producer_key(job_id))
+        if owner is None:
+            return False
+        host, _, pid = owner.decode().rpartition(":")
+        if host != socket.gethostname():
+            return True  # another machine's producer: only its key's expiry tells
+        try:
+            os.kill(int(pid), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def has_batch(self, job_id: str, batch_id: str) -> bool:
+        """Whether the job exists and enqueued a batch of this id."""
+        match = BATCH_ID.fullmatch(batch_id)
+        if match is None or match["job"] != job_id:
+            return False
+        try:
+            total = self.redis.hget(self._keys(job_id)[0], "batches_total")
+        except RedisError as exc:
+            raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
+        return total is not None and int(match["index"]) < int(total)
+
+    def forget_episodes(self, job_id: str, episode_keys: list[str]) -> None:
+        if episode_keys:
+            self.redis.srem(self._keys(job_id)[6], *episode_keys)
+
+    def enqueued_episodes(self, job_id: str) -> set[str]:
+        """Keys of the episodes whose chunks the job has wholly enqueued."""
+        return {k.decode() for k in self.redis.smembers(self._keys(job_id)[6])}
 
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
@@ -193,7 +300,8 @@ class JobRecords:
                 pipe.scard(keys[2])
                 pipe.hgetall(keys[3])
                 pipe.hgetall(keys[4])
-                record, done, running, failed, errors = pipe.execute()
+                pipe.exists(self._producer_key(job_id))
+                record, done, running, failed, errors, producing = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         if not record:
@@ -209,10 +317,12 @@ class JobRecords:
         chunks.pending = chunks.total - chunks.embedded - chunks.skipped - chunks.failed
         batches = BatchCounts(total=int(rec["batches_total"]), running=running, finished=done, failed=len(failed))
         batches.queued = max(0, batches.total - batches.running - batches.finished - batches.failed)
+        enqueue_done = rec.get("enqueue_done") != "0"
         return JobStatus(
             job_id=job_id,
             kind=rec["kind"],
-            state=_state(batches, cancelled=rec.get("cancelled") == "1"),
+            state=_state(batches, cancelled=rec.get("cancelled") == "1", enqueue_done=enqueue_done,
+                         producing=bool(producing)),
             created_at=rec["created_at"],
             finished_at=rec.get("finished_at") or None,
             model=rec["model"],
@@ -224,6 +334,7 @@ class JobRecords:
             cost_usd=float(rec["cost_usd"]),
             device=rec["device"],
             errors={k.decode(): v.decode() for k, v in errors.items()},
+            enqueue_done=enqueue_done,
         )
 
     def save(self, status: JobStatus) -> None:
@@ -246,6 +357,12 @@ class JobRecords:
         doc["batches"] = BatchCounts(**doc["batches"])
         return JobStatus(**doc)
 
+    def cancelled(self, job_id: str) -> bool:
+        try:
+            return self.redis.hget(self._keys(job_id)[0], "cancelled") == b"1"
+        except RedisError as exc:
+            raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
+
     def mark_cancelled(self, job_id: str) -> None:
         """Flag the job cancelled (its state from now on) and stamp when; a no-op once Redis forgot it."""
         hash_key = self._keys(job_id)[0]
@@ -262,7 +379,7 @@ class JobRecords:
         """Count these failed batches as queued again (they are being retried): the job is not over."""
         if not batch_ids:
             return
-        hash_key, _, _, failed, errors, _ = self._keys(job_id)
+        hash_key, _, _, failed, errors, *_ = self._keys(job_id)
         try:
             with self.redis.pipeline() as pipe:
                 pipe.hdel(failed, *batch_ids)
@@ -287,9 +404,17 @@ class JobRecords:
         return statuses
 
 
-def _state(batches: BatchCounts, *, cancelled: bool) -> str:
+def _producer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _state(batches: BatchCounts, *, cancelled: bool, enqueue_done: bool = True, producing: bool = False) -> str:
     if cancelled:
         return "cancelled"
+    if not enqueue_done:
+        if not producing and batches.queued == batches.running == 0:
+            return "interrupted"  # its producer died: what it enqueued has run, the rest never will
+        return "running" if batches.running or batches.finished or batches.failed else "queued"
     if batches.finished == batches.total:
         return "finished"
     if batches.finished + batches.failed == batches.total:

@@ -4,8 +4,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from config.errors import PayloadError
+
+# What `podcast_key` keeps of a podcast's name to stay readable in ids.
+_SLUG_CHARS = re.compile(r"[^a-z0-9]+")
+# The podcast part of an id when the episode names no podcast.
+NO_PODCAST = "_"
+
+
+def podcast_key(podcast: str | None) -> str:
+    """The podcast's part of every id: a readable slug plus a hash of the exact name.
+
+    The hash keeps names that slug alike ("Show A", "show-a") apart; the key never holds '/'.
+    """
+    if podcast is None:
+        return NO_PODCAST
+    slug = _SLUG_CHARS.sub("-", podcast.lower()).strip("-")[:40]
+    return f"{slug}.{hashlib.sha256(podcast.encode()).hexdigest()[:8]}"
+
+
+def episode_key(podcast: str | None, episode_id: str) -> str:
+    """An episode's identity: its own id within its podcast (two shows may both have an `E01`)."""
+    return f"{podcast_key(podcast)}/{episode_id}"
+
+
+def embedding_id(chunk_id: str, vector_key: str) -> str:
+    """`_id` of a chunk's vector document: one per chunk and vector key."""
+    return f"{chunk_id}|{vector_key}"
 
 
 @dataclass(frozen=True)
@@ -24,6 +53,10 @@ class Episode:
     segments: list[Segment]
     source: str = ""
 
+    @property
+    def key(self) -> str:
+        return episode_key(self.podcast, self.episode_id)
+
     def content_sha256(self) -> str:
         """Hash of what chunking reads, so a changed transcript is seen as changed."""
         payload = json.dumps([[s.start, s.end, s.speaker, s.text] for s in self.segments])
@@ -41,6 +74,10 @@ class Chunk:
     speakers: list[str]
     text: str
     n_tokens: int
+
+    @property
+    def episode_key(self) -> str:
+        return episode_key(self.podcast, self.episode_id)
 
     @property
     def text_sha256(self) -> str:
@@ -68,8 +105,7 @@ class VectorSpec:
         return (self.model, self.revision, self.pool_instruction)
 
     def embedding_id(self, chunk_id: str) -> str:
-        """`_id` of a chunk's vector document: one per chunk and vector key."""
-        return f"{chunk_id}|{self.key}"
+        return embedding_id(chunk_id, self.key)
 
 
 @dataclass
@@ -87,16 +123,66 @@ class Batch:
     def n_tokens(self) -> int:
         return sum(c.n_tokens for c in self.chunks)
 
+    def ticket(self) -> BatchTicket:
+        return BatchTicket(job_id=self.job_id, batch_id=self.batch_id, spec=self.spec,
+                           chunk_ids=[c.chunk_id for c in self.chunks], force=self.force)
+
+
+# What a payload may hold: ids as podembed makes them, and bounds far above real batches.
+JOB_ID = re.compile(r"[0-9a-f]{12}")
+BATCH_ID = re.compile(r"(?P<job>[0-9a-f]{12})-(?P<index>\d{5,9})")
+MAX_ID_CHARS = 1024
+MAX_INSTRUCTION_CHARS = 4096
+MAX_BATCH_CHUNKS = 100_000
+
+
+@dataclass(frozen=True)
+class BatchTicket:
+    """What a batch's RQ job carries (the claim check): ids only; the texts wait in MongoDB `chunks`."""
+
+    job_id: str
+    batch_id: str
+    spec: VectorSpec
+    chunk_ids: list[str]
+    force: bool = False
+
     def to_payload(self) -> dict[str, Any]:
         """A JSON-ready dict (RQ jobs use the JSON serializer)."""
         return asdict(self)
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> Batch:
-        return cls(
-            job_id=payload["job_id"],
-            batch_id=payload["batch_id"],
-            spec=VectorSpec(**payload["spec"]),
-            chunks=[Chunk(**c) for c in payload["chunks"]],
-            force=payload.get("force", False),
-        )
+    def from_payload(cls, payload: object) -> BatchTicket:
+        """The ticket of a payload, checked field by field: anything else is a PayloadError."""
+        fields = _fields(payload, "payload", {"job_id": str, "batch_id": str, "spec": dict, "chunk_ids": list,
+                                              "force": bool})
+        job_id, batch_id = fields["job_id"], fields["batch_id"]
+        if not JOB_ID.fullmatch(job_id):
+            raise PayloadError(f"payload.job_id {job_id[:40]!r} is not a job id")
+        match = BATCH_ID.fullmatch(batch_id)
+        if match is None or match["job"] != job_id:
+            raise PayloadError(f"payload.batch_id {batch_id[:40]!r} is not a batch of job {job_id}")
+        spec = _fields(fields["spec"], "payload.spec", {"model": str, "revision": (str, type(None)),
+                                                        "instruction": str, "pool_instruction": bool,
+                                                        "normalize": bool})
+        if not 0 < len(spec["model"]) <= MAX_ID_CHARS or len(spec["instruction"]) > MAX_INSTRUCTION_CHARS:
+            raise PayloadError("payload.spec: model or instruction of a length no batch has")
+        chunk_ids = fields["chunk_ids"]
+        if not 0 < len(chunk_ids) <= MAX_BATCH_CHUNKS:
+            raise PayloadError(f"payload.chunk_ids: {len(chunk_ids)} ids, not 1 to {MAX_BATCH_CHUNKS}")
+        for chunk_id in chunk_ids:
+            if not isinstance(chunk_id, str) or not 0 < len(chunk_id) <= MAX_ID_CHARS or ":" not in chunk_id:
+                raise PayloadError(f"payload.chunk_ids: {str(chunk_id)[:40]!r} is not a chunk id")
+        return cls(job_id=job_id, batch_id=batch_id, spec=VectorSpec(**spec), chunk_ids=chunk_ids,
+                   force=fields["force"])
+
+
+def _fields(value: object, name: str, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """`value` as a dict of exactly these fields of these types (bool is not taken for int)."""
+    if not isinstance(value, dict):
+        raise PayloadError(f"{name}: must be an object, got {type(value).__name__}")
+    if set(value) != set(types):
+        raise PayloadError(f"{name}: fields {sorted(map(str, value))} are not {sorted(types)}")
+    for key, kind in types.items():
+        if not isinstance(value[key], kind):
+            raise PayloadError(f"{name}.{key}: must be {kind}, got {type(value[key]).__name__}")
+    return value

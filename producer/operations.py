@@ -7,6 +7,7 @@ shells over them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,17 +21,18 @@ from rq.serializers import JSONSerializer
 
 from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
-from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, vector_spec
-from producer.jobs import JobRecords, now_iso
-from producer.models import Chunk, VectorSpec
+from producer.chunkstore import ChunkStore
+from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
+from producer.jobs import JobRecords
+from producer.models import Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.sources import EpisodeFilter, TranscriptSource
+from producer.streaming import chunk_stream, windows
 from producer.tokens import load_tokenizer
+from producer.watermark import Mark, Watermark
 
 logger = logging.getLogger(__name__)
 
-# `$in` lists of embedding ids stay well under MongoDB's 16 MB command size.
-ID_SLICE = 1000
 # Ledger batches a throughput estimate averages over: recent enough to follow the hardware.
 THROUGHPUT_WINDOW = 500
 
@@ -75,6 +77,8 @@ class BackfillRun:
     dry_run: bool
     refused: list[str]
     estimate: Estimate | None = None
+    # The interrupted job of the same backfill that this run resumed (its episodes are left to it).
+    resumed_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -99,28 +103,41 @@ class CancelResult:
 def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSource) -> NightlyRun:
     """Enqueue, as one job, the episodes of `source` that are new or changed since the last run.
 
-    The watermark (every episode's content hash, per source and vector key, so a new model or
-    instruction takes everything again) advances only once the job is enqueued: a run that fails
-    leaves it, the next run enqueues those episodes again, and idempotent upserts make that harmless.
+    The watermark (every episode's content hash and job, per source and vector key, so a new model
+    or instruction takes everything again) advances only once the job is enqueued: a run that fails
+    leaves it, and the next run enqueues those episodes again. Episodes of a job that was cancelled
+    or failed for good are not past it either.
     """
     spec = vector_spec(settings)
+    records = JobRecords(redis, db, settings.result_ttl)
     mark_id = f"{source.key}|{spec.key}"
-    hashes = _read_watermark(db, mark_id)
-    changed = []
-    seen: dict[str, str] = {}
-    for episode in source.episodes():
-        seen[episode.episode_id] = episode.content_sha256()
-        if hashes.get(episode.episode_id) != seen[episode.episode_id]:
-            changed.append(episode)
-    chunks = chunk_episodes(settings, changed, spec)
-    job = enqueue_chunks(settings, redis, db, chunks=chunks, episodes=len(changed), kind="nightly", spec=spec)
-    if changed:
-        _write_watermark(db, mark_id, {**hashes, **seen}, job.job_id)
+    watermark = Watermark(db, mark_id).load(records)
+    kept: dict[str, Mark] = {}  # the unchanged episodes' marks
+    marks: dict[str, Mark] = {}  # the changed episodes', once enqueued
+    hashes: dict[str, str] = {}  # the changed episodes' content
+
+    def changed() -> Iterator[Episode]:
+        for episode in source.episodes():
+            mark = watermark.passed(episode)
+            if mark is None:
+                hashes[episode.key] = episode.content_sha256()
+                yield episode
+            else:
+                kept[episode.key] = mark
+
+    def enqueued(job: EnqueuedJob, episodes: list[Episode]) -> None:
+        marks.update({e.key: Mark(hashes[e.key], job.job_id) for e in episodes})
+
+    job = enqueue_episodes(settings, redis, db, changed(), kind="nightly", spec=spec, run_key=f"nightly|{source.key}",
+                           on_window=enqueued)
+    # A run that resumed a dead one leaves that run's episodes to its job.
+    marks.update({key: Mark(hashes[key], job.resumed_from) for key in job.resumed if key in hashes})
+    if hashes or watermark.legacy:
+        watermark.save({**kept, **marks})
     logger.info("nightly %s: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,
-                len(changed), len(seen) - len(changed))
+                job.episodes, len(kept))
     return NightlyRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks, batches=job.batches,
-                      tokens=job.tokens, unchanged=len(seen) - len(changed), source=source.key,
-                      refused=source.refused)
+                      tokens=job.tokens, unchanged=len(kept), source=source.key, refused=source.refused)
 
 
 def backfill(
@@ -136,30 +153,44 @@ def backfill(
     if model and model != settings.model:
         settings = settings.replace(model=model, model_path=None)
     spec = vector_spec(settings)
-    episodes = [e for e in source.episodes(selection.episode_ids) if selection.matches(e)]
-    chunks = chunk_episodes(settings, episodes, spec)
-    todo = chunks if force else _not_embedded(db, chunks, spec)
-    n_episodes = len({c.episode_id for c in todo})
-    run = BackfillRun(job_id=None, episodes=n_episodes, chunks=len(todo), batches=0,
-                      tokens=sum(c.n_tokens for c in todo), already_embedded=len(chunks) - len(todo),
-                      model=spec.model, force=force, dry_run=dry_run, refused=source.refused)
+    episodes = (e for e in source.episodes(selection.episode_ids) if selection.matches(e))
     if dry_run:
-        run.batches = len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
-                                       max_chunks=settings.batch_max_chunks))
-        run.estimate = estimate(settings, db, todo, spec)
-        return run
-    job = enqueue_chunks(settings, redis, db, chunks=todo, episodes=n_episodes, kind="backfill", spec=spec,
-                         force=force)
-    run.job_id, run.batches = job.job_id, job.batches
+        return _dry_run(settings, db, episodes, spec, force=force, refused=source.refused)
+    # The same command run again after a crash resumes the dead run.
+    run_key = f"backfill|{source.key}|{selection.key()}|{force}"
+    job = enqueue_episodes(settings, redis, db, episodes, kind="backfill", spec=spec, force=force, run_key=run_key)
+    return BackfillRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks - job.skipped, batches=job.batches,
+                       tokens=job.tokens, already_embedded=job.skipped, model=spec.model, force=force, dry_run=False,
+                       refused=source.refused, resumed_from=job.resumed_from)
+
+
+def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec: VectorSpec, *, force: bool,
+             refused: list[str]) -> BackfillRun:
+    """What a backfill would enqueue, window by window as it would, with the estimate; nothing is written."""
+    store = ChunkStore(db)
+    run = BackfillRun(job_id=None, episodes=0, chunks=0, batches=0, tokens=0, already_embedded=0, model=spec.model,
+                      force=force, dry_run=True, refused=refused)
+    for window in windows(chunk_stream(settings, episodes, spec), settings.enqueue_window_chunks,
+                          settings.batch_max_chunks):
+        chunks = [c for chunked in window for c in chunked.chunks]
+        done = set() if force else store.embedded(chunks, spec)
+        todo = [c for c in chunks if c.chunk_id not in done]
+        run.episodes += len(window)
+        run.chunks += len(todo)
+        run.already_embedded += len(done)
+        run.tokens += sum(c.n_tokens for c in todo)
+        run.batches += len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
+                                        max_chunks=settings.batch_max_chunks))
+    run.estimate = estimate(settings, db, run.chunks, run.tokens, spec)
     return run
 
 
-def estimate(settings: Settings, db: Database, chunks: list[Chunk], spec: VectorSpec) -> Estimate:
-    """Compute seconds and cost of embedding `chunks`, at the throughput the ledger measured for the
-    model on the estimate device, or at `default_tokens_per_second` where it measured none."""
+def estimate(settings: Settings, db: Database, n_chunks: int, text_tokens: int, spec: VectorSpec) -> Estimate:
+    """Compute seconds and cost of embedding `n_chunks` chunks of `text_tokens` tokens, at the throughput
+    the ledger measured for the model on the estimate device, or at `default_tokens_per_second`."""
     # The model sees the instruction and special tokens with every chunk; the ledger counts them too.
     prompt_tokens = load_tokenizer(settings).count_with_specials(spec.instruction)
-    tokens = sum(c.n_tokens + prompt_tokens for c in chunks)
+    tokens = text_tokens + n_chunks * prompt_tokens
     device, measured = _measured_throughput(db, spec.model, settings.estimate_device)
     tokens_per_second = measured or settings.default_tokens_per_second
     seconds = tokens / tokens_per_second
@@ -224,19 +255,6 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     return CancelResult(job_id=job_id, state=status.state, removed=removed)
 
 
-def _not_embedded(db: Database, chunks: list[Chunk], spec: VectorSpec) -> list[Chunk]:
-    """Chunks with no vector under `spec`, or one made from other text (the transcript changed)."""
-    ids = [spec.embedding_id(c.chunk_id) for c in chunks]
-    stored: dict[str, str | None] = {}
-    try:
-        for start in range(0, len(ids), ID_SLICE):
-            for doc in db.embeddings.find({"_id": {"$in": ids[start : start + ID_SLICE]}}, {"text_sha256": 1}):
-                stored[doc["_id"]] = doc.get("text_sha256")
-    except PyMongoError as exc:
-        raise StoreError(f"cannot read {db.name}.embeddings: {exc}") from exc
-    return [c for c, i in zip(chunks, ids, strict=True) if stored.get(i, "") != c.text_sha256]
-
-
 def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[str | None, float | None]:
     """(device, tokens per compute-second) over the latest ledger batches of `model` on `device`
     (None: the device of the model's latest batch); no throughput where none computed anything."""
@@ -253,21 +271,3 @@ def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[
     device = device or entries[0]["device"]  # newest first
     on_device = [e for e in entries if e["device"] == device]
     return device, sum(e["n_tokens"] for e in on_device) / sum(e["gpu_seconds"] for e in on_device)
-
-
-def _read_watermark(db: Database, mark_id: str) -> dict[str, str]:
-    try:
-        doc = db.watermarks.find_one({"_id": mark_id})
-    except PyMongoError as exc:
-        raise StoreError(f"cannot read watermark {mark_id!r}: {exc}") from exc
-    return dict(doc["episodes"]) if doc else {}
-
-
-def _write_watermark(db: Database, mark_id: str, hashes: dict[str, str], job_id: str | None) -> None:
-    # Pairs, not a mapping: episode ids may hold '.' or '$', which field names may not.
-    doc = {"_id": mark_id, "episodes": sorted(hashes.items()), "job_id": job_id, "updated_at": now_iso()}
-    try:
-        # `_id` in the document too: nx-27017 does not take it from the filter on upsert.
-        db.watermarks.replace_one({"_id": mark_id}, doc, upsert=True)
-    except PyMongoError as exc:
-        raise StoreError(f"cannot write watermark {mark_id!r}: {exc}") from exc

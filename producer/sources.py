@@ -16,7 +16,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from config.errors import ConfigError, StoreError, TranscriptFormatError
-from producer.enqueue import transcript_files
+from producer.enqueue import describe_episode, transcript_files
 from producer.models import Episode
 from producer.parsing import parse_bytes, parse_file, parse_whisper_segments
 
@@ -53,17 +53,17 @@ class DirectorySource:
             except TranscriptFormatError as exc:
                 self.refused.append(str(exc))
                 continue
-            if episode.episode_id in seen:
-                self.refused.append(f"{path}: episode id {episode.episode_id!r} already given by "
-                                    f"{seen[episode.episode_id]}")
+            if episode.key in seen:
+                self.refused.append(f"{path}: {describe_episode(episode)} already given by {seen[episode.key]}")
                 continue
-            seen[episode.episode_id] = path
+            seen[episode.key] = path
             yield episode
 
 
 class MongoSource:
-    """MongoDB `transcripts`: `_id` (the episode id), `podcast`, `published_at` (ISO string or date),
-    and `segments` ([{start, end, speaker, text}]) or `text` (any format the parser takes)."""
+    """MongoDB `transcripts`: `_id`, `episode_id` (default: `_id`; two podcasts may share one),
+    `podcast`, `published_at` (ISO string or date), and `segments` ([{start, end, speaker, text}])
+    or `text` (any format the parser takes)."""
 
     key = "mongo:transcripts"
 
@@ -72,9 +72,10 @@ class MongoSource:
         self.refused: list[str] = []
 
     def episodes(self, episode_ids: Collection[str] = ()) -> Iterator[Episode]:
-        """Every document's episode, or those with the ids named (read by `_id`)."""
+        """Every document's episode, or those with the episode ids named."""
         self.refused = []
-        query = {"_id": {"$in": sorted(episode_ids)}} if episode_ids else {}
+        named = sorted(episode_ids)
+        query = {"$or": [{"episode_id": {"$in": named}}, {"_id": {"$in": named}}]} if episode_ids else {}
         try:
             for doc in self.collection.find(query):
                 try:
@@ -92,8 +93,11 @@ def open_source(name: str, db: Database) -> TranscriptSource:
 
 def transcript_episode(doc: dict[str, Any]) -> Episode:
     """The Episode of one `transcripts` document; a defect is a TranscriptFormatError naming the field."""
-    episode_id = str(doc["_id"])
-    name = f"transcripts/{episode_id}"
+    name = f"transcripts/{doc['_id']}"
+    episode_id = doc.get("episode_id", doc["_id"])
+    if not isinstance(episode_id, str | int) or not str(episode_id).strip():
+        raise TranscriptFormatError(f"{name}.episode_id: must be a non-empty string, got {episode_id!r}")
+    episode_id = str(episode_id)
     podcast = doc.get("podcast")
     if podcast is not None and not isinstance(podcast, str):
         raise TranscriptFormatError(f"{name}.podcast: must be a string, got {type(podcast).__name__}")
@@ -120,6 +124,10 @@ class EpisodeFilter:
     until: date | None = None
     podcast: str | None = None
     episode_ids: frozenset[str] = frozenset()
+
+    def key(self) -> str:
+        """The selection as text: equal selections, equal keys."""
+        return f"{self.since}|{self.until}|{self.podcast}|{','.join(sorted(self.episode_ids))}"
 
     def matches(self, episode: Episode) -> bool:
         if self.episode_ids and episode.episode_id not in self.episode_ids:

@@ -28,7 +28,7 @@ def test_chunks_fit_the_model_and_end_at_segment_boundaries(tokenizer) -> None:
     segment_texts = [s.text for s in episode.segments]
 
     assert tokenizer.max_seq_length == 256
-    assert [c.chunk_id for c in chunks] == [f"E01:{i}" for i in range(len(chunks))]
+    assert [c.chunk_id for c in chunks] == [f"_/E01:{i}" for i in range(len(chunks))]
     assert " ".join(c.text for c in chunks) == " ".join(segment_texts)
     starts = {s.start for s in episode.segments}
     ends = {s.end for s in episode.segments}

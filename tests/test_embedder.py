@@ -100,7 +100,7 @@ def test_out_of_memory_splits_the_micro_batch_and_loses_nothing(
     assert job.chunks == 11
     assert embedder.micro_batch_size == 2
     assert status.state == "finished" and status.chunks.embedded == job.chunks
-    assert sorted(ids) == sorted({f"E05:{i}" for i in range(job.chunks)})
+    assert sorted(ids) == sorted({f"_/E05:{i}" for i in range(job.chunks)})
     ledger = db.batches.find_one({"job_id": job.job_id})
     assert ledger["padded_tokens"] <= 2 * 256 * -(-job.chunks // 2)
 
@@ -127,8 +127,8 @@ def test_equal_text_is_embedded_once_across_episodes(
     status = JobRecords(redis, db, settings.result_ttl).status(job2.job_id)
     assert status.chunks.skipped == status.chunks.total == job1.chunks
     assert status.chunks.embedded == 0
-    original = db.embeddings.find_one({"chunk_id": "E05:3"})
-    mirror = db.embeddings.find_one({"chunk_id": "E05-mirror:3"})
+    original = db.embeddings.find_one({"episode_id": "E05", "seq": 3})
+    mirror = db.embeddings.find_one({"episode_id": "E05-mirror", "seq": 3})
     assert mirror["job_id"] == job2.job_id and mirror["text"] == original["text"]
     assert np.array_equal(from_bson_vector(mirror["embedding"]), from_bson_vector(original["embedding"]))
     assert db.embeddings.count_documents({}) == 2 * job1.chunks

@@ -28,7 +28,7 @@ from config.settings import Settings
 from modal_jobs.costs import measured_costs, reconcile
 from modal_jobs.drain import Container
 from modal_jobs.settings import process_started_at
-from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, ingest, parse_files, vector_spec
+from producer.enqueue import batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, ROOT
 from tests.soak.harness import wait_until
@@ -105,8 +105,7 @@ def test_one_model_per_container(settings: Settings, redis: Redis, db: Database)
     served = _ingest(settings, redis, db, DATA / "E03.srt")
     episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
     other = vector_spec(settings.replace(model="hkunlp/instructor-xl", model_path=None, model_revision="abc123"))
-    foreign = enqueue_chunks(settings, redis, db, chunks=chunk_episodes(settings, episodes, other), episodes=1,
-                             kind="backfill", spec=other)
+    foreign = enqueue_episodes(settings, redis, db, episodes, kind="backfill", spec=other)
     container = Container(settings, gpu="cpu")
     container.load_weights("ta-one-model")
     container.start("ta-one-model")

@@ -17,11 +17,13 @@ from rq.registry import CanceledJobRegistry
 
 from config.errors import PodembedError, QueueError
 from config.settings import Settings
-from producer.enqueue import batch_queue, chunk_episodes, enqueue_chunks, ingest, parse_files, vector_spec
+from producer.enqueue import batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
 from producer.jobs import JOBS_INDEX, JobRecords
+from producer.models import episode_key
 from producer.operations import backfill, cancel, nightly, retry
 from producer.parsing import parse_file
 from producer.sources import DirectorySource, EpisodeFilter, MongoSource
+from producer.streaming import chunk_episodes
 from producer.tokens import load_tokenizer
 from tests.conftest import DATA, EXAMPLES, ROOT
 from tests.test_sources import SHOW, transcript_docs
@@ -75,8 +77,9 @@ def test_nightly_enqueues_only_new_or_changed_episodes(
     assert (third.episodes, third.unchanged) == (2, 1)
     assert third.chunks == 11 + 4
     mark = db.watermarks.find_one({"_id": f"{DirectorySource(folder).key}|{vector_spec(settings).key}"})
-    assert dict(mark["episodes"]) == {p.stem: parse_file(p).content_sha256() for p in folder.iterdir()}
-    assert mark["job_id"] == third.job_id
+    assert {key: content for key, content, _ in mark["episodes"]} == {
+        parse_file(p).key: parse_file(p).content_sha256() for p in folder.iterdir()}
+    assert {job_id for *_, job_id in mark["episodes"]} == {first.job_id, third.job_id}
 
     # Another instruction is another vector key: everything is new to it.
     other = nightly(settings.replace(instruction="Represent the episode for clustering:"), redis, db,
@@ -169,8 +172,13 @@ def test_backfill_skips_embedded_chunks_unless_forced(
     before = {d["_id"]: d["job_id"] for d in db.embeddings.find({}, {"job_id": 1})}
     assert set(before.values()) == {first.job_id}
 
+    # Nothing is queued, and the job says why: every chunk skipped, finished at once.
     again = backfill(settings, redis, db, MongoSource(db), only_e05)
-    assert (again.job_id, again.chunks, again.already_embedded) == (None, 0, 11)
+    assert (again.chunks, again.batches, again.already_embedded) == (0, 0, 11)
+    status = records.status(again.job_id)
+    assert (status.state, status.chunks.total, status.chunks.skipped, status.batches.total) == ("finished", 11, 11, 0)
+    assert status.enqueue_done and status.finished_at is not None
+    assert batch_queue(settings, redis).count == 0
 
     forced = backfill(settings, redis, db, MongoSource(db), only_e05, force=True)
     assert forced.chunks == 11
@@ -200,13 +208,14 @@ def test_backfill_other_model_writes_new_documents_only(
     new_spec = vector_spec(settings.replace(model=model_copy, model_path=None))
     docs = {d["_id"]: d for d in db.embeddings.find({})}
     assert len(docs) == 22
-    assert {i for i in docs if i not in before} == {new_spec.embedding_id(f"E05:{n}") for n in range(11)}
+    e05 = episode_key(SHOW, "E05")
+    assert {i for i in docs if i not in before} == {new_spec.embedding_id(f"{e05}:{n}") for n in range(11)}
     for doc_id, doc in before.items():  # the first model's vectors are untouched
         assert docs[doc_id]["embedding"] == doc["embedding"] and docs[doc_id]["embedded_at"] == doc["embedded_at"]
     assert {docs[i]["model"] for i in docs if i not in before} == {model_copy}
     # Same weights under another name: the vectors agree.
-    assert docs[new_spec.embedding_id("E05:3")]["embedding"] == docs[vector_spec(settings).embedding_id("E05:3")][
-        "embedding"]
+    assert docs[new_spec.embedding_id(f"{e05}:3")]["embedding"] == docs[
+        vector_spec(settings).embedding_id(f"{e05}:3")]["embedding"]
 
 
 def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Database, records: JobRecords,
@@ -214,10 +223,8 @@ def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Dat
     # The job names a model no worker serves yet: every batch really fails, at once.
     late_model = tmp_path / "late-model"
     episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
-    chunks = chunk_episodes(settings, episodes, vector_spec(settings))
     spec = vector_spec(settings.replace(model=str(late_model), model_path=None))
-    job = enqueue_chunks(settings.replace(batch_max_chunks=4), redis, db, chunks=chunks, episodes=1, kind="ingest",
-                         spec=spec)
+    job = enqueue_episodes(settings.replace(batch_max_chunks=4), redis, db, episodes, kind="ingest", spec=spec)
     _drain(settings, redis)
     status = records.status(job.job_id)
     assert (status.state, status.chunks.failed, status.batches.failed) == ("failed", 11, 3)

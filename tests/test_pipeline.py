@@ -17,6 +17,7 @@ from config.errors import JobNotFoundError
 from config.settings import Settings
 from producer.enqueue import batch_queue, ingest, parse_files
 from producer.jobs import JOBS_INDEX, JobRecords
+from producer.models import episode_key
 from tests.conftest import DATA, EXAMPLES, ROOT
 from worker import embedder as embedder_module
 from worker.loop import run_worker
@@ -50,7 +51,7 @@ def test_examples_end_to_end(settings: Settings, redis: Redis, db: Database) -> 
         vector = from_bson_vector(doc["embedding"])
         assert vector.shape == (384,) == (doc["dim"],)
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-4
-        assert doc["chunk_id"] == f"{doc['episode_id']}:{doc['seq']}"
+        assert doc["chunk_id"] == f"{episode_key(doc['podcast'], doc['episode_id'])}:{doc['seq']}"
 
     ledger = list(db.batches.find({"job_id": job_id}))
     assert len(ledger) == status.batches.total
@@ -66,7 +67,7 @@ def test_examples_end_to_end(settings: Settings, redis: Redis, db: Database) -> 
 
 def test_stored_vector_is_the_model_vector(settings: Settings, redis: Redis, db: Database) -> None:
     _ingest_and_drain(settings, redis, db, [DATA / "E03.srt"])
-    doc = db.embeddings.find_one({"chunk_id": "E03:2"})
+    doc = db.embeddings.find_one({"episode_id": "E03", "seq": 2})
     model = embedder_module.get_embedder(settings.model_source(), revision=None, pool_instruction=True).model
     expected = model.encode([doc["text"]], prompt=settings.instruction, normalize_embeddings=True)[0]
     assert float(np.dot(from_bson_vector(doc["embedding"]), expected)) > 0.9999

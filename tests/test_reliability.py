@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from config.services import local_services, services_up
 from config.settings import Settings
-from producer.enqueue import EnqueuedJob, batch_queue, chunk_episodes, ingest, parse_files, vector_spec
+from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files, vector_spec
 from producer.jobs import JobRecords, JobStatus
 from producer.models import Chunk
 from producer.operations import retry
+from producer.streaming import chunk_episodes
 from producer.tokens import load_tokenizer
 from tests.conftest import DATA, EXAMPLES
 from tests.soak.harness import audit, counters_exact, run_cli, start_worker, wait_until, worker_env
@@ -231,7 +232,7 @@ def test_non_finite_vectors_fail_their_batch_and_retry_with_a_sound_model_comple
     token = min(t for t, n in holders.items() if n == 1)
     [victim] = [c for c in chunks if token in tokenizer.encode(c.text).ids]
     [poisoned] = [b for b in records.batch_ids(job.job_id)
-                  if victim.chunk_id in {c["chunk_id"] for c in Job.fetch(b, redis, JSONSerializer).args[0]["chunks"]}]
+                  if victim.chunk_id in Job.fetch(b, redis, JSONSerializer).args[0]["chunk_ids"]]
     model = _poisoned_model(Path(settings.model_source()), token, tmp_path / "poisoned")
     run_worker(settings.replace(model_path=str(model)), burst=True, redis=redis)
 

@@ -33,20 +33,22 @@ def transcript_docs() -> list[dict]:
 
 def test_directory_source_podcast_from_folder_and_refusals(tmp_path: Path) -> None:
     shutil.copy(EXAMPLES / "E05.vtt", tmp_path / "E05.vtt")
-    (tmp_path / SHOW).mkdir()
+    (tmp_path / SHOW / "more").mkdir(parents=True)
     shutil.copy(DATA / "E03.srt", tmp_path / SHOW / "E03.srt")
-    shutil.copy(DATA / "E03.txt", tmp_path / SHOW / "E05.txt")  # same episode id as the top-level file
+    shutil.copy(DATA / "E03.txt", tmp_path / SHOW / "E05.txt")  # the same id in another podcast: its own episode
+    shutil.copy(DATA / "E03.txt", tmp_path / SHOW / "more" / "E03.txt")  # the same id in the same podcast
     (tmp_path / "broken.vtt").write_text("WEBVTT\n\n00:00:01.000 --> 00:0x:02.000\nhello\n")
 
     source = DirectorySource(tmp_path)
-    episodes = {e.episode_id: e for e in source.episodes()}
+    episodes = {(e.podcast, e.episode_id): e for e in source.episodes()}
 
-    assert sorted(episodes) == ["E03", "E05"]
-    assert episodes["E03"].podcast == SHOW and episodes["E05"].podcast is None
-    assert episodes["E03"].segments == parse_file(DATA / "E03.srt").segments
+    assert sorted(episodes, key=str) == sorted([(SHOW, "E03"), (SHOW, "E05"), (None, "E05")], key=str)
+    assert episodes[SHOW, "E03"].segments == parse_file(DATA / "E03.srt").segments
+    assert episodes[SHOW, "E05"].segments == parse_file(DATA / "E03.txt").segments
+    assert episodes[None, "E05"].segments == parse_file(EXAMPLES / "E05.vtt").segments
     assert len(source.refused) == 2
     assert any("broken.vtt: line 3: malformed timestamp" in m for m in source.refused)
-    assert any("episode id 'E05' already given by" in m for m in source.refused)
+    assert any(f"episode id 'E03' of podcast {SHOW!r} already given by" in m for m in source.refused)
     assert source.key == f"dir:{tmp_path.resolve()}"
     assert [e.episode_id for e in source.episodes(["E03"])] == ["E03"]
 

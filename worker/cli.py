@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ingest", cmd_ingest, "parse, chunk and enqueue transcript files; prints the job id")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="transcript files or directories")
-    p.add_argument("--podcast", help="name of the show")
+    p.add_argument("--podcast", help="name of the show; episodes are identified within it")
+    p.add_argument("--episode-id", help="the episode's id, for a single file (default: the file name's stem)")
     p.add_argument("--instruction", help="instruction for this job (default: PODEMBED_INSTRUCTION)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
+    p = command("migrate", cmd_migrate, "move vectors stored under ids of an older layout to the current ids")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
     p = command("serve", cmd_serve, "run the HTTP API (needs PODEMBED_API_TOKEN)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -134,24 +138,33 @@ def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import mongo_database, redis_client
-    from producer.enqueue import ingest, parse_files
+    from producer.enqueue import ingest, stream_files
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or directory: {', '.join(missing)}")
-    episodes, refused = parse_files(args.paths, podcast=args.podcast)
+    if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir() or not args.episode_id.strip()):
+        raise ConfigError("--episode-id names the episode of a single file, not of several files or a directory")
+    refused: list[str] = []
+    # Files are parsed as the job is enqueued, window by window: the first batches are on the queue early.
+    episodes = stream_files(args.paths, refused, podcast=args.podcast, episode_id=args.episode_id)
+    # The same command run again after a crash resumes it (see README, Catalog-scale runs).
+    run_key = "|".join(["ingest", str(args.podcast), str(args.episode_id), *(str(p.resolve()) for p in args.paths)])
+    job = ingest(settings, redis_client(settings), mongo_database(settings), episodes, kind="ingest",
+                 instruction=args.instruction, run_key=run_key)
     for message in refused:
         _error(f"refused {message}")
-    if not episodes:
+    if not job.episodes:
         raise PodembedError(f"nothing to ingest: {len(refused)} file(s) refused, none accepted")
-    job = ingest(settings, redis_client(settings), mongo_database(settings), episodes, kind="ingest",
-                 instruction=args.instruction)
     if args.json:
         _print_json({"job_id": job.job_id, "episodes": job.episodes, "chunks": job.chunks, "batches": job.batches,
-                     "tokens": job.tokens, "refused": refused})
+                     "tokens": job.tokens, "skipped": job.skipped, "resumed_from": job.resumed_from,
+                     "refused": refused})
     else:
-        print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks, {job.batches} batches, "
-              f"{job.tokens} tokens")
+        print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks ({job.skipped} already embedded), "
+              f"{job.batches} batches, {job.tokens} tokens")
+        if job.resumed_from:
+            print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
         if refused:
             print(f"{len(refused)} file(s) refused (see above)")
     return EXIT_ERROR if refused else 0
@@ -288,6 +301,18 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
         _print_json(asdict(result))
     else:
         print(f"job {result.job_id}: {len(result.removed)} queued batches removed; now {result.state}")
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database
+    from worker.migration import migrate_ids
+
+    result = migrate_ids(mongo_database(settings))
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"{result.moved} of {result.examined} vector documents moved to ids within their podcast")
     return 0
 
 

@@ -18,12 +18,13 @@ import numpy as np
 from bson.binary import Binary
 from redis import Redis
 
-from config.errors import EmbeddingError
+from config.errors import EmbeddingError, PayloadError
 from config.settings import Settings, redact_url
+from producer.chunkstore import ChunkStore
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import vector_spec
 from producer.jobs import JobRecords
-from producer.models import Batch, Chunk, VectorSpec
+from producer.models import Batch, BatchTicket, Chunk, VectorSpec
 from worker.embedder import Embedder, get_embedder
 from worker.store import LedgerEntry, VectorStore, text_key, to_bson_vector, vector_doc
 
@@ -37,6 +38,7 @@ class WorkerContext:
     settings: Settings
     records: JobRecords
     store: VectorStore
+    chunks: ChunkStore
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     # One writer thread: vectors of one forward pass are stored while the next one runs.
     writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store"))
@@ -71,6 +73,7 @@ def init_context(settings: Settings, redis: Redis | None = None) -> WorkerContex
         settings=settings,
         records=JobRecords(redis or redis_client(settings), db, settings.result_ttl),
         store=store,
+        chunks=ChunkStore(db),
     )
     return _context
 
@@ -96,7 +99,21 @@ class BatchResult:
 
 def embed_batch(payload: dict) -> dict:
     """RQ entry point: embed, store and account for one batch."""
-    return run_batch(current_context(), Batch.from_payload(payload)).to_dict()
+    ctx = current_context()
+    return run_batch(ctx, load_batch(ctx, payload)).to_dict()
+
+
+def load_batch(ctx: WorkerContext, payload: object) -> Batch:
+    """The batch a payload names, with its chunks read from MongoDB in one query.
+
+    A payload podembed did not write (malformed, or naming a job or batch that does not exist)
+    is a PayloadError, before anything is stored.
+    """
+    ticket = BatchTicket.from_payload(payload)
+    if not ctx.records.has_batch(ticket.job_id, ticket.batch_id):
+        raise PayloadError(f"batch {ticket.batch_id}: job {ticket.job_id} has no such batch")
+    return Batch(job_id=ticket.job_id, batch_id=ticket.batch_id, spec=ticket.spec,
+                 chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
 
 
 def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
@@ -180,9 +197,15 @@ def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  
     batch_id, job_id = job.id, job.meta.get("podembed_job", "")
     # The reason is shown by `status` and the HTTP API: a library's message may hold a URL.
     reason = redact_url(f"{exc_type.__name__}: {exc_value}")
-    if issubclass(exc_type, EmbeddingError):
-        # The model refused this batch (a text over the cap, non-finite vectors): trying again gives
-        # the same answer, so it fails now; RQ reads `retries_left` after this callback.
+    if not records.has_batch(job_id, batch_id):
+        # Written by someone else into Redis: it stays in the failed registry, and no job counts it.
+        logger.error("batch %s: not a batch of any job, failed: %s", batch_id, reason)
+        job.retries_left = 0
+        return
+    if issubclass(exc_type, EmbeddingError | PayloadError):
+        # The model refused this batch (a text over the cap, non-finite vectors), or its payload is not
+        # one podembed wrote: trying again gives the same answer, so it fails now; RQ reads
+        # `retries_left` after this callback.
         job.retries_left = 0
     if job.should_retry:
         records.mark_retrying(job_id, batch_id)

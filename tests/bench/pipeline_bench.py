@@ -29,15 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from config.services import on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
-from producer.enqueue import chunk_episodes, enqueue_chunks, parse_files, vector_spec  # noqa: E402
+from producer.enqueue import enqueue_episodes, parse_files, vector_spec  # noqa: E402
+from producer.streaming import chunk_episodes  # noqa: E402
+from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from worker import embedder as embedder_module  # noqa: E402
 from worker.loop import make_worker  # noqa: E402
 from worker.store import text_key  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
 
-
-def run_pipeline(settings: Settings, chunks, episodes: int, label: str) -> dict:
+def run_pipeline(settings: Settings, episodes, label: str) -> dict:
     """Enqueue one job and drain it; seconds from the worker's start to its end."""
     settings = settings.replace(mongo_db=f"bench_{label}_{os.getpid()}")
     redis = redis_client(settings)
@@ -45,7 +45,7 @@ def run_pipeline(settings: Settings, chunks, episodes: int, label: str) -> dict:
     db = mongo_database(settings)
     spec = vector_spec(settings)
     began = time.perf_counter()
-    job = enqueue_chunks(settings, redis, db, chunks=chunks, episodes=episodes, kind="ingest", spec=spec)
+    job = enqueue_episodes(settings, redis, db, episodes, kind="ingest", spec=spec)
     enqueue_seconds = time.perf_counter() - began
     worker, _ = make_worker(settings, redis)
     loads = embedder_module.load_count()
@@ -78,12 +78,12 @@ def run_bare(model, texts: list[str], settings: Settings) -> float:
     return time.perf_counter() - began
 
 
-def measure(settings: Settings, model, chunks, episodes: int, label: str) -> dict:
+def measure(settings: Settings, model, chunks, episodes, label: str) -> dict:
     spec = vector_spec(settings)
     unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
     # Bare first and last around the pipeline, so drift of this noisy machine shows and averages out.
     bare_a = run_bare(model, unique, settings)
-    pipe = run_pipeline(settings, chunks, episodes, label)
+    pipe = run_pipeline(settings, episodes, label)
     bare_b = run_bare(model, unique, settings)
     bare = (bare_a + bare_b) / 2
     assert pipe["stored"] == len(chunks), pipe
@@ -99,30 +99,28 @@ def measure(settings: Settings, model, chunks, episodes: int, label: str) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of transcripts")
+    parser.add_argument("--data", type=Path, help="folder of transcripts (default: the vendored seenunseen corpus)")
     parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--max-chunks", type=int, default=0, help="cap for a shorter run (0: all)")
     args = parser.parse_args()
 
-    files = sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+    files = (sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+             if args.data else seenunseen_vtt())
     with tempfile.TemporaryDirectory() as tmp:
         settings = on_spare_ports(Settings.from_env(retry_intervals=()), Path(tmp))
         services_up(settings)
         try:
             episodes, refused = parse_files(files[: args.episodes])
             chunks = chunk_episodes(settings, episodes, vector_spec(settings))
-            if args.max_chunks:
-                chunks = chunks[: args.max_chunks]
             spec = vector_spec(settings)
             embedder = embedder_module.get_embedder(
                 settings.model_source(), revision=None, pool_instruction=spec.pool_instruction,
                 micro_batch_size=settings.micro_batch_size,
             )
-            full = measure(settings, embedder.model, chunks, len(episodes), "full")
+            full = measure(settings, embedder.model, chunks, episodes, "full")
             # The fast regime: the same model object cut to its first transformer layer.
             encoder = embedder.model[0].auto_model.encoder
             encoder.layer = encoder.layer[:1]
-            fast = measure(settings, embedder.model, chunks, len(episodes), "fast")
+            fast = measure(settings, embedder.model, chunks, episodes, "fast")
         finally:
             services_down(settings)
 

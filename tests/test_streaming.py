@@ -1,0 +1,155 @@
+"""The streaming, claim-check enqueue: windows reach the queue while the producer reads, batches carry
+chunk ids only, stored vectors are never queued, and a killed producer's command resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from pymongo.database import Database
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from config.errors import StoreError
+from config.settings import Settings
+from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
+from producer.jobs import JOBS_INDEX, JobRecords
+from producer.models import BatchTicket, Episode
+from producer.streaming import chunk_episodes
+from tests.conftest import DATA, EXAMPLES, ROOT
+from tests.soak.harness import audit, run_cli, wait_until, worker_env
+from worker.loop import run_worker
+
+SHOW = "The Seen and the Unseen"
+FILES = [EXAMPLES / "E01.vtt", EXAMPLES / "E05.vtt", EXAMPLES / "E06.json", DATA / "E03.srt"]
+
+
+def test_windows_are_queued_while_the_producer_reads(settings: Settings, redis: Redis, db: Database) -> None:
+    settings = settings.replace(enqueue_window_chunks=10, producer_processes=1)
+    episodes, _ = parse_files(FILES, podcast=SHOW)
+    records = JobRecords(redis, db, settings.result_ttl)
+    seen: list[tuple[int, int, bool, str]] = []
+
+    def window_done(job: EnqueuedJob, window: list[Episode]) -> None:
+        status = records.status(job.job_id)
+        seen.append((status.chunks.total, status.batches.total, status.enqueue_done, status.state))
+        # A worker takes this window's batches before the producer reads on: the job is not over yet.
+        run_worker(settings, burst=True, redis=redis)
+        assert records.status(job.job_id).state == "running"
+
+    job = enqueue_episodes(settings, redis, db, episodes, kind="ingest", spec=vector_spec(settings),
+                           on_window=window_done)
+    assert len(seen) == len(FILES)  # every episode of these has more than 10 chunks: one window each
+    totals = [chunks for chunks, *_ in seen]
+    assert totals == sorted(totals) and totals[-1] == job.chunks == len(chunk_episodes(settings, episodes,
+                                                                                        vector_spec(settings)))
+    assert all(not done for _, _, done, _ in seen)
+    status = records.status(job.job_id)
+    assert (status.state, status.enqueue_done, status.chunks.embedded) == ("finished", True, job.chunks)
+    assert status.finished_at is not None and status.batches.total == job.batches
+
+
+def test_batches_carry_chunk_ids_and_texts_wait_in_mongo(settings: Settings, redis: Redis, db: Database) -> None:
+    episodes, _ = parse_files(FILES[:2], podcast=SHOW)
+    job = ingest(settings, redis, db, episodes, kind="ingest")
+    chunks = {c.chunk_id: c for c in chunk_episodes(settings, episodes, vector_spec(settings))}
+    queued: list[str] = []
+    for batch_id in batch_queue(settings, redis).get_job_ids():
+        payload = Job.fetch(batch_id, redis, JSONSerializer).args[0]
+        assert BatchTicket.from_payload(payload).batch_id == batch_id
+        assert set(payload) == {"job_id", "batch_id", "spec", "chunk_ids", "force"}
+        queued += payload["chunk_ids"]
+        data = redis.hget(f"rq:job:{batch_id}", "data")
+        assert chunks[payload["chunk_ids"][0]].text[:40].encode() not in zlib.decompress(data)
+        # A few bytes per chunk (ids compress well): `make scale` measures what Redis holds in all.
+        assert len(data) < 16 * len(payload["chunk_ids"])
+    assert sorted(queued) == sorted(chunks)
+    stored = {d["_id"]: d for d in db.chunks.find({})}
+    assert stored.keys() == chunks.keys()
+    assert all(stored[i]["text"] == c.text and stored[i]["podcast"] == SHOW for i, c in chunks.items())
+    run_worker(settings, burst=True, redis=redis)
+    assert JobRecords(redis, db, settings.result_ttl).status(job.job_id).chunks.embedded == job.chunks
+
+
+def test_reingest_is_a_finished_job_of_skipped_chunks(settings: Settings, redis: Redis, db: Database) -> None:
+    env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db)
+    first = run_cli(env, "ingest", str(EXAMPLES / "E05.vtt"), "--podcast", SHOW, "--json")
+    assert first.returncode == 0, first.stderr
+    run_worker(settings, burst=True, redis=redis)
+    again = run_cli(env, "ingest", str(EXAMPLES / "E05.vtt"), "--podcast", SHOW, "--json")
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert (doc["batches"], doc["tokens"], doc["skipped"]) == (0, 0, doc["chunks"])
+    assert batch_queue(settings, redis).count == 0
+    status = JobRecords(redis, db, settings.result_ttl).status(doc["job_id"])
+    assert (status.state, status.chunks.skipped, status.chunks.total) == ("finished", doc["chunks"], doc["chunks"])
+
+
+def test_nothing_is_queued_when_mongo_cannot_keep_the_job(settings: Settings, redis: Redis,
+                                                          unused_port: int) -> None:
+    down = settings.replace(mongo_uri=f"mongodb://127.0.0.1:{unused_port}", mongo_timeout_ms=500)
+    from producer.connections import mongo_database
+
+    episodes, _ = parse_files([DATA / "E03.txt"])
+    with pytest.raises(StoreError, match="cannot save job"):
+        ingest(down, redis, mongo_database(down), episodes, kind="ingest")
+    assert batch_queue(settings, redis).count == 0 and redis.zcard(JOBS_INDEX) == 0
+
+
+@pytest.fixture
+def unused_port() -> int:
+    from config.services import free_port
+
+    return free_port()
+
+
+def test_killed_producer_resumes_and_nothing_is_embedded_twice(settings: Settings, redis: Redis, db: Database,
+                                                               tmp_path: Path) -> None:
+    # The third file is a pipe nobody writes to yet: the producer blocks on it after two episodes' windows.
+    for path in FILES[:2] + FILES[3:]:
+        shutil.copy(path, tmp_path / path.name)
+    stalled = tmp_path / "E99.vtt"
+    os.mkfifo(stalled)
+    paths = [str(tmp_path / FILES[0].name), str(tmp_path / FILES[1].name), str(stalled),
+             str(tmp_path / FILES[3].name)]
+    env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db, enqueue_window_chunks=10,
+                     producer_processes=1)
+    records = JobRecords(redis, db, settings.result_ttl)
+    producer = subprocess.Popen([sys.executable, "-m", "worker.cli", "ingest", *paths, "--podcast", SHOW, "--json"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: redis.zcard(JOBS_INDEX) == 1 and records.status(
+            redis.zrange(JOBS_INDEX, 0, 0)[0].decode()).episodes == 2, timeout=60, what="two episodes enqueued")
+    finally:
+        producer.send_signal(signal.SIGKILL)
+        producer.wait()
+    [first_id] = [j.decode() for j in redis.zrange(JOBS_INDEX, 0, -1)]
+    first = records.status(first_id)
+    assert (first.enqueue_done, first.state) == (False, "queued")
+
+    stalled.unlink()
+    shutil.copy(DATA / "E06.vtt", stalled)  # the pipe's episode, now readable
+    again = run_cli(env, "ingest", *paths, "--podcast", SHOW, "--json")
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout)
+    assert second["episodes"] == 2  # the other two are left to the first job
+
+    run_worker(settings, burst=True, redis=redis)
+    assert records.status(first_id).state == "interrupted"
+    assert records.status(second["job_id"]).state == "finished"
+    episodes, _ = parse_files([Path(p) for p in paths], podcast=SHOW)
+    chunk_ids = [c.chunk_id for c in chunk_episodes(settings, episodes, vector_spec(settings))]
+    batch_ids = records.batch_ids(first_id) + records.batch_ids(second["job_id"])
+    found = audit(db, first_id, chunk_ids, records.batch_ids(first_id))
+    assert (found.lost, found.duplicated, found.vectors) == (0, 0, len(chunk_ids))
+    # No chunk went through the model twice: the ledgers of both jobs add up to each chunk once.
+    ledger = list(db.batches.find({"batch_id": {"$in": batch_ids}}))
+    assert len(ledger) == len(batch_ids) and sum(e["n_embedded"] for e in ledger) == len(chunk_ids)
