@@ -96,6 +96,7 @@ def test_restored_container_starts_at_the_restore_without_a_second_load(
     # Counted from the restore, not from the process that made the snapshot an hour ago.
     assert record.cold_start_seconds < 60
     assert embedder_module.load_count() == loads
+    container.stop()  # its heartbeat ends with it
     assert db.workers.find_one({"_id": "ta-restored"})["from_snapshot"] is True
 
 
