@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install redis-server services-up services-down demo test lint bench soak scale clean
+.PHONY: install redis-server services-up services-down demo test lint bench producer-bench soak scale clean
 
 install: $(STAMP) redis-server
 
@@ -43,6 +43,10 @@ bench: install
 # Catalog-scale backfill: 3,000+ episodes, 400,000+ chunks, streamed, killed halfway and resumed (one JSON document).
 scale: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/scale.py
+
+# Producer parse and chunk throughput on the 120 real episodes (one JSON document; see BENCHMARKS.md).
+producer-bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/producer_bench.py
 
 # Fault drills, 10,000+ bad inputs, 20,000+ chunks through two workers (one JSON document; see RELIABILITY.md).
 soak: install

@@ -2,7 +2,9 @@
 
 `up` starts each one only if nothing answers at the configured URL and the URL is
 on this machine; `down` stops only what `up` started (it keeps pid files in the
-data folder).
+data folder). Redis takes the URL's password when it has one; nx-27017 has no
+authentication at all, so both listen on loopback addresses only. The data folder
+holds transcripts: it is readable by its owner only.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from config.errors import ServiceError
-from config.settings import Settings
+from config.settings import Settings, bad_url
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -66,13 +69,16 @@ class Service:
         return pid
 
     def start(self, command: list[str]) -> None:
+        # Neither service may listen beyond this machine: nx-27017 has no authentication at all.
         if self.host not in LOOPBACK:
-            raise ServiceError(f"{self.name}: nothing answers at {self.host}:{self.port}, not on this machine")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.data_dir / f"{self.name}.log").open("ab")
+            raise ServiceError(f"{self.name}: nothing answers at {self.host}:{self.port}, and podembed starts "
+                               f"local services on a loopback address only, not on {self.host}")
+        private_dir(self.data_dir)
+        log = private_file(self.data_dir / f"{self.name}.log").open("ab")
+        # umask: what the services write (Redis' append-only file, nx-27017's SQLite) is the owner's only.
         process = subprocess.Popen(command, cwd=self.data_dir, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid_file.write_text(str(process.pid))
+                                   stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
+        private_file(self.pid_file).write_text(str(process.pid))
         deadline = time.monotonic() + 60
         while not self.answering():
             if process.poll() is not None or time.monotonic() > deadline:
@@ -119,14 +125,34 @@ def on_spare_ports(settings: Settings, data_dir: Path) -> Settings:
                             mongo_uri=f"mongodb://127.0.0.1:{free_port()}", data_dir=data_dir)
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can enter (it holds transcripts and vectors)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """`path`, created if missing, readable and writable by its owner only."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    return path
+
+
 def local_services(settings: Settings) -> tuple[Service, Service]:
     data_dir = settings.data_dir.resolve()
-    redis_url = urlsplit(settings.redis_url)
-    mongo_url = urlsplit(settings.mongo_uri.split(",")[0])
     return (
-        Service("redis", redis_url.hostname or "127.0.0.1", redis_url.port or 6379, data_dir),
-        Service("mongo", mongo_url.hostname or "127.0.0.1", mongo_url.port or 27017, data_dir),
+        Service("redis", *_address(settings.redis_url, 6379, "PODEMBED_REDIS_URL"), data_dir),
+        Service("mongo", *_address(settings.mongo_uri.split(",")[0], 27017, "PODEMBED_MONGO_URI"), data_dir),
     )
+
+
+def _address(url: str, default_port: int, variable: str) -> tuple[str, int]:
+    try:
+        parts = urlsplit(url)
+        return parts.hostname or "127.0.0.1", parts.port or default_port
+    except ValueError as exc:
+        raise bad_url(variable, url, exc) from None
 
 
 def services_up(settings: Settings) -> list[ServiceState]:
@@ -134,9 +160,9 @@ def services_up(settings: Settings) -> list[ServiceState]:
     redis, mongo = local_services(settings)
     if not redis.answering():
         redis.start([
-            _binary("redis-server", "apt-get install redis-server"),
+            _binary("redis-server", "apt-get install redis-server"), str(_redis_config(settings, redis.data_dir)),
             "--bind", redis.host, "--port", str(redis.port), "--dir", str(redis.data_dir),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
         ])
     if not mongo.answering():
         mongo.start([
@@ -158,6 +184,35 @@ def services_down(settings: Settings) -> list[ServiceState]:
 
 def services_status(settings: Settings) -> list[ServiceState]:
     return [service.state() for service in local_services(settings)]
+
+
+def _redis_config(settings: Settings, data_dir: Path) -> Path:
+    """A config file (mode 600) giving Redis the URL's user and password, so it never shows in `ps`.
+
+    Without a password in the URL the file is empty: protected mode and the loopback bind keep
+    others out.
+    """
+    from redis.connection import parse_url
+
+    try:
+        url = parse_url(settings.redis_url)
+    except ValueError as exc:
+        raise bad_url("PODEMBED_REDIS_URL", settings.redis_url, exc) from None
+    lines = []
+    if url.get("password"):
+        user = url.get("username") or "default"
+        # ACL with the password's SHA-256: no quoting of arbitrary characters in the config syntax.
+        lines.append(f"user {_config_string(user)} on #{sha256(url['password'].encode()).hexdigest()} ~* &* +@all")
+        if user != "default":
+            lines.append("user default off")
+    config = private_file(private_dir(data_dir) / "redis.conf")
+    config.write_text("".join(f"{line}\n" for line in lines))
+    return config
+
+
+def _config_string(text: str) -> str:
+    """`text` as one argument of Redis' config syntax, whatever characters it holds."""
+    return '"' + "".join(f"\\x{b:02x}" for b in text.encode()) + '"'
 
 
 def _binary(name: str, hint: str) -> str:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote, unquote_plus
 
 from config.errors import ConfigError
 
@@ -82,6 +83,8 @@ class Settings:
     estimate_device: str | None = None
     # Largest POST /jobs body: several long transcripts; bulk loads go through nightly/backfill.
     max_request_bytes: int = 8 * 1024 * 1024
+    # POST /jobs bodies over 1 MiB the API works on at once (each costs ~10x its size); more get a 503.
+    max_large_requests: int = 1
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 
@@ -168,13 +171,54 @@ class Settings:
         return out
 
 
-# The password runs to the last '@' of the authority: one that holds an unescaped '@' is hidden whole.
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?::[^/\s]*)?@", re.IGNORECASE)
+# The userinfo runs to the last '@' of the line: a password holding '/', '@', spaces or even '://'
+# is hidden whole, at the cost of hiding more than the password where a line has a later '@'.
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\n]*)@", re.IGNORECASE)
+# A user name worth showing: what is left of the userinfo is never shown.
+_USER = re.compile(r"[^:/?#@\s]*")
+# Secrets as query parameters (redis-py reads `?password=`). A raw space does not end the value
+# for redis-py, so it runs to the next '&', '#' or the end of the line.
+_SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:password|pass|token|secret)=)(?P<value>[^&#\n]*)", re.IGNORECASE)
+# Library messages quote pieces of a URL they could not parse ("cast to integer value as 'S3cret'").
+_PIECE_SEPARATORS = re.compile(r"[/?#@:&;\s]+")
+_MIN_PIECE = 3
 
 
-def redact_url(text: str) -> str:
-    """Replace the password of any `scheme://user:password@host` in `text` with `***`."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+def redact_url(text: str, url: str | None = None) -> str:
+    """`text` with the password of every `scheme://user:password@host` and every `password=`,
+    `pass=`, `token=` or `secret=` query value replaced by `***`.
+
+    `url`: also hide, wherever they appear in `text`, the secrets of this URL and their pieces
+    (a library's error about `url` may quote part of its password).
+    """
+    # Query values first: one holding an '@' would otherwise look like the end of a userinfo.
+    redacted = _SECRET_PARAM.sub(lambda m: f"{m['key']}***", text)
+    redacted = _USERINFO.sub(_hide_userinfo, redacted)
+    for secret in _secrets(url) if url else ():
+        redacted = redacted.replace(secret, "***")
+    return redacted
+
+
+def bad_url(variable: str, url: str, exc: Exception) -> ConfigError:
+    """The one-line error for a URL setting a client refused, without any of its secrets."""
+    return ConfigError(f"{variable}={redact_url(url)!r}: {redact_url(str(exc), url)}")
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    user = _USER.match(match["userinfo"])[0]
+    return f"{match['scheme']}{user}:***@"
+
+
+def _secrets(url: str) -> list[str]:
+    """The secrets of `url` as they may appear in a message: whole, unquoted, and in pieces."""
+    found = [m["value"] for m in _SECRET_PARAM.finditer(url)]
+    userinfo = _USERINFO.search(url)
+    if userinfo:
+        found.append(userinfo["userinfo"][len(_USER.match(userinfo["userinfo"])[0]) + 1 :])
+    spellings = (p for s in found for p in (s, unquote(s), unquote_plus(s), *_PIECE_SEPARATORS.split(s)))
+    pieces = {p for p in spellings if len(p) >= _MIN_PIECE}
+    # Longest first, so a piece never leaves part of a longer secret behind.
+    return sorted(pieces, key=len, reverse=True)
 
 
 def env_values(cls: type, prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, object]:

@@ -2,7 +2,9 @@
 
 Every route but `/healthz` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`. `podembed serve`
 runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
-`def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block.
+`def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block, so the
+event loop stays free. Large bodies are taken `PODEMBED_MAX_LARGE_REQUESTS` at a time, before
+they are read: the others get a 503 with Retry-After, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import BaseModel, Field
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config.errors import (
     ConfigError,
@@ -33,12 +36,14 @@ from config.errors import (
     TranscriptFormatError,
 )
 from config.settings import Settings, redact_url
+from producer.chunking import ChunkLimits, text_budget
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import collect_episodes, ingest
 from producer.jobs import JobRecords, JobStatus
 from producer.models import Episode
 from producer.operations import CancelResult, RetryResult, cancel, retry
 from producer.parsing import parse_bytes
+from producer.tokens import load_tokenizer
 
 # Most specific first: the HTTP status each of our errors answers with (other errors: 409).
 ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
@@ -49,6 +54,13 @@ ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
     (ConfigError, 500),
 ]
 
+
+# A body this large counts against PODEMBED_MAX_LARGE_REQUESTS (a body of unknown length does too).
+LARGE_REQUEST_BYTES = 1024 * 1024
+# How long a client refused for load waits before trying again.
+RETRY_AFTER_SECONDS = 5
+# Instructions are a sentence; the model's window bounds them in tokens as well (checked per request).
+MAX_INSTRUCTION_CHARS = 1000
 
 # Checked by our own dependency, so a missing header is a 401 with our message, not FastAPI's 403.
 BEARER = HTTPBearer(auto_error=False)
@@ -62,7 +74,8 @@ class TranscriptIn(BaseModel):
 
 class JobRequest(BaseModel):
     podcast: str | None = None
-    instruction: str | None = Field(default=None, description="default: PODEMBED_INSTRUCTION")
+    instruction: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS,
+                                    description="default: PODEMBED_INSTRUCTION")
     transcripts: list[TranscriptIn] = Field(min_length=1)
 
 
@@ -111,6 +124,8 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
     @jobs.post("", status_code=202, response_model=JobCreated, responses={422: {"model": Refused}})
     def create_job(body: JobRequest, response: Response) -> JobCreated | JSONResponse:
         """Parse, chunk and enqueue the transcripts as one job; refused ones are listed."""
+        if body.instruction is not None:
+            _check_instruction(settings, body.instruction)
         episodes, refused = _parse(body)
         if not episodes:
             detail = f"nothing to ingest: {len(refused)} transcript(s) refused, none accepted"
@@ -151,7 +166,49 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         return JSONResponse(status_code=code, content={"detail": redact_url(str(exc))})
 
     app.include_router(jobs)
+    app.add_middleware(LargeRequestLimit, limit=settings.max_large_requests)
     return app
+
+
+class LargeRequestLimit:
+    """At most `limit` large POST bodies at once; beyond that a 503 with Retry-After, before reading them.
+
+    One event loop runs this, so a plain counter needs no lock.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not _large(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            busy = JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, content={
+                "detail": f"busy: {self.active} large request(s) (over {LARGE_REQUEST_BYTES} bytes) in progress, "
+                          f"the limit is {self.limit} (PODEMBED_MAX_LARGE_REQUESTS); retry in {RETRY_AFTER_SECONDS} s"})
+            await busy(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def _large(scope: Scope) -> bool:
+    length = dict(scope["headers"]).get(b"content-length")
+    return length is None or not length.isdigit() or int(length) > LARGE_REQUEST_BYTES
+
+
+def _check_instruction(settings: Settings, instruction: str) -> None:
+    """A 422 naming the limit when the instruction leaves no room for text in the model's window."""
+    try:
+        text_budget(load_tokenizer(settings), ChunkLimits(settings.chunk_tokens, 0, instruction))
+    except ConfigError as exc:
+        raise HTTPException(422, f"instruction too long: {exc}") from None
 
 
 def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:

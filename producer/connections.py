@@ -10,8 +10,8 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
 
-from config.errors import ConfigError
-from config.settings import Settings, redact_url
+from config.errors import StoreError
+from config.settings import Settings, bad_url, redact_url
 
 # nx-27017 can stall for minutes under a large bulk write; a real server answers at once.
 MONGO_SOCKET_TIMEOUT_MS = 120_000
@@ -21,7 +21,7 @@ def redis_client(settings: Settings) -> Redis:
     try:
         return Redis.from_url(settings.redis_url, socket_connect_timeout=10, health_check_interval=30)
     except ValueError as exc:
-        raise ConfigError(f"PODEMBED_REDIS_URL={redact_url(settings.redis_url)!r}: {redact_url(str(exc))}") from None
+        raise bad_url("PODEMBED_REDIS_URL", settings.redis_url, exc) from None
 
 
 def mongo_database(settings: Settings) -> Database:
@@ -36,5 +36,19 @@ def mongo_database(settings: Settings) -> Database:
             tz_aware=True,
         )
     except (PyMongoError, ValueError) as exc:
-        raise ConfigError(f"PODEMBED_MONGO_URI={redact_url(settings.mongo_uri)!r}: {redact_url(str(exc))}") from None
+        raise bad_url("PODEMBED_MONGO_URI", settings.mongo_uri, exc) from None
     return client[settings.mongo_db]
+
+
+def check_mongo(settings: Settings, db: Database) -> None:
+    """One clear `StoreError` if MongoDB cannot be reached or refuses the URI's credentials."""
+    where = redact_url(settings.mongo_uri)
+    try:
+        db.command("ping")
+    except KeyError as exc:
+        # pymongo's SCRAM handshake reading a reply with no 'payload': a server without
+        # authentication (nx-27017) answering a URI that carries a user and password.
+        raise StoreError(f"MongoDB at {where} does not take credentials (nx-27017 has no authentication): "
+                         f"remove the user and password from PODEMBED_MONGO_URI ({exc!r} in the handshake)") from None
+    except PyMongoError as exc:
+        raise StoreError(f"MongoDB at {where}: {redact_url(str(exc), settings.mongo_uri)}") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from rq.serializers import JSONSerializer
 from config.errors import JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
 from producer.chunkstore import ChunkStore
+from producer.connections import check_mongo
 from producer.jobs import JobRecords, NewJob, Window
 from producer.models import Batch, Episode, VectorSpec
 from producer.packing import pack_batches
@@ -188,6 +191,8 @@ class JobStream:
 
     def open(self) -> str:
         if self.job.job_id is None:
+            # A URI the server cannot serve (credentials against nx-27017) fails here, before anything is queued.
+            check_mongo(self.settings, self.records.db)
             job_id = new_job_id()
             self.records.create(NewJob(job_id=job_id, kind=self.kind, model=self.spec.model,
                                        instruction=self.spec.instruction, vector_key=self.spec.key))
@@ -263,22 +268,87 @@ def enqueue_episodes(
     `force` queues every chunk even where its vector is stored (the worker embeds it again).
     `run_key` names the command: run again after a crash, it resumes where the dead run stopped.
     `on_window` is called with the job's running counts and the episodes of each window enqueued.
+    Chunking (this thread and its pool) and storing (a lane of its own) overlap by one window.
     """
     stream = JobStream(settings, redis, db, kind=kind, spec=spec, force=force)
     taken = stream.resume(run_key) if run_key is not None else set()
     todo = (e for e in episodes if e.key not in taken)
     try:
-        for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks,
-                              settings.batch_max_chunks):
-            if not stream.add(window):
-                logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
-                break
-            if on_window is not None:
-                on_window(stream.job, [chunked.episode for chunked in window])
+        with StoreLane(stream, on_window) as lane:
+            for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks,
+                                  settings.batch_max_chunks):
+                if not lane.put(window):
+                    logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
+                    break
     except BaseException:
         stream.abandon()
         raise
     return stream.close()
+
+
+_END = object()
+
+
+class StoreLane:
+    """A thread that stores and enqueues windows in order while the next one is chunked.
+
+    Its queue holds one window: memory stays bounded by two windows in flight. An error in
+    the lane stops it and is raised once, in the thread that owns the stream.
+    """
+
+    def __init__(self, stream: JobStream, on_window: Callable[[EnqueuedJob, list[Episode]], None] | None) -> None:
+        self.stream = stream
+        self.on_window = on_window
+        self.windows: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._run, name="enqueue", daemon=True)
+
+    def __enter__(self) -> StoreLane:
+        self.thread.start()
+        return self
+
+    def put(self, window: list[ChunkedEpisode]) -> bool:
+        """Hand a window over; False once the job was cancelled (nothing more is enqueued)."""
+        self._raise()
+        if self.cancelled:
+            return False
+        while self.thread.is_alive():
+            try:
+                self.windows.put(window, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        self._raise()
+        return not self.cancelled
+
+    def __exit__(self, *exc: object) -> None:
+        while self.thread.is_alive():
+            try:
+                self.windows.put(_END, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
+        if exc[0] is None:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self) -> None:
+        try:
+            while (window := self.windows.get()) is not _END:
+                if self.cancelled:
+                    continue
+                if not self.stream.add(window):
+                    self.cancelled = True
+                elif self.on_window is not None:
+                    self.on_window(self.stream.job, [chunked.episode for chunked in window])
+        except BaseException as exc:  # surfaced by the owner's next put or exit
+            self.error = exc
 
 
 def _job_data(settings: Settings, batch: Batch) -> EnqueueData:

@@ -37,7 +37,8 @@ def embedding_id(chunk_id: str, vector_key: str) -> str:
     return f"{chunk_id}|{vector_key}"
 
 
-@dataclass(frozen=True)
+# Slots: a transcript of a million cues holds a million of these.
+@dataclass(frozen=True, slots=True)
 class Segment:
     start: float
     end: float

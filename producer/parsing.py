@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
@@ -28,6 +29,10 @@ _TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
 _VTT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
 _SRT_TIME = re.compile(r"^(\d{1,9}):([0-5]\d):([0-5]\d)[,.](\d{3})$")
 _CHAT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)(?:[.,](\d{1,3}))?$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# Whitespace that is not already one plain space: text already normal is not copied.
+_SPACES = re.compile(r"\s{2,}|[^\S ]")
+_LEADING_SPACE = re.compile(r"\s*")
 _SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
@@ -41,15 +46,25 @@ def parse_file(
         data = path.read_bytes()
     except OSError as exc:
         raise TranscriptFormatError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
-    return parse_bytes(data, name=str(path), episode_id=episode_id or path.stem, podcast=podcast,
-                       published_at=published_at)
+    # The bytes are dropped once decoded: parsing holds the text, not both.
+    text = decode_text(data, str(path))
+    del data
+    return parse_text(text, name=str(path), episode_id=episode_id or path.stem, podcast=podcast,
+                      published_at=published_at)
 
 
 def parse_bytes(
     data: bytes, *, name: str, episode_id: str, podcast: str | None = None, published_at: str | None = None
 ) -> Episode:
     """Parse transcript bytes; `name` gives the extension and is used in error messages."""
-    text = decode_text(data, name)
+    return parse_text(decode_text(data, name), name=name, episode_id=episode_id, podcast=podcast,
+                      published_at=published_at)
+
+
+def parse_text(
+    text: str, *, name: str, episode_id: str, podcast: str | None = None, published_at: str | None = None
+) -> Episode:
+    """Parse decoded transcript text (see `parse_bytes`)."""
     segments = parse_text_auto(text, name)
     if not segments:
         raise TranscriptFormatError(f"{name}: no transcript text found")
@@ -59,7 +74,8 @@ def parse_bytes(
 
 
 def decode_text(data: bytes, name: str) -> str:
-    if not data.strip():
+    # isspace(), not strip(): no copy of a large file just to see that it is blank.
+    if not data or data.isspace():
         raise TranscriptFormatError(f"{name}: file is empty")
     try:
         text = data.decode("utf-8-sig")
@@ -74,7 +90,9 @@ def decode_text(data: bytes, name: str) -> str:
 
 def parse_text_auto(text: str, name: str) -> list[Segment]:
     suffix = Path(name).suffix.lower()
-    head = text.lstrip()
+    # The first characters after leading whitespace, without copying the whole text as lstrip() would.
+    start = _LEADING_SPACE.match(text).end()
+    head = text[start : start + 8]
     if head.startswith("WEBVTT"):
         return parse_vtt(text, name)
     if suffix == ".json" or (suffix == "" and head[:1] in "[{" and _is_json(text)):
@@ -196,23 +214,34 @@ def parse_plain_text(text: str, name: str) -> list[Segment]:
     return [s for _, lines in _blocks(text) if (s := _make_segment(0.0, 0.0, lines))]
 
 
-def _blocks(text: str) -> list[tuple[int, list[str]]]:
-    """Blank-line separated blocks with the 1-based line number of their first line."""
-    blocks: list[tuple[int, list[str]]] = []
+def _blocks(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Blank-line separated blocks with the 1-based line number of their first line, as they come."""
     current: list[str] = []
     start = 0
-    for i, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip()
-        if line.strip():
+    for i, line in enumerate(_lines(text), start=1):
+        line = line.rstrip()  # the unstripped copy of a huge line is dropped at once
+        if line:
             if not current:
                 start = i
             current.append(line)
         elif current:
-            blocks.append((start, current))
+            yield start, current
             current = []
     if current:
-        blocks.append((start, current))
-    return blocks
+        yield start, current
+
+
+def _lines(text: str) -> Iterator[str]:
+    """Lines split at \\n, \\r\\n and \\r only, one at a time.
+
+    `str.splitlines` also splits at U+2028, NEL, form feed and others, which are text inside a cue.
+    """
+    start = 0
+    for match in _LINE_BREAK.finditer(text):
+        yield text[start : match.start()]
+        start = match.end()
+    if start < len(text):
+        yield text[start:]
 
 
 def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) -> tuple[float, float]:
@@ -239,16 +268,19 @@ def _seconds(match: re.Match[str]) -> float:
 
 
 def _make_segment(start: float, end: float, lines: list[str], speaker: str | None = None) -> Segment | None:
-    text = " ".join(line.strip() for line in lines).strip()
+    # Each step replaces `text`, so a huge cue is held in about two copies at a time, not five.
+    text = lines[0].strip() if len(lines) == 1 else " ".join(line.strip() for line in lines).strip()
     if speaker is None:
         match = _BRACKET_SPEAKER.match(text) or _VOICE_SPEAKER.match(text)
         if match:
             speaker = match["speaker"].strip()
             text = text[match.end() :]
-    text = " ".join(html.unescape(_TAG.sub("", text)).split())
+    # One regex pass, not split() and join(): a long line makes no list of millions of words.
+    text = _SPACES.sub(" ", html.unescape(_TAG.sub("", text))).strip()
     if not text:
         return None
-    return Segment(start=start, end=end, speaker=speaker or None, text=text)
+    # Interned: a speaker's name is one string however many cues name it.
+    return Segment(start=start, end=end, speaker=sys.intern(speaker) if speaker else None, text=text)
 
 
 def _string(item: dict[str, object], key: str, where: str) -> str:

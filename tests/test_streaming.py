@@ -20,10 +20,11 @@ from rq.serializers import JSONSerializer
 
 from config.errors import StoreError
 from config.settings import Settings
-from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
+from producer.enqueue import EnqueuedJob, JobStream, batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
 from producer.jobs import JOBS_INDEX, JobRecords
 from producer.models import BatchTicket, Episode
-from producer.streaming import chunk_episodes
+from producer.operations import cancel
+from producer.streaming import chunk_episodes, chunk_stream
 from tests.conftest import DATA, EXAMPLES, ROOT
 from tests.soak.harness import audit, run_cli, wait_until, worker_env
 from worker.loop import run_worker
@@ -36,25 +37,42 @@ def test_windows_are_queued_while_the_producer_reads(settings: Settings, redis: 
     settings = settings.replace(enqueue_window_chunks=10, producer_processes=1)
     episodes, _ = parse_files(FILES, podcast=SHOW)
     records = JobRecords(redis, db, settings.result_ttl)
-    seen: list[tuple[int, int, bool, str]] = []
+    seen: list[tuple[int, int, int, bool]] = []
 
     def window_done(job: EnqueuedJob, window: list[Episode]) -> None:
         status = records.status(job.job_id)
-        seen.append((status.chunks.total, status.batches.total, status.enqueue_done, status.state))
-        # A worker takes this window's batches before the producer reads on: the job is not over yet.
-        run_worker(settings, burst=True, redis=redis)
-        assert records.status(job.job_id).state == "running"
+        seen.append((len(window), status.chunks.total, batch_queue(settings, redis).count, status.enqueue_done))
 
     job = enqueue_episodes(settings, redis, db, episodes, kind="ingest", spec=vector_spec(settings),
                            on_window=window_done)
-    assert len(seen) == len(FILES)  # every episode of these has more than 10 chunks: one window each
-    totals = [chunks for chunks, *_ in seen]
+    # Every episode of these has more than 10 chunks: one window each, on the queue before the next is read.
+    assert [n for n, *_ in seen] == [1] * len(FILES)
+    totals = [total for _, total, *_ in seen]
     assert totals == sorted(totals) and totals[-1] == job.chunks == len(chunk_episodes(settings, episodes,
                                                                                         vector_spec(settings)))
-    assert all(not done for _, _, done, _ in seen)
+    assert all(queued > 0 and not done for *_, queued, done in seen)
+    assert records.status(job.job_id).enqueue_done
+
+
+def test_a_job_finishes_only_once_wholly_enqueued(settings: Settings, redis: Redis, db: Database) -> None:
+    settings = settings.replace(producer_processes=1)
+    episodes, _ = parse_files(FILES[:2], podcast=SHOW)
+    records = JobRecords(redis, db, settings.result_ttl)
+    stream = JobStream(settings, redis, db, kind="ingest", spec=vector_spec(settings))
+    chunked = list(chunk_stream(settings, episodes, vector_spec(settings)))
+    assert stream.add(chunked[:1])
+    # A worker takes the first window's batches before the producer reads on: the job is not over.
+    run_worker(settings, burst=True, redis=redis)
+    status = records.status(stream.job.job_id)
+    assert (status.state, status.enqueue_done, status.finished_at) == ("running", False, None)
+    assert status.batches.finished == status.batches.total == stream.job.batches
+    assert stream.add(chunked[1:])
+    run_worker(settings, burst=True, redis=redis)
+    assert records.status(stream.job.job_id).state == "running"
+    job = stream.close()
     status = records.status(job.job_id)
     assert (status.state, status.enqueue_done, status.chunks.embedded) == ("finished", True, job.chunks)
-    assert status.finished_at is not None and status.batches.total == job.batches
+    assert status.finished_at is not None
 
 
 def test_batches_carry_chunk_ids_and_texts_wait_in_mongo(settings: Settings, redis: Redis, db: Database) -> None:
@@ -99,7 +117,7 @@ def test_nothing_is_queued_when_mongo_cannot_keep_the_job(settings: Settings, re
     from producer.connections import mongo_database
 
     episodes, _ = parse_files([DATA / "E03.txt"])
-    with pytest.raises(StoreError, match="cannot save job"):
+    with pytest.raises(StoreError, match="MongoDB at mongodb://127.0.0.1"):
         ingest(down, redis, mongo_database(down), episodes, kind="ingest")
     assert batch_queue(settings, redis).count == 0 and redis.zcard(JOBS_INDEX) == 0
 
@@ -153,3 +171,21 @@ def test_killed_producer_resumes_and_nothing_is_embedded_twice(settings: Setting
     # No chunk went through the model twice: the ledgers of both jobs add up to each chunk once.
     ledger = list(db.batches.find({"batch_id": {"$in": batch_ids}}))
     assert len(ledger) == len(batch_ids) and sum(e["n_embedded"] for e in ledger) == len(chunk_ids)
+
+
+def test_cancel_while_enqueueing_stops_the_producer(settings: Settings, redis: Redis, db: Database) -> None:
+    settings = settings.replace(enqueue_window_chunks=10, producer_processes=1)
+    episodes, _ = parse_files(FILES, podcast=SHOW)
+    windows_seen: list[int] = []
+
+    def cancel_after_first(job: EnqueuedJob, window: list[Episode]) -> None:
+        windows_seen.append(job.batches)
+        if len(windows_seen) == 1:
+            assert cancel(settings, redis, db, job.job_id).state == "cancelled"
+
+    job = enqueue_episodes(settings, redis, db, episodes, kind="ingest", spec=vector_spec(settings),
+                           on_window=cancel_after_first)
+    assert windows_seen == [job.batches] and job.episodes == 1
+    status = JobRecords(redis, db, settings.result_ttl).status(job.job_id)
+    assert (status.state, status.episodes) == ("cancelled", 1)
+    assert batch_queue(settings, redis).count == 0

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bson  # noqa: E402
+from pymongo.collection import Collection  # noqa: E402
 from rq.job import Job  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
@@ -113,6 +116,12 @@ def sample(process: subprocess.Popen, settings: Settings, episodes: int, began: 
         time.sleep(0.2)
 
 
+def bson_bytes(collection: Collection, n: int = 1000) -> int:
+    """Mean BSON size of `n` documents of the collection (what a MongoDB tier stores, before indexes)."""
+    sizes = [len(bson.encode(doc)) for doc in collection.find({}).limit(n)]
+    return round(sum(sizes) / len(sizes)) if sizes else 0
+
+
 def fresh(settings: Settings) -> None:
     redis_client(settings).flushall()
     mongo_database(settings).client.drop_database(settings.mongo_db)
@@ -185,6 +194,7 @@ def run_resumed(settings: Settings, env: dict[str, str], catalog: Path, episodes
             queued.update(batch.args[0]["chunk_ids"])
     stored = {d["_id"] for d in db.chunks.find({}, {"_id": 1})}
     return {
+        "mongo_bytes_per_vector_doc": bson_bytes(db.embeddings),
         "resume_ok": len(queued) == len(stored) == chunks and set(queued) == stored and max(queued.values()) == 1
         and records.status(first).enqueue_done is False and records.status(second["job_id"]).enqueue_done,
         "resume_interrupted_job": first,
@@ -213,8 +223,9 @@ def main() -> None:
         try:
             env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db)
             job, samples, seconds = run_measured(settings, env, work / "catalog", episodes)
-            at_10 = next(mb for fraction, mb in samples.rss_mb if fraction >= 0.1)
-            at_100 = max(mb for fraction, mb in samples.rss_mb if fraction >= 0.99)
+            # Median of the samples in a band: one sample catches a window's transient peak or trough.
+            at_10 = statistics.median(mb for fraction, mb in samples.rss_mb if 0.1 <= fraction < 0.2)
+            at_100 = statistics.median(mb for fraction, mb in samples.rss_mb if fraction >= 0.9)
             report = {
                 "episodes": job["episodes"],
                 "chunks": job["chunks"],
@@ -224,11 +235,12 @@ def main() -> None:
                 "first_batch_seconds": round(samples.first_batch_seconds or seconds, 2),
                 "producer_tokens_per_s": round(job["tokens"] / seconds),
                 "producer_peak_rss_mb": round(max(mb for _, mb in samples.rss_mb), 1),
-                "producer_rss_mb_at_10pct": round(at_10, 1),
-                "producer_rss_mb_at_100pct": round(at_100, 1),
+                "producer_rss_mb_at_10pct": round(at_10, 1),  # median over 10-20 % of the catalog
+                "producer_rss_mb_at_100pct": round(at_100, 1),  # median over 90-100 %
                 "redis_peak_used_memory_mb": round(samples.redis_peak_bytes / 2**20, 2),
                 "redis_bytes_per_queued_chunk": round(samples.redis_queued_bytes / job["chunks"], 1),
                 "mongo_docs_per_s": round(job["chunks"] / seconds),
+                "mongo_bytes_per_chunk_doc": bson_bytes(mongo_database(settings).chunks),
                 "producer_processes": settings.producer_processes or os.cpu_count(),
                 "enqueue_window_chunks": settings.enqueue_window_chunks,
             }

@@ -14,6 +14,9 @@ says otherwise, and one torch thread each (two workers share this machine's core
 - fuzz:  the strategies of tests/test_fuzz.py through every parser and through POST /jobs.
 - load:  every real VTT episode at 96-token chunks through two workers: RSS per worker as the
          job grows, Redis memory before, at its peak and once results have expired.
+- oversize: 20 MB single-line and single-word files and a 1,000,000-cue WebVTT through `ingest`,
+         8 MB single-line POSTs (one, then three at once) through `serve`: peak RSS of each process
+         (tests/soak/oversize.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from producer.jobs import JobRecords  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
+from tests.soak.oversize import drill_oversize  # noqa: E402
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
 
@@ -290,6 +294,7 @@ def main() -> None:
                       drill_mongo(settings, logs, drill_paths, args.outage),
                       drill_redis(settings, logs, drill_paths, args.outage)]
             loaded = load(settings, logs, episodes[: args.load_episodes], args.load_chunk_tokens, args.result_ttl)
+            oversize = drill_oversize(settings, Path(tmp) / "oversize")
         finally:
             services_down(settings)
     runs = [*drills, loaded]
@@ -303,7 +308,7 @@ def main() -> None:
         "peak_rss_mb_per_worker": loaded["peak_rss_mb"],
         "redis_used_memory": {k: loaded["redis_memory"][k]["used_memory"]
                               for k in ("before", "after_enqueue", "after_results_expired")},
-        "drills": drills, "inputs": inputs, "load": loaded,
+        "drills": drills, "inputs": inputs, "load": loaded, "oversize": oversize,
         "seconds": round(time.perf_counter() - began, 1), "cpus": os.cpu_count(),
     }, indent=2))
 
