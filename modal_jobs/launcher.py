@@ -8,6 +8,7 @@ argument (the deployed class on Modal, a fake in tests).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
@@ -18,11 +19,14 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import as_text
 
 from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
-from modal_jobs.settings import ModalSettings
+from modal_jobs.settings import ModalSettings, drain_budget
+from modal_jobs.spawns import SpawnLedger
 from producer.enqueue import batch_queue
 from producer.operations import THROUGHPUT_WINDOW, nightly
 from producer.sources import MONGO, open_source
@@ -32,37 +36,61 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Backlog:
-    """Batches waiting on the queue, with the chunks and tokens the producer recorded in their meta."""
+    """Batches a drain can take now, with the chunks and tokens the producer recorded in their meta.
+
+    They are the queued batches, the retries whose back-off has passed (a drain's scheduler moves
+    them onto the queue) and the abandoned ones (started, their worker's heartbeat lapsed: any
+    worker's maintenance pass hands them back to RQ's retry). Retries due later are counted apart:
+    the next launcher run after they fall due spawns for them.
+    """
 
     batches: int
     chunks: int
     tokens: int
+    queued: int = 0
+    retries_due: int = 0
+    abandoned: int = 0
+    retries_later: int = 0
+    next_retry_in_s: float | None = None  # seconds until the earliest retry due later
 
 
 @dataclass(frozen=True)
 class Throughput:
     tokens_per_s: float
     measured_batches: int  # ledger entries it comes from; 0: PODEMBED_DEFAULT_TOKENS_PER_SECOND, a guess
+    largest_batch_s: float = 0.0  # the longest of those batches, wall seconds
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
     backlog: Backlog
     throughput: Throughput
-    drain_budget_s: int
+    drain_budget_s: float  # clamped under the deployed timeout
     max_containers: int
     running: int  # workers already draining the queue
+    cold: int  # drains spawned earlier that have not started yet
     drains: int  # drains to spawn now
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def read_backlog(settings: Settings, redis: Redis) -> Backlog:
-    """Queued batches; a batch without `n_tokens` in its meta counts as a full one."""
+def read_backlog(settings: Settings, redis: Redis, now: float | None = None) -> Backlog:
+    """The backlog at `now` (default: the time of the call); a batch without `n_tokens` in its meta
+    counts as a full one."""
+    now = time.time() if now is None else now
     queue = batch_queue(settings, redis)
     try:
-        job_ids = queue.get_job_ids()
+        queued = queue.get_job_ids()
+        with redis.pipeline() as pipe:
+            pipe.zrange(queue.scheduled_job_registry.key, 0, -1, withscores=True)
+            pipe.zrangebyscore(queue.started_job_registry.key, 0, now)
+            scheduled, started = pipe.execute()
+        due = [as_text(job_id) for job_id, at in scheduled if at <= now]
+        later = [at for _, at in scheduled if at > now]
+        # An entry is `job_id:execution_id`; a batch may have two executions when a retry raced.
+        abandoned = sorted({StartedJobRegistry.parse_job_id(as_text(entry)) for entry in started})
+        job_ids = [*queued, *due, *abandoned]
         with redis.pipeline() as pipe:
             for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "meta")
@@ -74,7 +102,9 @@ def read_backlog(settings: Settings, redis: Redis) -> Backlog:
         meta = JSONSerializer.loads(raw) if raw else {}
         chunks += int(meta.get("n_chunks", settings.batch_max_chunks))
         tokens += int(meta.get("n_tokens", settings.batch_max_tokens))
-    return Backlog(batches=len(job_ids), chunks=chunks, tokens=tokens)
+    return Backlog(batches=len(job_ids), chunks=chunks, tokens=tokens, queued=len(queued), retries_due=len(due),
+                   abandoned=len(abandoned), retries_later=len(later),
+                   next_retry_in_s=round(min(later) - now, 3) if later else None)
 
 
 def running_workers(settings: Settings, redis: Redis) -> int:
@@ -99,7 +129,8 @@ def measured_throughput(db: Database, *, model: str, gpu: str) -> Throughput | N
     seconds = sum(d["wall_seconds"] for d in on_gpu)
     if seconds <= 0:
         return None
-    return Throughput(tokens_per_s=sum(d["n_tokens"] for d in on_gpu) / seconds, measured_batches=len(on_gpu))
+    return Throughput(tokens_per_s=sum(d["n_tokens"] for d in on_gpu) / seconds, measured_batches=len(on_gpu),
+                      largest_batch_s=max(d["wall_seconds"] for d in on_gpu))
 
 
 def drains_needed(
@@ -114,48 +145,64 @@ def drains_needed(
     return max(0, needed - running)
 
 
-def plan_launch(settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database) -> LaunchPlan:
-    backlog = read_backlog(settings, redis)
+def plan_launch(
+    settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database, now: float | None = None
+) -> LaunchPlan:
+    backlog = read_backlog(settings, redis, now)
     throughput = measured_throughput(db, model=settings.model, gpu=modal_settings.gpu) \
         or Throughput(tokens_per_s=settings.default_tokens_per_second, measured_batches=0)
+    budget = drain_budget(modal_settings, modal_settings.drain_budget_s, job_timeout=settings.job_timeout,
+                          largest_batch_s=throughput.largest_batch_s)
     running = running_workers(settings, redis)
-    drains = drains_needed(backlog, tokens_per_s=throughput.tokens_per_s, drain_budget_s=modal_settings.drain_budget_s,
-                           max_containers=modal_settings.max_containers, running=running)
-    return LaunchPlan(backlog=backlog, throughput=throughput, drain_budget_s=modal_settings.drain_budget_s,
-                      max_containers=modal_settings.max_containers, running=running, drains=drains)
+    cold = SpawnLedger(redis, settings.queue_name).cold(modal_settings.cold_start_grace_s, now)
+    drains = drains_needed(backlog, tokens_per_s=throughput.tokens_per_s, drain_budget_s=budget,
+                           max_containers=modal_settings.max_containers, running=running + cold)
+    return LaunchPlan(backlog=backlog, throughput=throughput, drain_budget_s=budget,
+                      max_containers=modal_settings.max_containers, running=running, cold=cold, drains=drains)
 
 
-def launch(plan: LaunchPlan, spawn: Callable[[float], T]) -> list[T]:
-    """Spawn `plan.drains` drains, each with the plan's time budget."""
-    return [spawn(plan.drain_budget_s) for _ in range(plan.drains)]
+def launch(plan: LaunchPlan, spawn: Callable[[float, str], T], spawns: SpawnLedger) -> list[T]:
+    """Spawn `plan.drains` drains, each with the plan's time budget and a spawn id noted as cold."""
+    calls = []
+    for _ in range(plan.drains):
+        spawn_id = spawns.add()
+        try:
+            calls.append(spawn(plan.drain_budget_s, spawn_id))
+        except BaseException:
+            spawns.started(spawn_id)  # never spawned: not a cold drain either
+            raise
+    return calls
 
 
 def run_launcher(
-    settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database, spawn: Callable[[float], str]
+    settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database,
+    spawn: Callable[[float, str], str],
 ) -> dict:
-    """Plan and spawn; what the Modal `launcher` function returns."""
+    """Plan and spawn; what the Modal `launcher` function returns (it runs every few minutes, so
+    retries that fall due and abandoned batches are picked up after a drain has ended)."""
     plan = plan_launch(settings, modal_settings, redis, db)
-    return {"plan": plan.to_dict(), "calls": launch(plan, spawn)}
+    return {"plan": plan.to_dict(), "calls": launch(plan, spawn, SpawnLedger(redis, settings.queue_name))}
 
 
 def run_nightly(
-    settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database, spawn: Callable[[float], str]
+    settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database,
+    spawn: Callable[[float, str], str],
 ) -> dict:
     """The cron: new or changed transcripts of MongoDB `transcripts` as one job, then the drains it needs."""
     run = nightly(settings, redis, db, open_source(MONGO, db))
     return {"nightly": run.to_dict(), **run_launcher(settings, modal_settings, redis, db, spawn)}
 
 
-def remote_spawner(modal_settings: ModalSettings, class_name: str = "GpuWorker") -> Callable[[float], str]:
+def remote_spawner(modal_settings: ModalSettings, class_name: str = "GpuWorker") -> Callable[[float, str], str]:
     """Spawns drains on the deployed app; returns each call's id. Needs Modal credentials."""
     import modal
     from modal.exception import Error as ModalError
 
     drain = modal.Cls.from_name(modal_settings.app_name, class_name)().drain
 
-    def spawn(time_budget_s: float) -> str:
+    def spawn(time_budget_s: float, spawn_id: str) -> str:
         try:
-            return drain.spawn(time_budget_s).object_id
+            return drain.spawn(time_budget_s, spawn_id).object_id
         except ModalError as exc:
             raise PodembedError(
                 f"cannot spawn a drain on the Modal app {modal_settings.app_name!r} ({type(exc).__name__}: {exc}); "

@@ -100,6 +100,11 @@ class VectorSpec:
         payload = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    @property
+    def weights(self) -> tuple[str, str | None, bool]:
+        """What a worker must hold to embed under this spec: model, revision and pooling."""
+        return (self.model, self.revision, self.pool_instruction)
+
     def embedding_id(self, chunk_id: str) -> str:
         return embedding_id(chunk_id, self.key)
 

@@ -210,7 +210,8 @@ def estimate(settings: Settings, db: Database, n_chunks: int, text_tokens: int, 
     seconds = tokens / tokens_per_second
     return Estimate(model=spec.model, device=device, tokens_per_second=round(tokens_per_second, 1),
                     estimate_from="ledger" if measured else "default", est_gpu_seconds=round(seconds, 3),
-                    est_cost_usd=round(seconds * settings.gpu_price_per_hour / 3600, 6))
+                    # The default throughput is an A10G guess: priced as one.
+                    est_cost_usd=round(seconds * settings.price_per_hour(device or "A10G") / 3600, 6))
 
 
 def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryResult:

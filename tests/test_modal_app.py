@@ -50,6 +50,8 @@ def plain(value):
         return [plain(v) for v in value]
     if isinstance(value, modal.Cron):
         return {"cron": value.proto_message.cron.cron_string}
+    if isinstance(value, modal.Period):
+        return {"period_s": value.proto_message.period.seconds}
     return repr(value)
 
 def record(owner, name, decorator):
@@ -84,6 +86,7 @@ OVERRIDES = {
     "PODEMBED_MODAL_SCALEDOWN_WINDOW": "30",
     "PODEMBED_MODAL_NIGHTLY_CRON": "15 2 * * *",
     "PODEMBED_MODAL_SECRET_NAME": "podembed-staging",
+    "PODEMBED_MODAL_LAUNCHER_PERIOD_S": "120",
 }
 
 
@@ -121,6 +124,8 @@ def test_declared_gpu_class_matches_settings(recorded: dict) -> None:
     assert worker["kwargs"] == {
         "image": "Image(local files)",
         "secrets": ["modal.Secret.from_name('podembed-staging')"],
+        # Containers read the weights from the volume only.
+        "env": {"HF_HUB_OFFLINE": "1"},
         "volumes": {expected.hf_cache_path: f"modal.Volume.from_name('{expected.volume_name}')"},
         "gpu": "L4",
         "enable_memory_snapshot": True,
@@ -139,10 +144,20 @@ def test_declared_gpu_class_matches_settings(recorded: dict) -> None:
 
 def test_declared_functions_volume_secret_and_image(recorded: dict) -> None:
     expected = ModalSettings.from_env(OVERRIDES)
-    functions = {d["target"]: d["kwargs"] for d in _declared(recorded, "function")}
+    # The web function is wrapped by `asgi_app` and `concurrent` first: its target is a PartialFunction.
+    functions = {"web" if "PartialFunction" in d["target"] else d["target"]: d["kwargs"]
+                 for d in _declared(recorded, "function")}
     assert functions["nightly"]["schedule"] == {"cron": "15 2 * * *"}
+    # Retries that fall due after a drain ended, and abandoned batches, are launched for within this period.
+    assert functions["launcher"]["schedule"] == {"period_s": 120}
     weights = {expected.hf_cache_path: f"modal.Volume.from_name('{expected.volume_name}')"}
-    assert functions["nightly"]["volumes"] == weights
+    offline = {"HF_HUB_OFFLINE": "1"}
+    for name in ("nightly", "web", "download_weights"):
+        assert functions[name]["volumes"] == weights, name
+    for name in ("nightly", "web"):
+        assert functions[name]["env"] == offline, name
+    # The one function that may reach the hub: it runs on CPU, and commits the volume itself.
+    assert "env" not in functions["download_weights"]
     assert functions["launcher"]["secrets"] == ["modal.Secret.from_name('podembed-staging')"]
     assert not any("gpu" in kwargs for kwargs in functions.values())
     [web] = _declared(recorded, "asgi_app")
@@ -153,14 +168,20 @@ def test_declared_functions_volume_secret_and_image(recorded: dict) -> None:
     assert volume == {"call": "from_name", "args": [expected.volume_name], "kwargs": {"create_if_missing": True}}
     secret = _declared(recorded, "from_name")[1]
     assert secret["args"] == ["podembed-staging"]
-    assert secret["kwargs"] == {"required_keys": ["PODEMBED_REDIS_URL", "PODEMBED_MONGO_URI", "PODEMBED_API_TOKEN"]}
+    # The model is fixed per deployment: the snapshot holds it.
+    assert secret["kwargs"] == {"required_keys": ["PODEMBED_REDIS_URL", "PODEMBED_MONGO_URI", "PODEMBED_API_TOKEN",
+                                                  "PODEMBED_MODEL"]}
 
     [base] = _declared(recorded, "debian_slim")
     assert base["kwargs"] == {"python_version": expected.python_version}
-    [packages] = _declared(recorded, "pip_install")
-    assert packages["args"] == [f"torch=={expected.torch_version}", *PINNED_PACKAGES]
+    torch, packages = _declared(recorded, "pip_install")
+    # A CUDA 12 build of torch, from PyTorch's index, runs on the driver of Modal's hosts.
+    assert torch == {"call": "pip_install", "args": [f"torch=={expected.torch_version}"],
+                     "kwargs": {"index_url": "https://download.pytorch.org/whl/cu128"}}
+    assert packages["args"] == list(PINNED_PACKAGES)
     [env] = _declared(recorded, "env")
-    assert env["args"] == [{"HF_HOME": expected.hf_cache_path, **expected.to_env()}]
+    assert env["args"] == [{"HF_HOME": expected.hf_cache_path, "DISABLE_SAFETENSORS_CONVERSION": "1",
+                            **expected.to_env()}]
     [sources] = _declared(recorded, "add_local_python_source")
     assert sources["args"] == ["config", "producer", "worker", "modal_jobs"]
 

@@ -17,6 +17,7 @@ from redis import Redis
 from config.settings import Settings
 from modal_jobs.costs import cost_table, job_cost, measured_costs
 from modal_jobs.drain import Container, utcnow
+from modal_jobs.settings import ModalSettings
 from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, ROOT
@@ -30,10 +31,20 @@ def _ingest(settings: Settings, redis: Redis, db: Database, path: Path) -> Enque
     return ingest(settings, redis, db, episodes, kind="ingest")
 
 
+def drain_container(settings: Settings, db: Database, task_id: str) -> dict:
+    """A CPU container's whole life, one drain of the queue; its `workers` document."""
+    container = Container(settings, gpu="cpu")
+    container.load_weights(task_id)
+    container.start(task_id)
+    container.drain(600)
+    container.stop()
+    return db.workers.find_one({"_id": task_id})
+
+
 def test_container_drains_a_real_job_and_records_its_worker(settings: Settings, redis: Redis, db: Database) -> None:
     settings = settings.replace(batch_max_chunks=4)
     job = _ingest(settings, redis, db, DATA / "E03.srt")
-    container = Container(settings, gpu="A10G", started_at=utcnow() - timedelta(seconds=2))
+    container = Container(settings, gpu="cpu", started_at=utcnow() - timedelta(seconds=2))
     container.load_weights("ta-local")
     container.start("ta-local")
     summary = container.drain(time_budget_s=600)
@@ -51,7 +62,11 @@ def test_container_drains_a_real_job_and_records_its_worker(settings: Settings, 
     assert summary.busy_seconds == pytest.approx(status.gpu_seconds, rel=1e-6)
 
     doc = db.workers.find_one({"_id": "ta-local"})
-    assert (doc["worker"], doc["gpu"], doc["device"], doc["model"]) == ("ta-local", "A10G", "cpu", settings.model)
+    assert (doc["worker"], doc["gpu"], doc["device"], doc["model"]) == ("ta-local", "cpu", "cpu", settings.model)
+    # A CPU container computes in fp32: 4 bytes a weight.
+    params = sum(p.numel() for p in container.weights.model.parameters())
+    assert doc["weight_dtype"] == "float32" and doc["weight_bytes"] >= 4 * params
+    assert doc["torch_cuda"] is None and doc["cuda_driver"] is None  # the CPU build of torch, no driver here
     assert (doc["drains"], doc["batches"], doc["failed"], doc["embedded"], doc["skipped"]) == (
         1, job.batches, 0, job.chunks, 0)
     assert doc["from_snapshot"] is False
@@ -64,13 +79,13 @@ def test_container_drains_a_real_job_and_records_its_worker(settings: Settings, 
     # Billed runs from the start to the exit, idle included.
     assert doc["billed_seconds"] == pytest.approx((doc["exited_at"] - doc["started_at"]).total_seconds(), abs=0.002)
     assert doc["billed_seconds"] >= summary.billed_seconds >= doc["cold_start_seconds"]
-    assert doc["gpu_price_per_hour"] == settings.gpu_price_per_hour
+    assert doc["price_per_hour"] == settings.price_per_hour("cpu") == 0.047
 
 
 def test_restored_container_starts_at_the_restore_without_a_second_load(
     settings: Settings, redis: Redis, db: Database
 ) -> None:
-    container = Container(settings, gpu="A10G", started_at=utcnow() - timedelta(hours=1))
+    container = Container(settings, gpu="cpu", started_at=utcnow() - timedelta(hours=1))
     container.load_weights("ta-snapshotter")
     loads = embedder_module.load_count()
     before = utcnow()
@@ -81,6 +96,7 @@ def test_restored_container_starts_at_the_restore_without_a_second_load(
     # Counted from the restore, not from the process that made the snapshot an hour ago.
     assert record.cold_start_seconds < 60
     assert embedder_module.load_count() == loads
+    container.stop()  # its heartbeat ends with it
     assert db.workers.find_one({"_id": "ta-restored"})["from_snapshot"] is True
 
 
@@ -109,11 +125,14 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
     job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
     from modal_jobs import app as modal_app
 
+    # A CPU deployment: with a GPU asked for, the container would refuse to drain here.
+    monkeypatch.setattr(modal_app, "MODAL", ModalSettings(gpu="cpu"))
     # `.local()` runs both enter hooks (snap=True, then snap=False) before the method, as a container does.
     summary = modal_app.GpuWorker().drain.local(120)
     assert (summary["batches"], summary["chunks"], summary["failed"]) == (job.batches, job.chunks, 0)
+    assert (summary["budget_s"], summary["retries_later"]) == (120, 0)
     doc = db.workers.find_one({"_id": summary["worker"]})
-    assert (doc["gpu"], doc["embedded"], doc["from_snapshot"]) == (modal_app.MODAL.gpu, job.chunks, False)
+    assert (doc["gpu"], doc["embedded"], doc["from_snapshot"]) == ("cpu", job.chunks, False)
 
     client = TestClient(modal_app.web.local())
     assert client.get(f"/jobs/{job.job_id}").status_code == 401
@@ -125,17 +144,12 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
 def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Database) -> None:
     first = _ingest(settings, redis, db, DATA / "E03.srt")
     second = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
-    container = Container(settings, gpu="A10G")
-    container.load_weights("ta-costs")
-    container.start("ta-costs")
-    container.drain()
-    container.stop()
-    worker = db.workers.find_one({"_id": "ta-costs"})
+    worker = drain_container(settings, db, "ta-costs")
 
     [row] = measured_costs(db)
-    price = settings.gpu_price_per_hour
-    assert (row.gpu, row.device, row.model, row.containers, row.from_snapshot) == (
-        "A10G", "cpu", settings.model, 1, 0)
+    price = settings.price_per_hour("cpu")
+    assert (row.gpu, row.device, row.model, row.containers, row.from_snapshot, row.lost) == (
+        "cpu", "cpu", settings.model, 1, 0, 0)
     assert row.embedded == first.chunks + second.chunks == worker["embedded"]
     assert (row.busy_seconds, row.billed_seconds) == (worker["busy_seconds"], worker["billed_seconds"])
     assert row.usd_per_million_billed == pytest.approx(worker["billed_seconds"] * price / 3600 / row.embedded * 1e6)
@@ -143,7 +157,7 @@ def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Da
     assert 0 < row.utilization < 1
     assert row.cold_start_median_s == worker["cold_start_seconds"]
     table = cost_table([row])
-    assert f"| A10G (cpu) | {settings.model} | 1 (0) |" in table
+    assert f"| cpu (cpu) | {settings.model} | 1 (0) |" in table
     assert f"| ${row.usd_per_million_busy:.2f} | ${row.usd_per_million_billed:.2f} |" in table
 
     records = JobRecords(redis, db, settings.result_ttl)

@@ -24,6 +24,7 @@ from modal_jobs.launcher import (
     run_nightly,
 )
 from modal_jobs.settings import ModalSettings
+from modal_jobs.spawns import SpawnLedger
 from producer.enqueue import batch_queue, ingest, parse_files
 from tests.conftest import DATA, EXAMPLES, ROOT
 from worker.loop import run_worker
@@ -59,7 +60,8 @@ def _ingest(settings: Settings, redis: Redis, db: Database, path: Path):
 def test_plan_from_the_queue_without_history(settings: Settings, redis: Redis, db: Database) -> None:
     settings = settings.replace(batch_max_chunks=4)
     job = _ingest(settings, redis, db, EXAMPLES / "E01.vtt")
-    assert read_backlog(settings, redis) == Backlog(batches=job.batches, chunks=job.chunks, tokens=job.tokens)
+    assert read_backlog(settings, redis) == Backlog(batches=job.batches, chunks=job.chunks, tokens=job.tokens,
+                                                    queued=job.batches)
     assert (job.batches, job.chunks, job.tokens) == (6, 21, 4904)
 
     plan = plan_launch(settings, ModalSettings(), redis, db)
@@ -76,7 +78,8 @@ def test_plan_from_the_queue_without_history(settings: Settings, redis: Redis, d
     assert (busy.running, busy.drains) == (1, 4)
 
     spawned: list[float] = []
-    assert launch(busy, lambda budget: spawned.append(budget) or f"fc-{len(spawned)}") == [
+    spawns = SpawnLedger(redis, settings.queue_name)
+    assert launch(busy, lambda budget, spawn_id: spawned.append(budget) or f"fc-{len(spawned)}", spawns) == [
         "fc-1", "fc-2", "fc-3", "fc-4"]
     assert spawned == [1000] * 4
 
@@ -90,7 +93,8 @@ def test_plan_uses_the_throughput_measured_on_the_gpu(settings: Settings, redis:
     # The ledger's batches ran on "cpu": they measure a "cpu" launcher, not an A10G one.
     assert measured_throughput(db, model=settings.model, gpu="A10G") is None
     measured = measured_throughput(db, model=settings.model, gpu="cpu")
-    assert measured == Throughput(tokens_per_s=pytest.approx(expected), measured_batches=len(ledger))
+    assert measured == Throughput(tokens_per_s=pytest.approx(expected), measured_batches=len(ledger),
+                                  largest_batch_s=max(e["wall_seconds"] for e in ledger))
     assert measured_throughput(db, model="hkunlp/instructor-xl", gpu="cpu") is None
 
     job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
@@ -104,14 +108,16 @@ def test_nightly_then_launch(settings: Settings, redis: Redis, db: Database) -> 
     db.transcripts.insert_one({"_id": "E03", "podcast": "The Seen and the Unseen",
                                "text": (DATA / "E03.srt").read_text()})
     spawned: list[float] = []
-    result = run_nightly(settings, ModalSettings(), redis, db, lambda budget: spawned.append(budget) or "fc-1")
+    result = run_nightly(settings, ModalSettings(), redis, db,
+                         lambda budget, spawn_id: spawned.append(budget) or "fc-1")
     assert result["nightly"]["episodes"] == 1
     assert result["plan"]["backlog"]["batches"] == result["nightly"]["batches"] == 1
     assert result["plan"]["backlog"]["tokens"] == result["nightly"]["tokens"]
     assert (result["calls"], spawned) == (["fc-1"], [3000])
-    again = run_nightly(settings, ModalSettings(), redis, db, lambda budget: "fc-2")
-    # Nothing new: the queue still holds the first night's batch, so one drain is still needed.
-    assert (again["nightly"]["episodes"], again["nightly"]["unchanged"], again["calls"]) == (0, 1, ["fc-2"])
+    again = run_nightly(settings, ModalSettings(), redis, db, lambda budget, spawn_id: "fc-2")
+    # Nothing new, and the first night's drain has not started yet: nothing more to spawn.
+    assert (again["nightly"]["episodes"], again["nightly"]["unchanged"], again["calls"]) == (0, 1, [])
+    assert (again["plan"]["cold"], again["plan"]["backlog"]["batches"]) == (1, 1)
 
 
 def _cli(settings: Settings, home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -127,7 +133,9 @@ def test_cli_launch(settings: Settings, redis: Redis, db: Database, tmp_path: Pa
     planned = _cli(settings, tmp_path, "launch", "--dry-run", "--json")
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
-    assert plan["backlog"] == {"batches": job.batches, "chunks": job.chunks, "tokens": job.tokens}
+    assert plan["backlog"] == {"batches": job.batches, "chunks": job.chunks, "tokens": job.tokens,
+                               "queued": job.batches, "retries_due": 0, "abandoned": 0, "retries_later": 0,
+                               "next_retry_in_s": None}
     assert (plan["drains"], plan["drain_budget_s"], plan["dry_run"], plan["calls"]) == (1, 600, True, [])
 
     # No Modal credentials here: the plan is printed, then a clear error and exit code 1.

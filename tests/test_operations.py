@@ -142,7 +142,7 @@ def test_backfill_dry_run_estimates_and_enqueues_nothing(settings: Settings, red
     assert doc["estimate_from"] == "default" and doc["device"] is None
     assert doc["tokens_per_second"] == settings.default_tokens_per_second
     assert doc["est_gpu_seconds"] == pytest.approx(tokens / settings.default_tokens_per_second, abs=1e-3)
-    assert doc["est_cost_usd"] == pytest.approx(doc["est_gpu_seconds"] * settings.gpu_price_per_hour / 3600,
+    assert doc["est_cost_usd"] == pytest.approx(doc["est_gpu_seconds"] * settings.price_per_hour("A10G") / 3600,
                                                 abs=1e-6)
 
     job = backfill(settings, redis, db, MongoSource(db), selection)
@@ -201,7 +201,8 @@ def test_backfill_other_model_writes_new_documents_only(
 
     run = backfill(settings, redis, db, MongoSource(db), only_e05, model=model_copy)
     assert (run.model, run.chunks, run.already_embedded) == (model_copy, 11, 0)
-    _drain(settings, redis)
+    # One model per worker: the other model's batches go to a worker started for it.
+    _drain(settings.replace(model=model_copy, model_path=None), redis)
     assert records.status(run.job_id).state == "finished"
 
     new_spec = vector_spec(settings.replace(model=model_copy, model_path=None))
@@ -219,7 +220,7 @@ def test_backfill_other_model_writes_new_documents_only(
 
 def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Database, records: JobRecords,
                                        tmp_path: Path) -> None:
-    # The job names a model directory that is not there yet: every batch really fails.
+    # The job names a model no worker serves yet: every batch really fails, at once.
     late_model = tmp_path / "late-model"
     episodes, _ = parse_files([EXAMPLES / "E05.vtt"])
     spec = vector_spec(settings.replace(model=str(late_model), model_path=None))
@@ -227,7 +228,7 @@ def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Dat
     _drain(settings, redis)
     status = records.status(job.job_id)
     assert (status.state, status.chunks.failed, status.batches.failed) == ("failed", 11, 3)
-    assert all("cannot load model" in reason for reason in status.errors.values())
+    assert all(f"but this worker serves {settings.model!r}" in reason for reason in status.errors.values())
     assert batch_queue(settings, redis).failed_job_registry.count == 3
 
     first = retry(settings, redis, db, job.job_id)
@@ -239,8 +240,8 @@ def test_retry_requeues_failed_batches(settings: Settings, redis: Redis, db: Dat
     second = retry(settings, redis, db, job.job_id)
     assert (second.requeued, batch_queue(settings, redis).count) == ([], 3)
 
-    late_model.symlink_to(settings.model_source())  # the model arrives
-    _drain(settings, redis)
+    late_model.symlink_to(settings.model_source())  # the model arrives, and a worker for it
+    _drain(settings.replace(model=str(late_model), model_path=None), redis)
     status = records.status(job.job_id)
     assert (status.state, status.chunks.embedded, status.chunks.failed) == ("finished", 11, 0)
     assert status.finished_at is not None

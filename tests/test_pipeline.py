@@ -57,7 +57,9 @@ def test_examples_end_to_end(settings: Settings, redis: Redis, db: Database) -> 
     assert len(ledger) == status.batches.total
     assert sum(e["n_chunks"] for e in ledger) == status.chunks.total
     assert status.gpu_seconds == pytest.approx(sum(e["gpu_seconds"] for e in ledger), rel=1e-6)
-    assert status.cost_usd == pytest.approx(status.gpu_seconds * settings.gpu_price_per_hour / 3600, rel=1e-6)
+    # A CPU batch is priced at the CPU rate, not the A10G's.
+    assert status.cost_usd == pytest.approx(status.gpu_seconds * settings.price_per_hour("cpu") / 3600, rel=1e-6)
+    assert settings.price_per_hour("cpu") == 0.047 < settings.price_per_hour("NVIDIA A10G") == 1.10
     assert all(e["padded_tokens"] >= e["n_tokens"] > 0 and e["device"] == "cpu" for e in ledger)
     # The history in Mongo agrees with the live record.
     assert db.jobs.find_one({"_id": job_id})["chunks"] == status.to_dict()["chunks"]

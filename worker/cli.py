@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("costs", cmd_costs, "measured cost per GPU and model, busy vs billed, as the README's Markdown "
                                     "table; or one job's share")
     p.add_argument("job_id", nargs="?", help="a job: its compute and its share of the containers' billed time")
+    p.add_argument("--reconcile", action="store_true",
+                   help="compare the billed figure with the Modal workspace's billing report (needs credentials)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
@@ -445,19 +447,26 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
     from modal_jobs.launcher import launch, plan_launch, remote_spawner
     from modal_jobs.settings import ModalSettings
+    from modal_jobs.spawns import SpawnLedger
     from producer.connections import reach_mongo, reach_redis
 
     on_modal = ModalSettings.from_env()
-    plan = plan_launch(settings, on_modal, reach_redis(settings), reach_mongo(settings))
+    redis = reach_redis(settings)
+    plan = plan_launch(settings, on_modal, redis, reach_mongo(settings))
     if not args.json:
         t, b = plan.throughput, plan.backlog
         measured = (f"measured on {t.measured_batches} {on_modal.gpu} batches" if t.measured_batches else
                     f"PODEMBED_DEFAULT_TOKENS_PER_SECOND: no {on_modal.gpu} batch of {settings.model} in the ledger")
-        print(f"backlog: {b.batches} batches, {b.chunks} chunks, {b.tokens} tokens; "
-              f"{t.tokens_per_s:.0f} tokens/s per container ({measured})")
-        print(f"{plan.drains} drain(s) of up to {plan.drain_budget_s} s to spawn on {on_modal.gpu} "
-              f"({plan.running} worker(s) already on the queue, at most {plan.max_containers} containers)")
-    calls = [] if args.dry_run else launch(plan, remote_spawner(on_modal))
+        print(f"backlog: {b.batches} batches ({b.queued} queued, {b.retries_due} retries due, {b.abandoned} "
+              f"abandoned), {b.chunks} chunks, {b.tokens} tokens; {t.tokens_per_s:.0f} tokens/s per container "
+              f"({measured})")
+        if b.retries_later:
+            print(f"{b.retries_later} retries wait out their back-off (the first in {b.next_retry_in_s:.0f} s): "
+                  f"the deployed launcher spawns for them every {on_modal.launcher_period_s} s")
+        print(f"{plan.drains} drain(s) of up to {plan.drain_budget_s:.0f} s to spawn on {on_modal.gpu} "
+              f"({plan.running} worker(s) already on the queue, {plan.cold} spawned and not started yet, "
+              f"at most {plan.max_containers} containers)")
+    calls = [] if args.dry_run else launch(plan, remote_spawner(on_modal), SpawnLedger(redis, settings.queue_name))
     if args.json:
         _print_json({**plan.to_dict(), "dry_run": args.dry_run, "calls": calls})
     else:
@@ -467,11 +476,22 @@ def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
-    from modal_jobs.costs import cost_table, job_cost, measured_costs
+    from modal_jobs.costs import cost_table, job_cost, measured_costs, modal_billing_report, reconcile
+    from modal_jobs.settings import ModalSettings
     from producer.connections import reach_mongo, reach_redis
     from producer.jobs import JobRecords
 
     db = reach_mongo(settings)
+    if args.reconcile:
+        check = reconcile(db, ModalSettings.from_env().app_name, modal_billing_report)
+        if args.json:
+            _print_json(check.to_dict())
+            return 0
+        print(f"{check.start:%Y-%m-%d %H:%M} to {check.end:%Y-%m-%d %H:%M} UTC, app {check.app}: "
+              f"{check.containers} containers billed ${check.our_billed_usd:.4f} by our clock; Modal's report "
+              f"${check.modal_usd:.4f} ({', '.join(f'{k} ${v:.4f}' for k, v in check.modal_by_resource.items())}); "
+              f"difference ${check.difference_usd:+.4f}")
+        return 0
     if args.job_id:
         records = JobRecords(reach_redis(settings), db, settings.result_ttl)
         records.status(args.job_id)  # an unknown job is an error (exit 2)
@@ -485,13 +505,17 @@ def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
         if cost.unaccounted_busy_seconds:
             print(f"{cost.unaccounted_busy_seconds:.2f} busy s ran on workers with no billing record (local workers)")
         return 0
-    rows = measured_costs(db)
+    rows = measured_costs(db, heartbeat_interval=settings.heartbeat_interval)
     if args.json:
         _print_json([r.to_dict() for r in rows])
     elif not rows:
         print("no measurements yet: MongoDB `workers` has no container (drain on Modal first)")
     else:
         print(cost_table(rows))
+        for r in rows:
+            if r.lost:
+                print(f"{r.lost} {r.gpu} container(s) never recorded an exit: billed to their last heartbeat",
+                      file=sys.stderr)
     return 0
 
 

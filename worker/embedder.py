@@ -9,10 +9,13 @@ the hub names, so it is set here however the model is loaded.
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +33,21 @@ class ModelKey:
     revision: str | None
     device: str
     pool_instruction: bool
+    dtype: str = "float32"  # "bfloat16" on CUDA, and on CPU for weights bound for a GPU
+
+
+@dataclass(frozen=True)
+class CudaReport:
+    """Why CUDA is or is not usable here: what a GPU container records, or refuses to drain with."""
+
+    available: bool
+    torch_cuda: str | None  # the CUDA version torch was built with (None: a CPU build)
+    driver: str | None  # the NVIDIA driver's version (None: no driver visible)
+    device_count: int
+
+    def line(self) -> str:
+        return (f"torch {torch.__version__} built for CUDA {self.torch_cuda}, NVIDIA driver {self.driver}, "
+                f"torch.cuda.is_available()={self.available}, {self.device_count} device(s)")
 
 
 @dataclass
@@ -154,13 +172,47 @@ def default_device() -> str:
     return "cpu"
 
 
+def cuda_report() -> CudaReport:
+    """The CUDA state of this process. Initialises CUDA: call it after a snapshot's restore, never before."""
+    available = torch.cuda.is_available()
+    return CudaReport(available=available, torch_cuda=torch.version.cuda, driver=nvidia_driver_version(),
+                      device_count=torch.cuda.device_count() if available else 0)
+
+
+def nvidia_driver_version(proc_file: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The kernel driver's version, read without CUDA: from /proc, else from `nvidia-smi`."""
+    try:
+        match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", proc_file.read_text())
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+
+
+def weight_bytes(embedder: Embedder) -> int:
+    """Bytes of the model's parameters and buffers: what a memory snapshot and the copy to the GPU carry."""
+    tensors = [*embedder.model.parameters(), *embedder.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def get_embedder(
     source: str, *, revision: str | None, pool_instruction: bool, device: str | None = None,
-    micro_batch_size: int = 32, max_forward_tokens: int = 0,
+    micro_batch_size: int = 32, max_forward_tokens: int = 0, dtype: str | None = None,
 ) -> Embedder:
-    """The process-wide embedder for this model and device, loaded on first use."""
-    key = ModelKey(source=source, revision=revision, device=device or default_device(),
-                   pool_instruction=pool_instruction)
+    """The process-wide embedder for this model, device and dtype, loaded on first use.
+
+    `dtype` defaults to bfloat16 on CUDA and float32 elsewhere. A GPU container loads "bfloat16" on
+    CPU before its memory snapshot: half the bytes to snapshot, restore and copy to the GPU.
+    """
+    device = device or default_device()
+    key = ModelKey(source=source, revision=revision, device=device, pool_instruction=pool_instruction,
+                   dtype=dtype or _default_dtype(device))
     with _lock:
         embedder = _cache.get(key)
         if embedder is None:
@@ -175,14 +227,11 @@ def move_embedder(embedder: Embedder, device: str) -> Embedder:
     For memory snapshots: the model is loaded on CPU before the snapshot (no GPU exists
     then) and moved after the restore. A move is not a load: `load_count` is unchanged.
     """
-    key = replace(embedder.key, device=device)
+    key = replace(embedder.key, device=device, dtype=_default_dtype(device))
     with _lock:
         if key not in _cache:
             began = time.perf_counter()
-            model = embedder.model.to(device)
-            if device.startswith("cuda"):
-                # T5 overflows to inf/NaN in fp16; bf16 keeps fp32's range on CUDA.
-                model = model.to(torch.bfloat16)
+            model = embedder.model.to(device=device, dtype=getattr(torch, key.dtype))
             model.encode(["warm-up"], show_progress_bar=False)
             _cache.pop(embedder.key, None)
             _cache[key] = Embedder(model, key, embedder.micro_batch_size, embedder.max_forward_tokens)
@@ -194,8 +243,7 @@ def move_embedder(embedder: Embedder, device: str) -> Embedder:
 def _load(key: ModelKey) -> SentenceTransformer:
     global _loads
     began = time.perf_counter()
-    # T5 overflows to inf/NaN in fp16; bf16 keeps fp32's range on CUDA.
-    model_kwargs = {"dtype": torch.bfloat16} if key.device.startswith("cuda") else {}
+    model_kwargs = {"dtype": getattr(torch, key.dtype)}
     try:
         model = SentenceTransformer(key.source, device=key.device, revision=key.revision, model_kwargs=model_kwargs)
     except (OSError, ValueError) as exc:
@@ -209,6 +257,11 @@ def _load(key: ModelKey) -> SentenceTransformer:
     logger.info("loaded model %s on %s in %.1fs (pool instruction: %s)",
                 key.source, key.device, time.perf_counter() - began, key.pool_instruction)
     return model
+
+
+def _default_dtype(device: str) -> str:
+    # T5 overflows to inf/NaN in fp16; bf16 keeps fp32's range on CUDA. CPU workers compute in fp32.
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def _device_name(device: str) -> str:

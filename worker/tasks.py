@@ -22,6 +22,7 @@ from config.errors import EmbeddingError, PayloadError
 from config.settings import Settings, redact_url
 from producer.chunkstore import ChunkStore
 from producer.connections import mongo_database, redis_client
+from producer.enqueue import vector_spec
 from producer.jobs import JobRecords
 from producer.models import Batch, BatchTicket, Chunk, VectorSpec
 from worker.embedder import Embedder, get_embedder
@@ -43,14 +44,20 @@ class WorkerContext:
     writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store"))
 
     def embedder(self, spec: VectorSpec) -> Embedder:
+        """The worker's one model; a batch that names another fails at once (loading a second
+        model inside a drain would double the memory and the cold start of every container)."""
         s = self.settings
-        # A job may name another model than the worker's default (a backfill with --model).
-        if spec.model != s.model:
-            s = s.replace(model=spec.model, model_path=None)
-        source = s.model_source()
-        return get_embedder(source, revision=spec.revision, pool_instruction=spec.pool_instruction,
-                            device=s.device, micro_batch_size=s.micro_batch_size,
-                            max_forward_tokens=s.max_forward_tokens)
+        serves = vector_spec(s)
+        if spec.weights != serves.weights:
+            raise EmbeddingError(
+                f"batch needs model {spec.model!r} (revision {spec.revision}, pool instruction "
+                f"{spec.pool_instruction}) but this worker serves {serves.model!r} (revision {serves.revision}, "
+                f"pool instruction {serves.pool_instruction}); run a worker with PODEMBED_MODEL={spec.model}")
+        embedder = get_embedder(s.model_source(), revision=spec.revision, pool_instruction=spec.pool_instruction,
+                                device=s.device, micro_batch_size=s.micro_batch_size,
+                                max_forward_tokens=s.max_forward_tokens)
+        s.price_per_hour(embedder.device_name)  # a device with no price stops the worker at start
+        return embedder
 
 
 _context: WorkerContext | None = None
@@ -167,7 +174,8 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
     store_wait += time.perf_counter() - waited
 
     embedded = sum(len(chunks) for _, chunks in groups)
-    cost = stats.seconds * ctx.settings.gpu_price_per_hour / 3600
+    # Priced by the device the batch ran on: a CPU batch at the CPU rate, not the GPU's.
+    cost = stats.seconds * ctx.settings.price_per_hour(embedder.device_name) / 3600
     ctx.store.record(LedgerEntry(
         job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
         n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=skipped,
