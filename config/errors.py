@@ -37,3 +37,7 @@ class ForeignJobError(PodembedError):
 
 class ServiceError(PodembedError):
     """A local service could not be started or stopped."""
+
+
+class DrainError(PodembedError):
+    """A lane of the pipelined drain failed (not one batch's error): the drain stopped."""
