@@ -112,6 +112,16 @@ def enqueue_due_retries(scheduler: RQScheduler, queue: Queue, *, keep_seconds: i
             what="moving due retries", keep_seconds=keep_seconds)
 
 
+def scheduler_for(queue: Queue, name: str) -> RQScheduler:
+    """rq's scheduler, run in this process (no fork) by `enqueue_due_retries`."""
+    # rq gives its scheduler's logger a stdout handler when it has none, which would mix log
+    # lines into `--json` output; a null handler stops that, and records still reach the root's.
+    rq_logger = logging.getLogger("rq.scheduler")
+    if not rq_logger.handlers:
+        rq_logger.addHandler(logging.NullHandler())
+    return RQScheduler([queue], connection=queue.connection, serializer=queue.serializer, name=name)
+
+
 def next_retry_at(queue: Queue) -> float | None:
     """Unix time of the earliest scheduled retry of the queue, None if there is none."""
     first = queue.connection.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)

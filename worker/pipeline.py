@@ -42,7 +42,7 @@ from rq.scheduler import RQScheduler
 from rq.utils import now
 
 from config.errors import DrainError
-from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at
+from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at, scheduler_for
 from worker.tasks import (
     ComputedBatch,
     PreparedBatch,
@@ -398,8 +398,7 @@ def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = 
                   job_class=worker.job_class)
     d = Drain(worker=worker, ctx=ctx, queue=queue, burst=burst,
               deadline=None if time_budget_s is None else time.monotonic() + time_budget_s,
-              scheduler=RQScheduler([queue], connection=worker.connection, serializer=worker.serializer,
-                                    name=f"{worker.name}:scheduler"))
+              scheduler=scheduler_for(queue, f"{worker.name}:scheduler"))
     slots = threading.Semaphore(settings.prefetch_batches)
     fetched: lanes.Queue = lanes.Queue(maxsize=settings.prefetch_batches + 1)  # + the sentinel
     computed: lanes.Queue = lanes.Queue(maxsize=1)

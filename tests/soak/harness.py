@@ -17,6 +17,10 @@ from pymongo.database import Database
 from producer.jobs import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
+# The seenunseen episodes (MIT licence) that the soak and the bench read: next to the checkout
+# (or next to the folder of worktrees holding it).
+SEENUNSEEN = next((p / "shared" / "data" / "seenunseen" / "vtt" for p in ROOT.parents
+                   if (p / "shared" / "data" / "seenunseen" / "vtt").is_dir()), ROOT.parent / "shared")
 
 
 @dataclass

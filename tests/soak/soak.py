@@ -46,10 +46,18 @@ from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import chunk_episodes, ingest, parse_files, vector_spec  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
-from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
+from tests.soak.harness import (  # noqa: E402
+    SEENUNSEEN,
+    WorkerProcess,
+    audit,
+    counters_exact,
+    start_worker,
+    wait_until,
+    worker_env,
+)
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
+DATA = SEENUNSEEN
 
 
 class Run:
