@@ -49,9 +49,10 @@ def evict(queue: Queue, job_id: str, exc: BaseException, *, keep_seconds: int) -
         for registry in registries:
             pipe.zrem(registry.key, job_id)
         # The started registry holds `job_id:execution_id` members.
-        for member in redis.zrange(queue.started_job_registry.key, 0, -1):
-            if BaseRegistry.parse_job_id(member) == job_id:
-                pipe.zrem(queue.started_job_registry.key, member)
+        started = queue.started_job_registry
+        for member in redis.zrange(started.key, 0, -1):
+            if started.parse_job_id(member) == job_id:
+                pipe.zrem(started.key, member)
         pipe.expire(Job.key_for(job_id), keep_seconds)
         pipe.execute()
     logger.error("queue %s: job %s cannot be loaded (%s: %s); taken off the queue and its registries, "
