@@ -88,7 +88,7 @@ def _ahead(started: StartedJobRegistry, redis: Redis, job_id: str) -> list[str] 
 def test_worker_killed_with_a_batch_fetched_ahead_loses_and_duplicates_nothing(
     settings: Settings, redis: Redis, db: Database, tmp_path: Path
 ) -> None:
-    settings = settings.replace(batch_max_chunks=16)
+    settings = settings.replace(batch_max_chunks=6)
     job, chunks = _enqueue(settings, redis, db, [EXAMPLES / "E01.vtt", DATA / "E03.srt"])
     records = JobRecords(redis, db, settings.result_ttl)
     started = StartedJobRegistry(settings.queue_name, connection=redis, serializer=JSONSerializer)
@@ -101,9 +101,10 @@ def test_worker_killed_with_a_batch_fetched_ahead_loses_and_duplicates_nothing(
         first.kill()
     finally:
         first.stop()
+    # One may have been counted already (killed between its counters and rq's finish): run again, it
+    # is not counted twice.
     killed = started.get_job_ids(cleanup=False)
     assert len(killed) >= 2
-    assert not any(redis.sismember(f"podembed:job:{job.job_id}:done", b) for b in killed)
 
     second = start_worker(env, tmp_path / "second.log")
     try:
@@ -121,7 +122,7 @@ def test_worker_killed_with_a_batch_fetched_ahead_loses_and_duplicates_nothing(
 def test_sigterm_puts_batches_fetched_ahead_back_at_once(
     settings: Settings, redis: Redis, db: Database, tmp_path: Path
 ) -> None:
-    settings = settings.replace(batch_max_chunks=16)
+    settings = settings.replace(batch_max_chunks=6)
     job, chunks = _enqueue(settings, redis, db, [EXAMPLES / "E01.vtt", DATA / "E03.srt"])
     records = JobRecords(redis, db, settings.result_ttl)
     queue = batch_queue(settings, redis)
