@@ -9,7 +9,8 @@ then for the full model and for the model cut to its first transformer layer (th
 - pipeline: one job enqueued on RQ and drained by the pipelined worker loop, from the
   drain's start to its return, vectors, ledger and counters included.
 
-ratio = pipeline chunks/s / bare chunks/s over the same texts.
+ratio = pipeline chunks/s / bare chunks/s over the same texts; busy_fraction = the model's
+compute seconds (from the ledger) / the drain's wall seconds.
 
 Then the fast regime again over more episodes (>= 16 batches), with Redis and MongoDB
 behind a TCP proxy that adds 0, 10, 40 and 80 ms to every round trip (`delay_proxy.py`),
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,7 @@ def run_pipeline(settings: Settings, chunks, episodes: int, label: str, *, seria
     else:
         drain(worker)
     seconds = time.perf_counter() - began
+    ended = datetime.now(UTC)
     trips = (ROUND_TRIPS.redis, ROUND_TRIPS.mongo)
     ledger = list(db.batches.find({"job_id": job.job_id}))
     stored = db.embeddings.count_documents({})
@@ -89,6 +92,8 @@ def run_pipeline(settings: Settings, chunks, episodes: int, label: str, *, seria
         "compute_seconds": sum(e["gpu_seconds"] for e in ledger),
         "store_wait_seconds": sum(e["store_wait_seconds"] for e in ledger),
         "batches": len(ledger),
+        # From the last batch stored to the drain's return (an empty queue ends a drain promptly).
+        "tail_seconds": (ended - max(e["finished_at"] for e in ledger)).total_seconds(),
         "redis_round_trips": trips[0],
         "mongo_round_trips": trips[1],
         "round_trips_per_batch": round(sum(trips) / max(1, len(ledger)), 1),
@@ -133,6 +138,9 @@ def _compare(pipe: dict, bare_a: float, bare_b: float, unique: int, chunks: int)
         "encode_chunks_per_s": unique / bare,
         "pipeline_chunks_per_s": pipe["embedded"] / pipe["seconds"],
         "ratio": (pipe["embedded"] / pipe["seconds"]) / (unique / bare),
+        # The share of the drain's wall time the model was computing: measured on the same clock in
+        # the same run, so the machine's load swings (which move `ratio`) barely touch it.
+        "busy_fraction": pipe["compute_seconds"] / pipe["seconds"],
         **pipe,
     }
 
@@ -232,9 +240,13 @@ def main() -> None:
         "round_trips_per_batch": fast["round_trips_per_batch"],
         "serial_round_trips_per_batch": serial["round_trips_per_batch"],
         **{f"wan_ratio_{rtt}ms": round(run["ratio"], 4) for rtt, run in wan.items()},
+        "busy_fraction": round(full["busy_fraction"], 4),
+        "fast_busy_fraction": round(fast["busy_fraction"], 4),
+        **{f"wan_busy_fraction_{rtt}ms": round(run["busy_fraction"], 4) for rtt, run in wan.items()},
         "wan_batches": wan[0]["batches"],
         "wan_chunks": len(wan_chunks),
         "wan_round_trips_per_batch": {f"{rtt}ms": run["round_trips_per_batch"] for rtt, run in wan.items()},
+        "drain_tail_seconds_max": round(max(r["tail_seconds"] for r in (full, fast, *wan.values())), 3),
         "model_loads": embedder_module.load_count(),
         "model_loads_during_runs": sum(r["model_loads_during_run"] for r in (full, fast, serial, *wan.values())),
         "dedupe_saved": len(chunks) - unique,
