@@ -251,18 +251,18 @@ class Lane(threading.Thread):
 
     def attempt(self, held: Held, stage: Callable[[], object]) -> object | None:
         """Run one stage of a batch; a batch error fails that batch only (None), a Redis error the lane."""
-        self.current = held.batch_id
+        self.current = held.batch_id  # kept if a Redis error escapes: the halt names this batch
         try:
-            return stage()
+            result = stage()
         except RedisError:
             raise
         except Exception:
             exc_type, exc, tb = sys.exc_info()
             assert exc_type is not None and exc is not None
             self.drain.fail(held, (exc_type, exc, tb))
-            return None
-        finally:
-            self.current = ""
+            result = None
+        self.current = ""
+        return result
 
 
 class FetchLane(Lane):
