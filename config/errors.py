@@ -45,3 +45,7 @@ class ServiceError(PodembedError):
 
 class DeviceError(PodembedError):
     """The device a worker was deployed for is not usable (a GPU container without a working GPU)."""
+
+
+class DrainError(PodembedError):
+    """A lane of the pipelined drain failed (not one batch's error): the drain stopped."""

@@ -71,6 +71,9 @@ class Settings:
     heartbeat_interval: int = 10
     # How often a worker looks for abandoned batches (rq's default, 10 minutes, is slow recovery).
     maintenance_interval: int = 15
+    # Batches a worker fetches (and looks up) ahead of the one on the model, so the model never waits
+    # on Redis or MongoDB; each is registered as started and beats like the batch in hand.
+    prefetch_batches: int = 1
     # How long a client looks for a reachable MongoDB before the batch fails and RQ retries it;
     # long by default, as nx-27017 may not answer for minutes under a large bulk write.
     mongo_timeout_ms: int = 120_000
@@ -99,7 +102,7 @@ class Settings:
         for name in ("chunk_tokens", "enqueue_window_chunks", "batch_max_tokens", "batch_max_chunks",
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
-                     "mongo_timeout_ms", "first_contact_seconds"):
+                     "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):

@@ -1,13 +1,10 @@
-"""The local worker: rq's SimpleWorker (no fork) in a process that loads the model once."""
+"""The local worker: a process that loads the model once and drains the queue through `worker.pipeline`."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -16,25 +13,16 @@ from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
 from config.errors import ForeignJobError, QueueError
 from config.settings import Settings
 from producer.connections import redis_client
 from producer.enqueue import ON_FAILURE, TASK, vector_spec
-from worker.tasks import WorkerContext, init_context
+from worker.pipeline import DrainTally, run_drain
+from worker.tasks import WorkerContext, current_context, init_context
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DrainTally:
-    """What one drain ran; `busy_seconds` adds up the compute seconds its batches report to the ledger."""
-
-    batches: int = 0
-    failed: int = 0
-    embedded: int = 0
-    skipped: int = 0
-    busy_seconds: float = 0.0
 
 
 class BatchJob(Job):
@@ -72,25 +60,17 @@ class BatchJob(Job):
 
 
 class DrainWorker(SimpleWorker):
-    """A SimpleWorker that tallies its batches and takes no new batch once its deadline has passed.
+    """The rq worker whose bookkeeping `worker.pipeline` uses for each batch (and `work()` for a plain loop).
 
-    It also beats while a batch runs. rq's SimpleWorker cannot (the batch holds its only thread),
+    It beats while a batch runs. rq's SimpleWorker cannot (the batch holds its only thread),
     so it registers each batch for the whole job timeout plus a minute: a worker killed mid-batch
-    would leave the batch unclaimed for half an hour. With a beating thread the registration lasts
-    three beats, and once it lapses any worker's maintenance pass hands the batch to RQ's retry
+    would leave the batch unclaimed for half an hour. With beats the registration lasts three
+    beats, and once it lapses any worker's maintenance pass hands the batch to RQ's retry
     (`StartedJobRegistry.cleanup`: abandoned jobs with retries left are retried, not failed).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline: float | None = None  # time.monotonic() value
-        self.tally = DrainTally()
-
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
-        # Past the deadline the queue looks empty to this worker, so a burst loop ends there.
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return None
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+    # Failure callbacks run in the pipeline's lane threads, where SIGALRM timeouts cannot be set.
+    death_penalty_class = TimerDeathPenalty
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return 3 * self.job_monitoring_interval
@@ -111,17 +91,6 @@ class DrainWorker(SimpleWorker):
                 self.maintain_heartbeats(job, execution)
             except RedisError as exc:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker %s: heartbeat for batch %s failed: %s", self.name, job.id, exc)
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        super().execute_job(job, queue)
-        self.tally.batches += 1
-        result = job.return_value()  # `worker.tasks.BatchResult.to_dict()`; None if the batch raised
-        if result is None:
-            self.tally.failed += 1
-            return
-        self.tally.embedded += result["embedded"]
-        self.tally.skipped += result["skipped"]
-        self.tally.busy_seconds += result["gpu_seconds"]
 
 
 def make_worker(
@@ -147,34 +116,21 @@ def make_worker(
 
 
 def drain(worker: DrainWorker, *, time_budget_s: float | None = None) -> DrainTally:
-    """Run batches until the queue is empty or the budget is spent (the batch in hand always finishes).
+    """Run batches until the queue is empty, with no retry due within the budget, or the budget is spent.
 
-    A process may drain many times (a Modal container does, once per call): rq installs its
-    own SIGINT/SIGTERM handlers for the loop, and the caller's are put back afterwards.
+    The pipelined loop of `worker.pipeline`; the batches on the model and being stored always finish.
+    A process may drain many times (a Modal container does, once per call): the caller's signal
+    handlers are put back afterwards.
     """
-    worker.tally = DrainTally()
-    worker.deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        # The scheduler moves retries whose back-off has passed back onto the queue.
-        worker.work(burst=True, with_scheduler=True, logging_level=logging.getLevelName(logger.getEffectiveLevel()))
-    finally:
-        for sig, handler in handlers.items():
-            if handler is not None:  # None: not set from Python, nothing to put back
-                signal.signal(sig, handler)
-    return worker.tally
+    return run_drain(worker, current_context(), time_budget_s=time_budget_s, burst=True)
 
 
 def run_worker(settings: Settings, *, burst: bool, redis: Redis | None = None) -> bool:
-    """Drain the queue (until it is empty with `burst`); True if any batch was processed."""
+    """Drain the queue (until it is empty with `burst`, else until a signal); True if any batch was processed."""
     try:
-        worker, _ = make_worker(settings, redis)
-        if burst:
-            return drain(worker).batches > 0
-        # The scheduler moves retries whose back-off has passed back onto the queue.
-        return worker.work(burst=False, with_scheduler=True,
-                           logging_level=logging.getLevelName(logger.getEffectiveLevel()))
+        worker, ctx = make_worker(settings, redis)
+        return run_drain(worker, ctx, burst=burst).batches > 0
     except RedisError as exc:
-        # rq survives Redis going away between batches, not at a batch's end: the batch it held is
-        # retried by the next worker (its heartbeats stop), once Redis is back.
+        # A batch whose end could not be recorded is retried by the next worker (its heartbeats
+        # stop), once Redis is back.
         raise QueueError(f"worker stopped, Redis unreachable: {exc}") from exc

@@ -1,7 +1,8 @@
-"""The RQ job functions: embed one batch, and record a batch that failed for good.
+"""The batch in three stages (prepare, compute, store), the RQ entry point, and the failure callback.
 
-They run in a worker process that holds the model (`SimpleWorker`, no fork), so
-the model, the Mongo client and a writer thread live in a process-wide context.
+They run in a worker process that holds the model (no fork), so the model and the
+Mongo client live in a process-wide context. `worker.pipeline` runs the stages of
+different batches at once; `embed_batch` runs them in series for a plain rq worker.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -25,7 +26,7 @@ from producer.connections import mongo_database, redis_client
 from producer.enqueue import vector_spec
 from producer.jobs import JobRecords
 from producer.models import Batch, BatchTicket, Chunk, VectorSpec
-from worker.embedder import Embedder, get_embedder
+from worker.embedder import Embedder, EncodeStats, get_embedder
 from worker.store import LedgerEntry, VectorStore, text_key, to_bson_vector, vector_doc
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ class WorkerContext:
     store: VectorStore
     chunks: ChunkStore
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    # One writer thread: vectors of one forward pass are stored while the next one runs.
-    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store"))
+    # Reports progress within a batch (chunks embedded per forward pass) off the compute lane.
+    reporter: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="progress"))
 
     def embedder(self, spec: VectorSpec) -> Embedder:
         """The worker's one model; a batch that names another fails at once (loading a second
@@ -97,10 +98,28 @@ class BatchResult:
         return self.__dict__.copy()
 
 
-def embed_batch(payload: dict) -> dict:
-    """RQ entry point: embed, store and account for one batch."""
-    ctx = current_context()
-    return run_batch(ctx, load_batch(ctx, payload)).to_dict()
+@dataclass
+class PreparedBatch:
+    """A batch loaded and looked up: which texts need the model, which reuse a stored vector."""
+
+    batch: Batch
+    started_at: datetime
+    began: float  # time.perf_counter() when the batch was taken
+    # Unique texts to embed (text key, the chunks holding it), and documents reusing stored vectors.
+    groups: list[tuple[str, list[Chunk]]]
+    reused: list[dict]
+    skipped: int
+    store_wait: float  # seconds on MongoDB so far
+
+
+@dataclass
+class ComputedBatch:
+    """A batch after its forward passes: one vector per group, in group order."""
+
+    prepared: PreparedBatch
+    vectors: np.ndarray
+    stats: EncodeStats
+    embedder: Embedder
 
 
 def load_batch(ctx: WorkerContext, payload: object) -> Batch:
@@ -116,7 +135,8 @@ def load_batch(ctx: WorkerContext, payload: object) -> Batch:
                  chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
 
 
-def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
+def prepare_batch(ctx: WorkerContext, batch: Batch) -> PreparedBatch:
+    """Mark the batch running and look up which of its texts already have a vector (MongoDB, Redis)."""
     started_at = datetime.now(UTC)
     began = time.perf_counter()
     spec = batch.spec
@@ -129,7 +149,7 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
 
     # Chunks whose text already has a vector under this spec reuse it (counted skipped);
     # equal texts inside the batch are embedded once.
-    embedder = ctx.embedder(spec)
+    dim = ctx.embedder(spec).dim
     now = datetime.now(UTC)
     reused: list[dict] = []
     to_embed: dict[str, list[Chunk]] = {}
@@ -141,55 +161,80 @@ def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
         skipped += 1
         ids, vector = existing[key]
         if spec.embedding_id(chunk.chunk_id) not in ids:
-            reused.append(vector_doc(chunk, spec, key, Binary(vector, 9), dim=embedder.dim, job_id=batch.job_id,
+            reused.append(vector_doc(chunk, spec, key, Binary(vector, 9), dim=dim, job_id=batch.job_id,
                                      batch_id=batch.batch_id, embedded_at=now))
+    return PreparedBatch(batch=batch, started_at=started_at, began=began, groups=list(to_embed.items()),
+                         reused=reused, skipped=skipped, store_wait=store_wait)
 
-    groups = list(to_embed.items())
+
+def compute_batch(ctx: WorkerContext, prepared: PreparedBatch) -> ComputedBatch:
+    """The forward passes, and nothing else: no socket is touched here."""
+    spec = prepared.batch.spec
+    embedder = ctx.embedder(spec)
     prompt_tokens = embedder.prompt_tokens(spec.instruction)
-    pending: list[Future] = []
+    groups = prepared.groups
+    batch = prepared.batch
 
-    def store(indices: list[int], vectors: np.ndarray) -> None:
-        embedded_at = datetime.now(UTC)
-        docs = [
-            vector_doc(chunk, spec, groups[i][0], to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
-                       batch_id=batch.batch_id, embedded_at=embedded_at)
-            for i, vector in zip(indices, vectors, strict=True)
-            for chunk in groups[i][1]
-        ]
-        pending.append(ctx.writer.submit(ctx.store.upsert, docs))
-        pending.append(ctx.writer.submit(ctx.records.mark_stored, batch.job_id, batch.batch_id, len(docs)))
+    def report(indices: list[int], _: np.ndarray) -> None:
+        # Handed to the reporter thread: the job's progress moves per forward pass, the model never waits.
+        ctx.reporter.submit(ctx.records.mark_stored, batch.job_id, batch.batch_id,
+                            sum(len(groups[i][1]) for i in indices))
 
-    if reused:
-        pending.append(ctx.writer.submit(ctx.store.upsert, reused))
-    _, stats = embedder.encode(
+    vectors, stats = embedder.encode(
         [chunks[0].text for _, chunks in groups],
         [chunks[0].n_tokens + prompt_tokens for _, chunks in groups],
         instruction=spec.instruction,
         normalize=spec.normalize,
-        on_vectors=store,
+        on_vectors=report,
     )
-    waited = time.perf_counter()
-    for future in pending:
-        future.result()
-    store_wait += time.perf_counter() - waited
+    return ComputedBatch(prepared=prepared, vectors=vectors, stats=stats, embedder=embedder)
 
-    embedded = sum(len(chunks) for _, chunks in groups)
+
+def store_batch(ctx: WorkerContext, computed: ComputedBatch) -> BatchResult:
+    """Vectors (one bulk write), the ledger entry and the job's counters; RQ's own finish is the caller's."""
+    prepared, stats, embedder = computed.prepared, computed.stats, computed.embedder
+    batch, spec = prepared.batch, prepared.batch.spec
+    embedded_at = datetime.now(UTC)
+    docs = prepared.reused + [
+        vector_doc(chunk, spec, key, to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
+                   batch_id=batch.batch_id, embedded_at=embedded_at)
+        for (key, chunks), vector in zip(prepared.groups, computed.vectors, strict=True)
+        for chunk in chunks
+    ]
+    waited = time.perf_counter()
+    ctx.store.upsert(docs)
+    store_wait = prepared.store_wait + time.perf_counter() - waited
+
+    embedded = sum(len(chunks) for _, chunks in prepared.groups)
     # Priced by the device the batch ran on: a CPU batch at the CPU rate, not the GPU's.
     cost = stats.seconds * ctx.settings.price_per_hour(embedder.device_name) / 3600
     ctx.store.record(LedgerEntry(
         job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
-        n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=skipped,
+        n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=prepared.skipped,
         n_tokens=stats.n_tokens, padded_tokens=stats.padded_tokens, gpu_seconds=stats.seconds,
-        store_wait_seconds=store_wait, wall_seconds=time.perf_counter() - began, device=embedder.device_name,
-        worker=ctx.name, started_at=started_at, finished_at=datetime.now(UTC), cost_usd=cost,
+        store_wait_seconds=store_wait, wall_seconds=time.perf_counter() - prepared.began,
+        device=embedder.device_name, worker=ctx.name, started_at=prepared.started_at,
+        finished_at=datetime.now(UTC), cost_usd=cost,
     ))
-    counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=skipped,
+    counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=prepared.skipped,
                                         gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
     ctx.records.save(ctx.records.status(batch.job_id))
     logger.info("job %s batch %s: %d embedded, %d skipped, %.2fs compute on %s%s", batch.job_id, batch.batch_id,
-                embedded, skipped, stats.seconds, embedder.device_name, "" if counted else " (already counted)")
-    return BatchResult(job_id=batch.job_id, batch_id=batch.batch_id, embedded=embedded, skipped=skipped,
+                embedded, prepared.skipped, stats.seconds, embedder.device_name,
+                "" if counted else " (already counted)")
+    return BatchResult(job_id=batch.job_id, batch_id=batch.batch_id, embedded=embedded, skipped=prepared.skipped,
                        gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+
+
+def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
+    """The three stages in series (what a plain rq worker runs; `worker.pipeline` overlaps them)."""
+    return store_batch(ctx, compute_batch(ctx, prepare_batch(ctx, batch)))
+
+
+def embed_batch(payload: dict) -> dict:
+    """RQ entry point: embed, store and account for one batch."""
+    ctx = current_context()
+    return run_batch(ctx, load_batch(ctx, payload)).to_dict()
 
 
 def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)

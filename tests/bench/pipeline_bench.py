@@ -6,10 +6,18 @@ then for the full model and for the model cut to its first transformer layer (th
 
 - bare: `SentenceTransformer.encode` of the texts the pipeline has to embed, same
   micro-batch size, same model object;
-- pipeline: one job enqueued on RQ and drained by the worker (SimpleWorker), from
-  the first dequeue to the last stored vector, ledger and counters included.
+- pipeline: one job enqueued on RQ and drained by the pipelined worker loop, from the
+  drain's start to its return, vectors, ledger and counters included.
 
-ratio = pipeline chunks/s / bare chunks/s over the same texts.
+ratio = pipeline chunks/s / bare chunks/s over the same texts; busy_fraction = the model's
+compute seconds (from the ledger) / the drain's wall seconds.
+
+Then the fast regime again over more episodes (>= 16 batches), with Redis and MongoDB
+behind a TCP proxy that adds 0, 10, 40 and 80 ms to every round trip (`delay_proxy.py`),
+as a managed Redis and Atlas are from a Modal GPU: wan_ratio_{N}ms, each against the bare
+runs measured just before and after it. Round trips to Redis and MongoDB are counted during
+every drain (`roundtrips.py`); `serial_round_trips_per_batch` is rq's own SimpleWorker loop
+over the same stages, for comparison. The CPU is shared: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -17,28 +25,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from config.services import on_spare_ports, services_down, services_up  # noqa: E402
+import roundtrips  # noqa: E402
+
+ROUND_TRIPS = roundtrips.install()  # before any client exists
+
+from config.services import free_port, on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import enqueue_episodes, parse_files, vector_spec  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from worker import embedder as embedder_module  # noqa: E402
-from worker.loop import make_worker  # noqa: E402
+from worker.loop import drain, make_worker  # noqa: E402
 from worker.store import text_key  # noqa: E402
 
+WAN_RTTS_MS = (0, 10, 40, 80)
 
-def run_pipeline(settings: Settings, episodes, label: str) -> dict:
-    """Enqueue one job and drain it; seconds from the worker's start to its end."""
+
+def run_pipeline(settings: Settings, episodes: list, label: str, *, serial: bool = False) -> dict:
+    """Enqueue one job and drain it; seconds from the drain's start to its end."""
     settings = settings.replace(mongo_db=f"bench_{label}_{os.getpid()}")
     redis = redis_client(settings)
     redis.flushdb()
@@ -49,12 +67,20 @@ def run_pipeline(settings: Settings, episodes, label: str) -> dict:
     enqueue_seconds = time.perf_counter() - began
     worker, _ = make_worker(settings, redis)
     loads = embedder_module.load_count()
+    ROUND_TRIPS.reset()
     began = time.perf_counter()
-    worker.work(burst=True, logging_level="WARNING")
+    if serial:
+        worker.work(burst=True, logging_level="WARNING")  # rq's SimpleWorker loop, one batch at a time
+    else:
+        drain(worker)
     seconds = time.perf_counter() - began
+    ended = datetime.now(UTC)
+    trips = (ROUND_TRIPS.redis, ROUND_TRIPS.mongo)
     ledger = list(db.batches.find({"job_id": job.job_id}))
     stored = db.embeddings.count_documents({})
     db.client.drop_database(db.name)
+    db.client.close()
+    redis.close()
     return {
         "seconds": seconds,
         "chunks": job.chunks,
@@ -66,41 +92,103 @@ def run_pipeline(settings: Settings, episodes, label: str) -> dict:
         "compute_seconds": sum(e["gpu_seconds"] for e in ledger),
         "store_wait_seconds": sum(e["store_wait_seconds"] for e in ledger),
         "batches": len(ledger),
+        # From the last batch stored to the drain's return (an empty queue ends a drain promptly).
+        "tail_seconds": (ended - max(e["finished_at"] for e in ledger)).total_seconds(),
+        "redis_round_trips": trips[0],
+        "mongo_round_trips": trips[1],
+        "round_trips_per_batch": round(sum(trips) / max(1, len(ledger)), 1),
         "enqueue_seconds": enqueue_seconds,
         "model_loads_during_run": embedder_module.load_count() - loads,
     }
 
 
 def run_bare(model, texts: list[str], settings: Settings) -> float:
-    began = time.perf_counter()
-    model.encode(texts, prompt=settings.instruction, batch_size=settings.micro_batch_size,
-                 normalize_embeddings=settings.normalize, show_progress_bar=False)
-    return time.perf_counter() - began
+    """Seconds of `encode` over `texts`, run in a thread as the pipeline's embed lane runs the model
+    (torch runs measurably faster off the main thread here, so both are timed the same way)."""
+    seconds: list[float] = []
+
+    def encode() -> None:
+        began = time.perf_counter()
+        model.encode(texts, prompt=settings.instruction, batch_size=settings.micro_batch_size,
+                     normalize_embeddings=settings.normalize, show_progress_bar=False)
+        seconds.append(time.perf_counter() - began)
+
+    thread = threading.Thread(target=encode, name="bare")
+    thread.start()
+    thread.join()
+    return seconds[0]
 
 
-def measure(settings: Settings, model, chunks, episodes, label: str) -> dict:
+def measure(settings: Settings, model, chunks, episodes: list, label: str) -> dict:
     spec = vector_spec(settings)
     unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
     # Bare first and last around the pipeline, so drift of this noisy machine shows and averages out.
     bare_a = run_bare(model, unique, settings)
     pipe = run_pipeline(settings, episodes, label)
     bare_b = run_bare(model, unique, settings)
+    return _compare(pipe, bare_a, bare_b, len(unique), len(chunks))
+
+
+def _compare(pipe: dict, bare_a: float, bare_b: float, unique: int, chunks: int) -> dict:
     bare = (bare_a + bare_b) / 2
-    assert pipe["stored"] == len(chunks), pipe
+    assert pipe["stored"] == chunks, pipe
     return {
         "bare_seconds": bare,
         "bare_seconds_spread": abs(bare_a - bare_b),
-        "encode_chunks_per_s": len(unique) / bare,
+        "encode_chunks_per_s": unique / bare,
         "pipeline_chunks_per_s": pipe["embedded"] / pipe["seconds"],
-        "ratio": (pipe["embedded"] / pipe["seconds"]) / (len(unique) / bare),
+        "ratio": (pipe["embedded"] / pipe["seconds"]) / (unique / bare),
+        # The share of the drain's wall time the model was computing: measured on the same clock in
+        # the same run, so the machine's load swings (which move `ratio`) barely touch it.
+        "busy_fraction": pipe["compute_seconds"] / pipe["seconds"],
         **pipe,
     }
+
+
+def measure_wan(settings: Settings, model, chunks, episodes: list) -> dict[int, dict]:
+    """The fast regime behind the delay proxy at each round trip; bare runs between them."""
+    spec = vector_spec(settings)
+    unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
+    redis_port, mongo_port = free_port(), free_port()
+    wan = settings.replace(redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                           mongo_uri=f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true")
+    routes = [f"{redis_port}:127.0.0.1:{settings.redis_url.rsplit(':', 1)[1].split('/')[0]}",
+              f"{mongo_port}:127.0.0.1:{settings.mongo_uri.rsplit(':', 1)[1].split('/')[0]}"]
+    bare = [run_bare(model, unique, settings)]
+    out: dict[int, dict] = {}
+    for rtt in WAN_RTTS_MS:
+        proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), "--rtt-ms",
+                                  str(rtt), *routes], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+            pipe = run_pipeline(wan, episodes, f"wan{rtt}")
+        finally:
+            proxy.terminate()
+            proxy.wait()
+        bare.append(run_bare(model, unique, settings))
+        out[rtt] = _compare(pipe, bare[-2], bare[-1], len(unique), len(chunks))
+    return out
+
+
+def chunks_for(settings: Settings, files: list[Path], at_least: int) -> tuple[list, list]:
+    """Chunks of the first episodes that give at least `at_least` chunks (all of them if fewer), and those episodes."""
+    chunks: list = []
+    episodes: list = []
+    spec = vector_spec(settings)
+    for path in files:
+        parsed, _ = parse_files([path])
+        chunks += chunk_episodes(settings, parsed, spec)
+        episodes += parsed
+        if len(chunks) >= at_least:
+            break
+    return chunks, episodes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="folder of transcripts (default: the vendored seenunseen corpus)")
     parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--wan-batches", type=int, default=17, help="batches of the runs behind the proxy")
     args = parser.parse_args()
 
     files = (sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
@@ -121,6 +209,9 @@ def main() -> None:
             encoder = embedder.model[0].auto_model.encoder
             encoder.layer = encoder.layer[:1]
             fast = measure(settings, embedder.model, chunks, episodes, "fast")
+            serial = run_pipeline(settings, episodes, "serial", serial=True)
+            wan_chunks, wan_episodes = chunks_for(settings, files, args.wan_batches * settings.batch_max_chunks)
+            wan = measure_wan(settings, embedder.model, wan_chunks, wan_episodes)
         finally:
             services_down(settings)
 
@@ -144,11 +235,23 @@ def main() -> None:
         "store_seconds_fraction": round(full["store_wait_seconds"] / full["seconds"], 4),
         "fast_store_seconds_fraction": round(fast["store_wait_seconds"] / fast["seconds"], 4),
         "enqueue_chunks_per_s": round(len(chunks) / full["enqueue_seconds"], 1),
+        "round_trips_per_batch": fast["round_trips_per_batch"],
+        "serial_round_trips_per_batch": serial["round_trips_per_batch"],
+        **{f"wan_ratio_{rtt}ms": round(run["ratio"], 4) for rtt, run in wan.items()},
+        "busy_fraction": round(full["busy_fraction"], 4),
+        "fast_busy_fraction": round(fast["busy_fraction"], 4),
+        **{f"wan_busy_fraction_{rtt}ms": round(run["busy_fraction"], 4) for rtt, run in wan.items()},
+        "wan_batches": wan[0]["batches"],
+        "wan_chunks": len(wan_chunks),
+        "wan_round_trips_per_batch": {f"{rtt}ms": run["round_trips_per_batch"] for rtt, run in wan.items()},
+        "drain_tail_seconds_max": round(max(r["tail_seconds"] for r in (full, fast, *wan.values())), 3),
         "model_loads": embedder_module.load_count(),
-        "model_loads_during_runs": full["model_loads_during_run"] + fast["model_loads_during_run"],
+        "model_loads_during_runs": sum(r["model_loads_during_run"] for r in (full, fast, serial, *wan.values())),
         "dedupe_saved": len(chunks) - unique,
         "full": full,
         "fast": fast,
+        "serial": serial,
+        "wan": {f"{rtt}ms": run for rtt, run in wan.items()},
     }, indent=2))
 
 

@@ -11,12 +11,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pymongo.database import Database
 
 from producer.jobs import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
 
 
 @dataclass
@@ -87,6 +90,22 @@ def wait_until(
             raise TimeoutError(f"{what() if callable(what) else what}: not within {timeout:.0f} s")
         time.sleep(interval)
     return time.monotonic() - began
+
+
+def wait_until_value(
+    value: Callable[[], T | None], *, timeout: float, what: str | Callable[[], str], interval: float = 0.05
+) -> T:
+    """The first value `value()` returns that is not None; TimeoutError naming `what` if none in time."""
+    found: list[T] = []
+
+    def got() -> bool:
+        v = value()
+        if v is not None:
+            found.append(v)
+        return bool(found)
+
+    wait_until(got, timeout=timeout, what=what, interval=interval)
+    return found[0]
 
 
 @dataclass

@@ -6,7 +6,8 @@ folder, and stops them at the end. Workers are `python -m worker.cli work` proce
 default settings (heartbeat 10 s, maintenance 15 s, retries after 10, 60, 300 s) unless a drill
 says otherwise, and one torch thread each (two workers share this machine's cores).
 
-- kill:  two workers; one is SIGKILLed half-way through a batch; the other must finish the job.
+- kill:  two workers (prefetch on, the default); one is SIGKILLed holding a batch on the model and one
+         fetched ahead; the other must finish the job.
 - mongo: two workers; nx-27017 stopped for a while mid-run (workers give up on it after 2 s),
          then started again.
 - redis: two workers; redis-server stopped for a while mid-run, then started again; a worker
@@ -112,22 +113,23 @@ class Run:
             worker.stop()
 
 
-def _mid_batch(run: Run) -> tuple[str, WorkerProcess] | None:
-    """A batch some worker is half-way through (some of its vectors stored), and that worker."""
+def _holding_ahead(run: Run) -> tuple[list[str], WorkerProcess] | None:
+    """A worker with a batch on the model and at least one fetched ahead (all registered started)."""
     started = StartedJobRegistry(run.settings.queue_name, connection=run.redis, serializer=JSONSerializer)
-    for batch_id in started.get_job_ids(cleanup=False):
-        holder = Job.fetch(batch_id, connection=run.redis, serializer=JSONSerializer).worker_name or ""
-        for worker in run.workers:
-            if holder.endswith(f":{worker.process.pid}") and run.db.embeddings.count_documents({"batch_id": batch_id}):
-                return batch_id, worker
+    held = started.get_job_ids(cleanup=False)
+    holders = [j.worker_name or "" if j else "" for j in Job.fetch_many(held, run.redis, JSONSerializer)]
+    for worker in run.workers:
+        mine = [b for b, h in zip(held, holders, strict=True) if h.endswith(f":{worker.process.pid}")]
+        if len(mine) >= 2:
+            return mine, worker
     return None
 
 
-def _wait_mid_batch(run: Run) -> tuple[str, WorkerProcess]:
-    wait_until(lambda: run.finished() or _mid_batch(run) is not None, timeout=300, what=f"{run.name}: a batch",
-               interval=0.02)
-    if (held := _mid_batch(run)) is None:
-        raise RuntimeError(f"{run.name}: the job finished before a worker was seen half-way through a batch")
+def _wait_holding_ahead(run: Run) -> tuple[list[str], WorkerProcess]:
+    wait_until(lambda: run.finished() or _holding_ahead(run) is not None, timeout=300,
+               what=f"{run.name}: a worker with a batch fetched ahead", interval=0.02)
+    if (held := _holding_ahead(run)) is None:
+        raise RuntimeError(f"{run.name}: the job finished before a worker was seen holding a batch fetched ahead")
     return held
 
 
@@ -135,14 +137,14 @@ def drill_kill(settings: Settings, logs: Path, paths: list[Path]) -> dict:
     run = Run(settings, "kill", logs, paths)
     try:
         run.start_worker(), run.start_worker()
-        killed, victim = _wait_mid_batch(run)
+        killed, victim = _wait_holding_ahead(run)
         victim.kill()
         killed_at = time.monotonic()
         done = f"podembed:job:{run.job.job_id}:done"
-        batch_back = wait_until(lambda: run.redis.sismember(done, killed), timeout=600, what="kill: killed batch",
-                                interval=0.5)
+        batches_back = wait_until(lambda: all(run.redis.sismember(done, b) for b in killed), timeout=600,
+                                  what="kill: killed batches", interval=0.5)
         run.wait_finished(600)
-        return run.report(killed_batch=killed, killed_batch_done_after_s=round(batch_back, 1),
+        return run.report(killed_batches=killed, killed_batches_done_after_s=round(batches_back, 1),
                           job_done_after_kill_s=round(time.monotonic() - killed_at, 1))
     finally:
         run.stop()
@@ -153,7 +155,7 @@ def drill_mongo(settings: Settings, logs: Path, paths: list[Path], outage_s: flo
     mongo = local_services(settings)[1]
     try:
         run.start_worker(), run.start_worker()
-        _wait_mid_batch(run)
+        _wait_holding_ahead(run)
         mongo.stop()
         time.sleep(outage_s)
         services_up(settings)
@@ -169,7 +171,7 @@ def drill_redis(settings: Settings, logs: Path, paths: list[Path], outage_s: flo
     redis_service = local_services(settings)[0]
     try:
         run.start_worker(), run.start_worker()
-        _wait_mid_batch(run)
+        _wait_holding_ahead(run)
         redis_service.stop()
         time.sleep(outage_s)
         services_up(settings)

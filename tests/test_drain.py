@@ -1,0 +1,127 @@
+"""The pipelined drain in this process: retries that fall due within the budget, the budget running
+out with batches fetched ahead, and jobs rq cannot load (poison) in every place rq meets them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pymongo.database import Database
+from redis import Redis
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from config.settings import Settings
+from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
+from producer.jobs import JobRecords
+from tests.conftest import DATA, EXAMPLES
+from tests.soak.harness import audit, counters_exact
+from worker.loop import drain, make_worker
+
+FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
+
+
+def _ingest(settings: Settings, redis: Redis, db: Database, path: Path) -> EnqueuedJob:
+    episodes, refused = parse_files([path], podcast="The Seen and the Unseen")
+    assert refused == []
+    return ingest(settings, redis, db, episodes, kind="ingest")
+
+
+def _exactly_once(settings: Settings, redis: Redis, db: Database, job: EnqueuedJob) -> None:
+    records = JobRecords(redis, db, settings.result_ttl)
+    status = records.status(job.job_id)
+    assert counters_exact(status), status
+    chunk_ids = [d["chunk_id"] for d in db.embeddings.find({"job_id": job.job_id}, {"chunk_id": 1})]
+    found = audit(db, job.job_id, chunk_ids, records.batch_ids(job.job_id))
+    assert found.exact and found.vectors == job.chunks == status.chunks.embedded, found
+
+
+def test_drain_waits_for_a_retry_due_within_its_budget(settings: Settings, redis: Redis, db: Database) -> None:
+    settings = settings.replace(batch_max_chunks=8, retry_intervals=(3,), **FAST)
+    job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    queue = batch_queue(settings, redis)
+    backing_off = queue.job_ids[-1]
+    queue.remove(backing_off)
+    worker, _ = make_worker(settings, redis)
+    first = drain(worker)
+    assert first.batches == job.batches - 1
+    # The last batch failed a moment ago and waits out a 3 s back-off, as rq's Retry leaves it.
+    queue.schedule_job(Job.fetch(backing_off, redis, JSONSerializer), now() + timedelta(seconds=3))
+
+    # A budget that ends before the retry is due: the drain ends at once, the retry stays scheduled.
+    short = drain(worker, time_budget_s=1)
+    assert short.batches == 0
+    assert queue.scheduled_job_registry.get_job_ids() == [backing_off]
+
+    # A budget that covers it: the drain keeps going until the retry has run.
+    rest = drain(worker, time_budget_s=60)
+    assert (rest.batches, rest.failed) == (1, 0)
+    assert queue.scheduled_job_registry.count == 0
+    _exactly_once(settings, redis, db, job)
+
+
+def test_budget_puts_fetched_batches_back_at_the_front_in_order(
+    settings: Settings, redis: Redis, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Three batches fetched ahead, one chunk per forward pass: the budget ends while the first is on the model.
+    settings = settings.replace(batch_max_chunks=8, prefetch_batches=3, micro_batch_size=1, **FAST)
+    job = _ingest(settings, redis, db, DATA / "E03.srt")
+    queue = batch_queue(settings, redis)
+    order = queue.job_ids
+    records = JobRecords(redis, db, settings.result_ttl)
+    worker, _ = make_worker(settings, redis)
+
+    with caplog.at_level(logging.INFO, logger="worker.pipeline"):
+        spent = drain(worker, time_budget_s=0.5)
+    [put_back] = [r.getMessage() for r in caplog.records if "put back at the front" in r.getMessage()]
+    done = {b.decode() for b in redis.smembers(f"podembed:job:{job.job_id}:done")}
+    assert spent.batches == len(done) >= 1
+    # Nothing is left started; what was not finished is queued again, first, in its order, no retry used.
+    assert StartedJobRegistry(settings.queue_name, connection=redis, serializer=JSONSerializer).count == 0
+    assert queue.job_ids == [b for b in order if b not in done]
+    assert put_back.endswith(", ".join(queue.job_ids[:put_back.count(",") + 1]))
+    assert all(j.retries_left == 1 for j in Job.fetch_many(queue.job_ids, redis, JSONSerializer))
+    assert records.status(job.job_id).batches.running == 0
+
+    drain(worker)
+    _exactly_once(settings, redis, db, job)
+
+
+def _poison(redis: Redis, job_id: str, data: bytes) -> None:
+    """A job hash rq cannot load: valid data, a created_at that is not a date."""
+    redis.hset(f"rq:job:{job_id}", mapping={"data": data, "created_at": "yesterday", "origin": "podembed",
+                                            "status": "queued"})
+
+
+def test_poison_jobs_are_taken_out_of_the_way_and_the_real_batch_finishes(
+    settings: Settings, redis: Redis, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings.replace(**FAST)
+    job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    queue = batch_queue(settings, redis)
+    data = redis.hget(f"rq:job:{queue.job_ids[0]}", "data")
+    for where in ("queued", "scheduled", "intermediate", "started"):
+        _poison(redis, f"poison-{where}", data)
+    redis.lpush(queue.key, "poison-queued")  # ahead of the real batches
+    redis.zadd(queue.scheduled_job_registry.key, {"poison-scheduled": time.time() - 60})  # due
+    redis.rpush(queue.intermediate_queue_key, "poison-intermediate")
+    redis.zadd(queue.started_job_registry.key, {"poison-started:0": time.time() - 60})  # abandoned
+    worker, _ = make_worker(settings, redis)
+
+    with caplog.at_level(logging.ERROR, logger="worker.housekeeping"):
+        tally = drain(worker)
+    assert (tally.batches, tally.failed) == (job.batches, 0)
+    _exactly_once(settings, redis, db, job)
+    evicted = {r.getMessage().split()[3] for r in caplog.records if "cannot be loaded" in r.getMessage()}
+    assert evicted == {"poison-queued", "poison-scheduled", "poison-intermediate", "poison-started"}
+    assert queue.job_ids == [] and queue.intermediate_queue.get_job_ids() == []
+    assert queue.scheduled_job_registry.get_job_ids() == [] and queue.started_job_registry.count == 0
+    # rq's locks were released when the drain ended, not left to expire.
+    assert not redis.exists(queue.registry_cleaning_key, f"rq:scheduler-lock:{settings.queue_name}")
+    # The hashes are kept a while for whoever looks into them.
+    assert 0 < redis.ttl("rq:job:poison-queued") <= settings.result_ttl

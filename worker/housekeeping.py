@@ -1,0 +1,129 @@
+"""What a draining worker does besides batches: rq's registry maintenance, moving due retries onto
+the queue, and taking poison jobs out of the way.
+
+A poison job is a job hash rq cannot load (bad dates, missing fields, an unknown status).
+rq raises on it wherever it meets it: at dequeue, in the intermediate queue, in the scheduled
+and started registries. Left there, it stops every worker that comes along. Here it is taken
+off every list and registry of the queue with one log line naming it; its hash is kept (with a
+TTL) for inspection, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import BaseRegistry, clean_registries
+from rq.scheduler import RQScheduler
+from rq.worker_registration import clean_worker_registry
+
+logger = logging.getLogger(__name__)
+
+
+def load_job(queue: Queue, job_id: str, *, keep_seconds: int) -> Job | None:
+    """The job, or None if its hash is gone or it is poison (then it is evicted)."""
+    try:
+        return queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+    except NoSuchJobError:
+        return None
+    except RedisError:
+        raise
+    except Exception as exc:  # rq's restore raises whatever a malformed field makes it raise
+        evict(queue, job_id, exc, keep_seconds=keep_seconds)
+        return None
+
+
+def evict(queue: Queue, job_id: str, exc: BaseException, *, keep_seconds: int) -> None:
+    """Take a job rq cannot load off the queue, its intermediate list and every registry."""
+    registries: list[BaseRegistry] = [queue.scheduled_job_registry, queue.started_job_registry,
+                                      queue.finished_job_registry, queue.failed_job_registry,
+                                      queue.deferred_job_registry, queue.canceled_job_registry]
+    redis = queue.connection
+    with redis.pipeline() as pipe:
+        pipe.lrem(queue.key, 0, job_id)
+        pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+        for registry in registries:
+            pipe.zrem(registry.key, job_id)
+        # The started registry holds `job_id:execution_id` members.
+        started = queue.started_job_registry
+        for member in redis.zrange(started.key, 0, -1):
+            if started.parse_job_id(member) == job_id:
+                pipe.zrem(started.key, member)
+        pipe.expire(Job.key_for(job_id), keep_seconds)
+        pipe.execute()
+    logger.error("queue %s: job %s cannot be loaded (%s: %s); taken off the queue and its registries, "
+                 "its hash kept %d s", queue.name, job_id, type(exc).__name__, exc, keep_seconds)
+
+
+def sweep(queue: Queue, job_ids: list[str], *, keep_seconds: int) -> None:
+    """Load each job once, evicting the ones that cannot be loaded."""
+    for job_id in job_ids:
+        load_job(queue, job_id, keep_seconds=keep_seconds)
+
+
+def guarded(step: Callable[[], object], suspects: Callable[[], list[str]], queue: Queue, *, what: str,
+            keep_seconds: int) -> None:
+    """Run one of rq's maintenance steps; if a job it met broke it, evict the poison and run it again."""
+    try:
+        step()
+        return
+    except RedisError:
+        raise
+    except Exception as exc:
+        logger.warning("queue %s: %s failed (%s: %s); looking for jobs that cannot be loaded",
+                       queue.name, what, type(exc).__name__, exc)
+    sweep(queue, suspects(), keep_seconds=keep_seconds)
+    try:
+        step()
+    except RedisError:
+        raise
+    except Exception:
+        logger.exception("queue %s: %s failed again; next pass tries once more", queue.name, what)
+
+
+def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
+    """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof.
+
+    The maintenance lock is released however the pass ends: left behind, it would block every
+    worker's cleanup (and the recovery of a killed worker's batches) for 15 minutes.
+    """
+    if not queue.acquire_maintenance_lock():
+        return
+    try:
+        started = queue.started_job_registry
+        guarded(lambda: clean_registries(queue), lambda: started.get_job_ids(cleanup=False), queue,
+                what="registry cleanup", keep_seconds=keep_seconds)
+        clean_worker_registry(queue)
+        guarded(lambda: queue.intermediate_queue.cleanup(worker, queue), queue.intermediate_queue.get_job_ids,
+                queue, what="intermediate queue cleanup", keep_seconds=keep_seconds)
+    finally:
+        queue.release_maintenance_lock()
+
+
+def enqueue_due_retries(scheduler: RQScheduler, queue: Queue, *, keep_seconds: int) -> None:
+    """Move retries whose back-off has passed onto the queue, if this worker holds the scheduler lock."""
+    if not scheduler.acquire_locks():
+        return  # another worker's scheduler moves them
+    registry = queue.scheduled_job_registry
+    guarded(scheduler.enqueue_scheduled_jobs, registry.get_jobs_to_schedule, queue,
+            what="moving due retries", keep_seconds=keep_seconds)
+
+
+def scheduler_for(queue: Queue, name: str) -> RQScheduler:
+    """rq's scheduler, run in this process (no fork) by `enqueue_due_retries`."""
+    # rq gives its scheduler's logger a stdout handler when it has none, which would mix log
+    # lines into `--json` output; a null handler stops that, and records still reach the root's.
+    rq_logger = logging.getLogger("rq.scheduler")
+    if not rq_logger.handlers:
+        rq_logger.addHandler(logging.NullHandler())
+    return RQScheduler([queue], connection=queue.connection, serializer=queue.serializer, name=name)
+
+
+def next_retry_at(queue: Queue) -> float | None:
+    """Unix time of the earliest scheduled retry of the queue, None if there is none."""
+    first = queue.connection.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
+    return float(first[0][1]) if first else None

@@ -1,0 +1,461 @@
+"""The pipelined drain: the model never waits on Redis or MongoDB.
+
+Three lanes, each a thread with one job, hand batches over through bounded queues:
+
+    fetch  (dequeue, register as started, load the batch, dedupe lookup)
+      -> embed  (forward passes only; no socket)
+        -> store  (vectors, ledger, job counters, rq's finish)
+
+While batch N is on the model, batch N+1 is already fetched and looked up and batch N-1 is
+being written. `settings.prefetch_batches` bounds how many batches wait fetched ahead of the
+model; the store lane holds one more. A housekeeper thread beats for every batch held
+(prefetched ones too), runs rq's maintenance and moves due retries onto the queue.
+
+`run_drain` owns the order and the shutdown. Every lane ends on the one sentinel `DONE`.
+A batch that fails goes through rq's failure path (failure callback, `Retry`) and the drain
+goes on; an error of a lane itself (Redis gone, say) stops every lane and surfaces once,
+naming the batch. SIGTERM, SIGINT or the budget running out put the batches fetched but not
+yet on the model back at the front of the queue at once; the batch on the model and the one
+being stored finish. A SIGKILL leaves every held batch registered as started: its heartbeats
+stop, and rq's abandoned-job cleanup retries it as it would the batch in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as lanes
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+from rq.utils import now
+
+from config.errors import DrainError
+from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at, scheduler_for
+from worker.tasks import (
+    ComputedBatch,
+    PreparedBatch,
+    WorkerContext,
+    compute_batch,
+    load_batch,
+    prepare_batch,
+    store_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+DONE = object()  # the sentinel every lane ends on
+POLL_SECONDS = 0.1  # how often a waiting lane looks at the stop and halt flags
+IDLE_SECONDS = 0.25  # how often an empty queue is looked at again while batches are in flight or due
+
+
+@dataclass
+class DrainTally:
+    """What one drain ran; `busy_seconds` adds up the compute seconds its batches report to the ledger."""
+
+    batches: int = 0
+    failed: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class Held:
+    """A batch this worker took off the queue: registered as started, beating until it ends."""
+
+    job: Job
+    execution: Execution
+    prepared: PreparedBatch | None = None
+    computed: ComputedBatch | None = None
+
+    @property
+    def batch_id(self) -> str:
+        return self.job.id
+
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+@dataclass
+class Drain:
+    """What the lanes of one drain share: the worker, the queue, the held batches and the stop flags."""
+
+    worker: Any  # worker.loop.DrainWorker (rq's bookkeeping for each batch)
+    ctx: WorkerContext
+    queue: Queue
+    deadline: float | None  # time.monotonic()
+    burst: bool
+    scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
+    stopping: threading.Event = field(default_factory=threading.Event)  # warm stop: take nothing new
+    halted: threading.Event = field(default_factory=threading.Event)  # a lane failed: everything stops
+    error: tuple[str, BaseException] | None = None
+    tally: DrainTally = field(default_factory=DrainTally)
+    held: dict[str, Held] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def redis(self):  # noqa: ANN201 (redis-py's client)
+        return self.queue.connection
+
+    @property
+    def keep_seconds(self) -> int:
+        return self.ctx.settings.result_ttl
+
+    def stop(self, why: str) -> None:
+        if not self.stopping.is_set():
+            logger.info("worker %s: stopping (%s): batches fetched ahead go back to the queue", self.worker.name, why)
+            self.stopping.set()
+
+    def halt(self, batch_id: str, exc: BaseException) -> None:
+        """A lane failed: record the first error, stop every lane."""
+        with self.lock:
+            if self.error is None:
+                self.error = (batch_id, exc)
+        self.stopping.set()
+        self.halted.set()
+
+    def snapshot(self) -> list[Held]:
+        with self.lock:
+            return list(self.held.values())
+
+    def take(self) -> Held | None:
+        """Move the next batch to this worker and register it as started, in one round trip."""
+        while True:
+            try:
+                # A long-running worker blocks for a second at most, so a stop request is seen soon.
+                popped = Queue.lmove(self.redis, self.queue.key, None if self.burst else 1)
+            except DequeueTimeout:
+                return None
+            if popped is None:
+                return None
+            job_id = popped[1].decode() if isinstance(popped[1], bytes) else popped[1]
+            job = load_job(self.queue, job_id, keep_seconds=self.keep_seconds)
+            if job is not None:
+                break
+            self.redis.lrem(self.queue.intermediate_queue_key, 1, job_id)  # gone, or poison (evicted)
+        worker = self.worker
+        ttl = worker.get_heartbeat_ttl(job)
+        with self.redis.pipeline() as pipe:
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(worker.name, pipeline=pipe)
+            pipe.persist(job.key)
+            pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+            worker.heartbeat(pipeline=pipe)
+            pipe.execute()
+        worker.executions[execution.id] = execution
+        held = Held(job, execution)
+        with self.lock:
+            self.held[job.id] = held
+        return held
+
+    def nothing_left(self) -> bool:
+        """A burst drain is over: queue empty, no batch in flight, no retry due within the budget."""
+        if self.snapshot():
+            return False  # a batch in flight may still fail into a retry
+        due = next_retry_at(self.queue)
+        if due is None or self.deadline is None:
+            return True
+        return due - time.time() >= self.deadline - time.monotonic()
+
+    def finish(self, held: Held, result: dict) -> None:
+        # rq's own success path (result, finished registry, execution cleanup), as its workers run it.
+        self.worker._finalize_success(held.job, self.queue, held.execution, result)
+        with self.lock:
+            self.held.pop(held.batch_id, None)
+            t = self.tally
+            t.batches += 1
+            t.embedded += result["embedded"]
+            t.skipped += result["skipped"]
+            t.busy_seconds += result["gpu_seconds"]
+
+    def fail(self, held: Held, exc_info: ExcInfo) -> None:
+        """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry)."""
+        held.job.ended_at = now()
+        self.worker._finalize_failure(held.job, self.queue, held.execution, exc_info)
+        with self.lock:
+            self.held.pop(held.batch_id, None)
+            self.tally.batches += 1
+            self.tally.failed += 1
+
+    def put_back(self, held: list[Held]) -> None:
+        """Batches fetched but not started go back to the front of the queue, in their order."""
+        if not held:
+            return
+        with self.redis.pipeline() as pipe:
+            for h in reversed(held):
+                h.execution.delete(job=h.job, pipeline=pipe)
+                h.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                self.queue.push_job_id(h.job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+        for h in held:
+            self.worker.executions.pop(h.execution.id, None)
+            if h.prepared is not None:
+                self.ctx.records.mark_retrying(h.prepared.batch.job_id, h.batch_id)
+            with self.lock:
+                self.held.pop(h.batch_id, None)
+        logger.info("worker %s: put back at the front of queue %s: %s", self.worker.name, self.queue.name,
+                    ", ".join(h.batch_id for h in held))
+
+
+def _get(inbox: lanes.Queue, drain: Drain) -> object:
+    """The next item, or DONE once the drain is halted."""
+    while not drain.halted.is_set():
+        try:
+            return inbox.get(timeout=POLL_SECONDS)
+        except lanes.Empty:
+            continue
+    return DONE
+
+
+def _put(outbox: lanes.Queue, item: object, drain: Drain) -> None:
+    while not drain.halted.is_set():
+        try:
+            outbox.put(item, timeout=POLL_SECONDS)
+            return
+        except lanes.Full:
+            continue
+
+
+class Lane(threading.Thread):
+    """A thread with one job; whatever escapes it halts the drain, naming the batch in hand."""
+
+    def __init__(self, name: str, drain: Drain, outbox: lanes.Queue) -> None:
+        super().__init__(name=name, daemon=True)
+        self.drain = drain
+        self.outbox = outbox
+        self.current = ""  # the batch in hand, for the error
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as exc:
+            self.drain.halt(self.current or f"({self.name} lane)", exc)
+        finally:
+            _put(self.outbox, DONE, self.drain)
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def attempt(self, held: Held, stage: Callable[[], object]) -> object | None:
+        """Run one stage of a batch; a batch error fails that batch only (None), a Redis error the lane."""
+        self.current = held.batch_id  # kept if a Redis error escapes: the halt names this batch
+        try:
+            result = stage()
+        except RedisError:
+            raise
+        except Exception:
+            exc_type, exc, tb = sys.exc_info()
+            assert exc_type is not None and exc is not None
+            self.drain.fail(held, (exc_type, exc, tb))
+            result = None
+        self.current = ""
+        return result
+
+
+class FetchLane(Lane):
+    """Takes batches off the queue while a prefetch slot is free; loads and looks them up."""
+
+    def __init__(self, drain: Drain, outbox: lanes.Queue, slots: threading.Semaphore) -> None:
+        super().__init__("fetch", drain, outbox)
+        self.slots = slots
+
+    def work(self) -> None:
+        d = self.drain
+        while not d.stopping.is_set():
+            if not self.slots.acquire(timeout=POLL_SECONDS):
+                continue
+            if d.deadline is not None and time.monotonic() >= d.deadline:
+                d.stop("time budget spent")
+                break
+            held = d.take()
+            if held is None:
+                self.slots.release()
+                enqueue_due_retries(d.scheduler, d.queue, keep_seconds=d.keep_seconds)
+                if d.burst and d.queue.count == 0 and d.nothing_left():
+                    break
+                d.stopping.wait(IDLE_SECONDS if d.burst else 0)
+                continue
+            prepared = self.attempt(held, lambda h=held: prepare(d.ctx, h))
+            if prepared is None:
+                self.slots.release()
+                continue
+            held.prepared = prepared  # type: ignore[assignment]
+            if d.stopping.is_set():
+                d.put_back([held])
+                break
+            _put(self.outbox, held, d)
+
+
+
+class EmbedLane(Lane):
+    """Runs the model on one batch at a time; frees a prefetch slot as it takes a batch."""
+
+    def __init__(self, drain: Drain, inbox: lanes.Queue, outbox: lanes.Queue, slots: threading.Semaphore) -> None:
+        super().__init__("embed", drain, outbox)
+        self.inbox = inbox
+        self.slots = slots
+
+    def work(self) -> None:
+        d = self.drain
+        while (held := _get(self.inbox, d)) is not DONE:
+            assert isinstance(held, Held)
+            self.slots.release()
+            if d.stopping.is_set():
+                d.put_back([held])
+                continue
+            assert held.prepared is not None
+            prepared = held.prepared
+            computed = self.attempt(held, lambda p=prepared: compute_batch(d.ctx, p))
+            if computed is not None:
+                held.computed = computed  # type: ignore[assignment]
+                _put(self.outbox, held, d)
+
+
+class StoreLane(Lane):
+    """Writes each computed batch and ends it in rq."""
+
+    def __init__(self, drain: Drain, inbox: lanes.Queue) -> None:
+        super().__init__("store", drain, lanes.Queue())
+        self.inbox = inbox
+
+    def work(self) -> None:
+        d = self.drain
+        while (held := _get(self.inbox, d)) is not DONE:
+            assert isinstance(held, Held) and held.computed is not None
+            computed = held.computed
+            result = self.attempt(held, lambda c=computed: store_batch(d.ctx, c))
+            if result is not None:
+                self.current = held.batch_id
+                d.finish(held, result.to_dict())  # type: ignore[attr-defined]
+                self.current = ""
+
+
+class Housekeeper(threading.Thread):
+    """Beats for every held batch and the worker; rq's maintenance and due retries between beats."""
+
+    def __init__(self, drain: Drain) -> None:
+        super().__init__(name="housekeeper", daemon=True)
+        self.drain = drain
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        d, s = self.drain, self.drain.ctx.settings
+        next_maintenance = 0.0
+        while True:
+            try:
+                self.beat()
+                if time.monotonic() >= next_maintenance:
+                    next_maintenance = time.monotonic() + s.maintenance_interval
+                    maintain(d.queue, d.worker, keep_seconds=d.keep_seconds)
+                    enqueue_due_retries(d.scheduler, d.queue, keep_seconds=d.keep_seconds)
+            except RedisError as exc:  # Redis away for a moment: the next beat tries again
+                logger.warning("worker %s: heartbeat or maintenance failed: %s", d.worker.name, exc)
+            except Exception:
+                logger.exception("worker %s: maintenance failed; the next pass tries again", d.worker.name)
+            if self.done.wait(s.heartbeat_interval):
+                return
+
+    def beat(self) -> None:
+        """One pipeline: the worker's heartbeat and every held batch's (rq's `maintain_heartbeats`, batched)."""
+        d = self.drain
+        worker = d.worker
+        with d.redis.pipeline() as pipe:
+            worker.heartbeat(worker.job_monitoring_interval + 60, pipeline=pipe)
+            for held in d.snapshot():
+                ttl = worker.get_heartbeat_ttl(held.job)
+                held.execution.heartbeat(held.job.started_job_registry, ttl, pipeline=pipe)
+                held.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+
+
+def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
+    """The prepare stage of a held batch; `BatchJob` refuses a job naming anything but podembed's task."""
+    held.job.func  # noqa: B018
+    return prepare_batch(ctx, load_batch(ctx, held.job.args[0]))
+
+
+def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = None,
+              burst: bool = True) -> DrainTally:
+    """Drain the queue through the three lanes until it is empty (`burst`), the budget is spent, or a signal.
+
+    Raises the first error of a lane (a `RedisError` from rq's bookkeeping, say), naming its batch.
+    """
+    settings = ctx.settings
+    queue = Queue(settings.queue_name, connection=worker.connection, serializer=worker.serializer,
+                  job_class=worker.job_class)
+    d = Drain(worker=worker, ctx=ctx, queue=queue, burst=burst,
+              deadline=None if time_budget_s is None else time.monotonic() + time_budget_s,
+              scheduler=scheduler_for(queue, f"{worker.name}:scheduler"))
+    slots = threading.Semaphore(settings.prefetch_batches)
+    fetched: lanes.Queue = lanes.Queue(maxsize=settings.prefetch_batches + 1)  # + the sentinel
+    computed: lanes.Queue = lanes.Queue(maxsize=1)
+    fetch, embed, store = FetchLane(d, fetched, slots), EmbedLane(d, fetched, computed, slots), StoreLane(d, computed)
+    housekeeper = Housekeeper(d)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        d.stop(signal.Signals(signum).name)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    worker.register_birth()
+    try:
+        housekeeper.start()
+        for lane in (store, embed, fetch):
+            lane.start()
+        while store.is_alive():
+            store.join(POLL_SECONDS)
+            if d.deadline is not None and time.monotonic() >= d.deadline:
+                d.stop("time budget spent")
+            if d.stopping.is_set() and not d.halted.is_set():
+                d.put_back(_unstarted(fetched))
+    finally:
+        d.stopping.set()
+        housekeeper.done.set()
+        housekeeper.join()
+        for lane in (fetch, embed):
+            lane.join()
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
+        try:
+            d.scheduler.release_locks()
+            worker.register_death()
+        except RedisError as exc:
+            logger.warning("worker %s: could not release its locks and registration: %s", worker.name, exc)
+    if d.error is not None:
+        batch_id, exc = d.error
+        raise DrainError(f"worker {worker.name}: stopped at batch {batch_id}: {type(exc).__name__}: {exc}") from exc
+    return d.tally
+
+
+def _unstarted(fetched: lanes.Queue) -> list[Held]:
+    """Empty the fetch lane's outbox, keeping the sentinel in it."""
+    taken: list[Held] = []
+    sentinel = False
+    while True:
+        try:
+            item = fetched.get_nowait()
+        except lanes.Empty:
+            break
+        if item is DONE:
+            sentinel = True
+        else:
+            assert isinstance(item, Held)
+            taken.append(item)
+    if sentinel:
+        fetched.put(DONE)
+    return taken
