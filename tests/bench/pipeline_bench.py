@@ -30,11 +30,10 @@ from config.services import on_spare_ports, services_down, services_up  # noqa: 
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import chunk_episodes, enqueue_chunks, parse_files, vector_spec  # noqa: E402
+from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from worker import embedder as embedder_module  # noqa: E402
 from worker.loop import make_worker  # noqa: E402
 from worker.store import text_key  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
 
 
 def run_pipeline(settings: Settings, chunks, episodes: int, label: str) -> dict:
@@ -99,12 +98,13 @@ def measure(settings: Settings, model, chunks, episodes: int, label: str) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of transcripts")
+    parser.add_argument("--data", type=Path, help="folder of transcripts (default: the vendored seenunseen corpus)")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--max-chunks", type=int, default=0, help="cap for a shorter run (0: all)")
     args = parser.parse_args()
 
-    files = sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+    files = (sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
+             if args.data else seenunseen_vtt())
     with tempfile.TemporaryDirectory() as tmp:
         settings = on_spare_ports(Settings.from_env(retry_intervals=()), Path(tmp))
         services_up(settings)

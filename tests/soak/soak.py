@@ -46,10 +46,9 @@ from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import chunk_episodes, ingest, parse_files, vector_spec  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
+from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "seenunseen" / "vtt"
 
 
 class Run:
@@ -276,7 +275,7 @@ def main() -> None:
     parser.add_argument("--result-ttl", type=int, default=30, help="seconds results stay in Redis (load run)")
     args = parser.parse_args()
 
-    episodes = sorted(DATA.glob("*.vtt"), key=lambda p: int(p.stem[1:]))
+    episodes = seenunseen_vtt()
     drill_paths = episodes[: args.drill_episodes]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="podembed-soak-") as tmp:
