@@ -37,3 +37,7 @@ class ForeignJobError(PodembedError):
 
 class ServiceError(PodembedError):
     """A local service could not be started or stopped."""
+
+
+class SearchError(PodembedError):
+    """A search or search index request cannot be served (bad query, no vectors, no vector search)."""

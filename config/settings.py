@@ -70,6 +70,14 @@ class Settings:
     estimate_device: str | None = None
     # Largest POST /jobs body: several long transcripts; bulk loads go through nightly/backfill.
     max_request_bytes: int = 8 * 1024 * 1024
+    # Query instruction (None: the INSTRUCTOR retrieval-style question prompt for INSTRUCTOR models, none
+    # for others, as measured best by `make eval`); queries are always embedded under the stored vector key.
+    query_instruction: str | None = None
+    # Atlas Vector Search index over `embeddings.embedding` that `podembed index` creates and search uses.
+    vector_index: str = "podembed_vectors"
+    # A cache refresh re-reads vectors embedded this long before the newest it holds: worker clocks
+    # and writes queued behind a slow store may land a little out of `embedded_at` order.
+    search_refresh_overlap_s: int = 300
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 
