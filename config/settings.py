@@ -73,6 +73,8 @@ class Settings:
     # Query instruction (None: the INSTRUCTOR retrieval-style question prompt for INSTRUCTOR models, none
     # for others, as measured best by `make eval`); queries are always embedded under the stored vector key.
     query_instruction: str | None = None
+    # Search fuses the vector ranking with BM25's by default (measured by `make eval`: see BENCHMARKS.md).
+    search_hybrid: bool = False
     # Atlas Vector Search index over `embeddings.embedding` that `podembed index` creates and search uses.
     vector_index: str = "podembed_vectors"
     # A cache refresh re-reads vectors embedded this long before the newest it holds: worker clocks

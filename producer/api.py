@@ -91,6 +91,7 @@ class SearchHit(BaseModel):
 class SearchResults(BaseModel):
     query: str
     engine: str = Field(description="'atlas' ($vectorSearch) or 'exact' (cosine scan over the local cache)")
+    hybrid: bool = Field(description="whether the vector ranking was fused with BM25's (scores are then fused ones)")
     model: str
     vector_key: str
     hits: list[SearchHit]
@@ -167,7 +168,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
              responses={401: {"description": "missing or wrong bearer token"}})
     def search(q: Annotated[str, Query(min_length=1, max_length=2000, description="the query")],
                k: Annotated[int, Query(ge=1, le=100)] = 10, podcast: str | None = None,
-               episode: str | None = None) -> SearchResults:
+               episode: str | None = None, hybrid: bool | None = None) -> SearchResults:
         """The `k` stored chunks closest to the query, under the configured model and instruction."""
         # The searcher (its model, its vector cache) is built on the first query, not at start-up;
         # one query at a time keeps the cache refresh single-threaded.
@@ -176,8 +177,9 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         with search_lock:
             if not searcher:
                 searcher.append(Searcher(settings, db))
-            hits = searcher[0].search([q], k, podcast=podcast, episode_id=episode)[0]
-        return SearchResults(query=q, engine=searcher[0].engine.name, model=searcher[0].spec.model,
+            hybrid = settings.search_hybrid if hybrid is None else hybrid
+            hits = searcher[0].search([q], k, podcast=podcast, episode_id=episode, hybrid=hybrid)[0]
+        return SearchResults(query=q, engine=searcher[0].engine.name, hybrid=hybrid, model=searcher[0].spec.model,
                              vector_key=searcher[0].spec.key, hits=[SearchHit(**h.to_dict()) for h in hits])
 
     @app.exception_handler(RequestValidationError)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -85,6 +87,43 @@ def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Datab
     assert [h.chunk_id for h in episode] == [c for c, _ in _brute_force(db, key, searcher.encode(queries[:1])[0],
                                                                          3, episode_id="E05")]
     assert searcher.search(queries[:1], 3, podcast="Another show") == [[]]
+
+
+def _bm25_brute_force(db: Database, key: str, query: str) -> list[str]:
+    """Okapi BM25 (k1=1.5, b=0.75) of every stored chunk, document by document: chunk ids, best first."""
+    docs = list(db.embeddings.find({"vector_key": key}, {"chunk_id": 1, "text": 1}))
+    texts = [re.findall(r"\w+", d["text"].lower()) for d in docs]
+    average = sum(map(len, texts)) / len(texts)
+    scores = []
+    for words in texts:
+        score = 0.0
+        for term in set(re.findall(r"\w+", query.lower())):
+            tf, df = words.count(term), sum(term in w for w in texts)
+            if tf:
+                idf = math.log(1 + (len(texts) - df + 0.5) / (df + 0.5))
+                score += idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * len(words) / average))
+        scores.append(score)
+    return [docs[i]["chunk_id"] for i in sorted(range(len(docs)), key=lambda i: -scores[i]) if scores[i] > 0][:100]
+
+
+def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settings, db: Database) -> None:
+    queries = _titles("E01", 2) + _titles("E05", 2)
+    searcher = Searcher(stored, db)
+    key = vector_spec(stored).key
+    results = searcher.search(queries, 5, hybrid=True)
+    for query, vector, hits in zip(queries, searcher.encode(queries), results, strict=True):
+        fused: dict[str, float] = {}
+        for ranking in ([c for c, _ in _brute_force(db, key, vector, 100)], _bm25_brute_force(db, key, query)):
+            for rank, chunk in enumerate(ranking):
+                fused[chunk] = fused.get(chunk, 0.0) + 1 / (60 + rank + 1)
+        assert [h.score for h in hits] == pytest.approx(sorted(fused.values(), reverse=True)[:5], abs=1e-6)
+        assert all(h.score == pytest.approx(fused[h.chunk_id], abs=1e-6) for h in hits)
+
+    out = run_cli(stored, "search", queries[0], "-k", "5", "--hybrid", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["engine"], doc["hybrid"]) == ("exact", True)
+    assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in results[0]]
 
 
 def test_search_refuses_bad_input_in_one_line(stored: Settings, tmp_path: Path) -> None:
@@ -188,6 +227,11 @@ def test_http_search_behind_the_token(
     expected = Searcher(api_settings, db).search([query], 3)[0]
     assert (doc["query"], doc["engine"], doc["vector_key"]) == (query, "exact", vector_spec(api_settings).key)
     assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in expected]
+    assert doc["hybrid"] is False
+    fused = client.get("/search", params={"q": query, "k": 3, "hybrid": "true"}).json()
+    assert fused["hybrid"] is True
+    assert [h["chunk_id"] for h in fused["hits"]] == [h.chunk_id for h in Searcher(api_settings, db).search(
+        [query], 3, hybrid=True)[0]]
 
     assert httpx.get(f"{base_url}/search", params={"q": query}).status_code == 401
     assert client.get("/search", params={"q": ""}).status_code == 422

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="how many chunks per query (default 10)")
     p.add_argument("--podcast", help="only this show")
     p.add_argument("--episode", help="only this episode id")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                   help="fuse the vector ranking with BM25's (default: PODEMBED_SEARCH_HYBRID)")
     p.add_argument("--model", help="search the vectors of this model (default: PODEMBED_MODEL)")
     p.add_argument("--instruction", help="search the vectors embedded with this instruction "
                                          "(default: PODEMBED_INSTRUCTION)")
@@ -339,17 +341,21 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     else:
         queries = [args.query]
     searcher = Searcher(settings, mongo_database(settings), model=args.model, instruction=args.instruction)
-    results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode)
+    hybrid = settings.search_hybrid if args.hybrid is None else args.hybrid
+    results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
     if args.queries is not None:
         for query, hits in zip(queries, results, strict=True):
-            print(json.dumps({"query": query, "engine": searcher.engine.name, "hits": [h.to_dict() for h in hits]}))
+            print(json.dumps({"query": query, "engine": searcher.engine.name, "hybrid": hybrid,
+                              "hits": [h.to_dict() for h in hits]}))
         return 0
     hits = results[0]
     if args.json:
-        _print_json({"query": args.query, "engine": searcher.engine.name, "model": searcher.spec.model,
-                     "vector_key": searcher.spec.key, "k": args.k, "hits": [h.to_dict() for h in hits]})
+        _print_json({"query": args.query, "engine": searcher.engine.name, "hybrid": hybrid,
+                     "model": searcher.spec.model, "vector_key": searcher.spec.key, "k": args.k,
+                     "hits": [h.to_dict() for h in hits]})
         return 0
-    print(f"{len(hits)} chunks for {args.query!r} ({searcher.engine.name} search, {searcher.spec.model})")
+    mode = f"{searcher.engine.name}{' + BM25' if hybrid else ''}"
+    print(f"{len(hits)} chunks for {args.query!r} ({mode} search, {searcher.spec.model})")
     for rank, hit in enumerate(hits, 1):
         where = f"{hit.podcast or '-'} / {hit.episode_id} {_clock(hit.start)}-{_clock(hit.end)}"
         text = hit.text if len(hit.text) <= 200 else hit.text[:197] + "..."

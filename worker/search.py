@@ -23,6 +23,7 @@ from config.errors import SearchError, StoreError
 from config.settings import Settings
 from producer.enqueue import vector_spec
 from producer.models import VectorSpec
+from worker.lexical import BM25, FUSION_DEPTH, fuse
 from worker.store import from_bson_vector, to_bson_vector
 from worker.vector_cache import VectorCache, cache_path
 
@@ -65,6 +66,10 @@ class Engine(Protocol):
         """For each query vector, the `_id`s of the best `k` stored vectors and their cosine, best first."""
         ...
 
+    def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
+        """For each query, the `_id`s of the best `k` chunks by BM25, best first."""
+        ...
+
 
 def query_instruction(settings: Settings) -> str:
     """The configured query instruction, or the default: INSTRUCTOR's retrieval style, none for others."""
@@ -87,6 +92,7 @@ class ExactScan:
             raise StoreError(f"cannot index {self.embeddings.full_name}: {exc}") from exc
         self.cache = VectorCache(cache_path(settings.data_dir, settings.mongo_uri, settings.mongo_db, vector_key),
                                  vector_key, timedelta(seconds=settings.search_refresh_overlap_s))
+        self._bm25: tuple[int, BM25] | None = None
 
     def refresh(self) -> None:
         self.cache.refresh(self.embeddings)
@@ -115,6 +121,13 @@ class ExactScan:
                 out.append([(ids[i], float(row[i])) for i in ranked])
         return out
 
+    def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
+        if self._bm25 is None or self._bm25[0] != self.cache.version:
+            # Built on the first hybrid query and again only after the cache changed.
+            self._bm25 = (self.cache.version, BM25(self.cache.texts))
+        bm25, rows = self._bm25[1], self.cache.rows(podcast, episode_id)
+        return [[self.cache.ids[i] for i in bm25.rank(query, rows, k)] for query in queries]
+
 
 class AtlasSearch:
     """`$vectorSearch` on an Atlas Vector Search index, filtered on the vector key."""
@@ -141,6 +154,10 @@ class AtlasSearch:
             # Atlas scales cosine and dot product to [0, 1] as (1 + x) / 2: give back the cosine.
             out.append([(doc["_id"], 2.0 * doc["score"] - 1.0) for doc in found])
         return out
+
+    def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
+        raise SearchError("hybrid search runs on the exact scan; on Atlas, fuse $vectorSearch with $search in "
+                          "$rankFusion (see the README)")
 
 
 def atlas_pipeline(index: str, vector: np.ndarray, k: int, vector_key: str, podcast: str | None,
@@ -188,8 +205,11 @@ class Searcher:
         self.engine = open_engine(settings, db, self.spec.key)
 
     def search(self, queries: list[str], k: int = 10, *, podcast: str | None = None,
-               episode_id: str | None = None) -> list[list[Hit]]:
-        """The best `k` chunks for each query, best first."""
+               episode_id: str | None = None, hybrid: bool = False) -> list[list[Hit]]:
+        """The best `k` chunks for each query, best first.
+
+        `hybrid` fuses the dense ranking with BM25's by reciprocal rank; the score is then the fused one.
+        """
         if not 1 <= k <= MAX_K:
             raise SearchError(f"k must be between 1 and {MAX_K}, got {k}")
         texts = [q.strip() for q in queries]
@@ -199,8 +219,12 @@ class Searcher:
         if not texts:
             return []
         self.engine.refresh()
-        ranked = self.engine.search(self.encode(texts), k, podcast, episode_id)
-        return self._hits(ranked)
+        if not hybrid:
+            return self._hits(self.engine.search(self.encode(texts), k, podcast, episode_id))
+        lexical = self.engine.lexical(texts, FUSION_DEPTH, podcast, episode_id)
+        dense = self.engine.search(self.encode(texts), FUSION_DEPTH, podcast, episode_id)
+        return self._hits([fuse([[doc_id for doc_id, _ in d], words], k)
+                           for d, words in zip(dense, lexical, strict=True)])
 
     def encode(self, texts: list[str]) -> np.ndarray:
         # Imported here: the HTTP API and the index command load no model until a query comes.

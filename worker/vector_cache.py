@@ -25,7 +25,7 @@ from worker.store import from_bson_vector
 
 logger = logging.getLogger(__name__)
 
-PROJECTION = {"embedding": 1, "episode_id": 1, "podcast": 1, "embedded_at": 1}
+PROJECTION = {"embedding": 1, "episode_id": 1, "podcast": 1, "embedded_at": 1, "text": 1}
 
 
 @dataclass
@@ -35,12 +35,16 @@ class RefreshStats:
 
 
 class VectorCache:
-    """Unit-length vectors of one vector key with the fields search filters on, row by row."""
+    """Unit-length vectors of one vector key with the fields search filters on and the texts, row by row.
+
+    `version` changes whenever the rows do, so what is built from them (the BM25 index) knows when to rebuild.
+    """
 
     def __init__(self, path: Path, vector_key: str, overlap: timedelta) -> None:
         self.path = path
         self.vector_key = vector_key
         self.overlap = overlap
+        self.version = 0
         self._clear()
         self._load()
 
@@ -78,9 +82,11 @@ class VectorCache:
         self.ids = np.empty(0, dtype=object)
         self.episode_ids = np.empty(0, dtype=object)
         self.podcasts = np.empty(0, dtype=object)
+        self.texts = np.empty(0, dtype=object)
         self.vectors = np.empty((0, 0), dtype=np.float32)
         self.watermark: datetime | None = None
         self._row: dict[str, int] = {}
+        self.version += 1
 
     def _merge(self, docs: list[dict]) -> int:
         if not docs:
@@ -96,6 +102,7 @@ class VectorCache:
         if known:
             rows, new = zip(*known, strict=True)
             self.vectors[list(rows)] = vectors[list(new)]
+            self.texts[list(rows)] = [docs[i].get("text", "") for i in new]
         if fresh:
             base = len(self.ids)
             self._row.update((docs[i]["_id"], base + n) for n, i in enumerate(fresh))
@@ -104,9 +111,11 @@ class VectorCache:
                 [self.episode_ids, np.array([docs[i].get("episode_id") for i in fresh], dtype=object)])
             self.podcasts = np.concatenate(
                 [self.podcasts, np.array([docs[i].get("podcast") for i in fresh], dtype=object)])
+            self.texts = np.concatenate([self.texts, np.array([docs[i].get("text", "") for i in fresh], dtype=object)])
             self.vectors = vectors[fresh] if not base else np.concatenate([self.vectors, vectors[fresh]])
         newest = max(_aware(d["embedded_at"]) for d in docs)
         self.watermark = newest if self.watermark is None else max(self.watermark, newest)
+        self.version += 1
         return len(docs)
 
     def _load(self) -> None:
@@ -116,6 +125,9 @@ class VectorCache:
             with np.load(self.path, allow_pickle=False) as data:
                 ids, episode_ids, podcasts = (data[name].tolist() for name in ("ids", "episode_ids", "podcasts"))
                 self.vectors = data["vectors"]
+                # Texts as one UTF-8 buffer and offsets: a numpy string array pads every text to the longest.
+                buffer, offsets = data["texts_utf8"].tobytes(), data["text_offsets"].tolist()
+                texts = [buffer[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
                 watermark = str(data["watermark"])
                 self.watermark = datetime.fromisoformat(watermark) if watermark else None
         except (OSError, ValueError, KeyError) as exc:
@@ -126,12 +138,16 @@ class VectorCache:
         self.ids = np.array(ids, dtype=object)
         self.episode_ids = np.array([e or None for e in episode_ids], dtype=object)
         self.podcasts = np.array([p or None for p in podcasts], dtype=object)
+        self.texts = np.array(texts, dtype=object)
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial.npz")
-        np.savez(partial, ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
+        encoded = [t.encode() for t in self.texts]
+        offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        np.savez(partial, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
+                 ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
                  podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
                  watermark=np.array(self.watermark.isoformat() if self.watermark else ""))
         os.replace(partial, self.path)
