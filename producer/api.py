@@ -177,7 +177,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         with search_lock:
             if not searcher:
                 searcher.append(Searcher(settings, db))
-            hybrid = settings.search_hybrid if hybrid is None else hybrid
+            hybrid = searcher[0].hybrid if hybrid is None else hybrid
             hits = searcher[0].search([q], k, podcast=podcast, episode_id=episode, hybrid=hybrid)[0]
         return SearchResults(query=q, engine=searcher[0].engine.name, hybrid=hybrid, model=searcher[0].spec.model,
                              vector_key=searcher[0].spec.key, hits=[SearchHit(**h.to_dict()) for h in hits])

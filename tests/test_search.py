@@ -56,26 +56,28 @@ def stored(settings: Settings, redis: Redis, db: Database) -> Settings:
 def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Database, tmp_path: Path) -> None:
     queries = _titles("E01", 4) + _titles("E05", 4)
     searcher = Searcher(stored, db)
-    assert searcher.engine.name == "exact"
+    # The local default fuses with BM25 (see the hybrid test); the vector ranking alone is checked here.
+    assert (searcher.engine.name, searcher.hybrid) == ("exact", True)
+    assert Searcher(stored.replace(search_hybrid=False), db).hybrid is False
     key = vector_spec(stored).key
     expected = [_brute_force(db, key, vector, 5) for vector in searcher.encode(queries)]
     assert len({chunk for hits in expected for chunk, _ in hits}) > 10  # the queries find different chunks
 
-    results = searcher.search(queries, 5)
+    results = searcher.search(queries, 5, hybrid=False)
     for hits, want in zip(results, expected, strict=True):
         assert [h.chunk_id for h in hits] == [c for c, _ in want]
         assert [h.score for h in hits] == pytest.approx([s for _, s in want], abs=1e-5)
         assert all(h.podcast == PODCAST and h.text and h.end >= h.start for h in hits)
 
-    one = run_cli(stored, "search", f"  {queries[0]}\t", "-k", "5", "--json")
+    one = run_cli(stored, "search", f"  {queries[0]}\t", "-k", "5", "--no-hybrid", "--json")
     assert one.returncode == 0, one.stderr
     doc = json.loads(one.stdout)
-    assert (doc["engine"], doc["vector_key"], doc["k"]) == ("exact", key, 5)
+    assert (doc["engine"], doc["hybrid"], doc["vector_key"], doc["k"]) == ("exact", False, key, 5)
     assert [h["chunk_id"] for h in doc["hits"]] == [c for c, _ in expected[0]]
 
     lines = tmp_path / "queries.txt"
     lines.write_text("\n".join(queries) + "\n\n")
-    many = run_cli(stored, "search", "--queries", str(lines), "-k", "5")
+    many = run_cli(stored, "search", "--queries", str(lines), "-k", "5", "--no-hybrid")
     assert many.returncode == 0, many.stderr
     answers = [json.loads(line) for line in many.stdout.splitlines()]
     assert [a["query"] for a in answers] == queries
@@ -83,7 +85,7 @@ def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Datab
         assert [h["chunk_id"] for h in answer["hits"]] == [c for c, _ in want]
         assert set(answer["hits"][0]) == {"chunk_id", "episode_id", "podcast", "start", "end", "score", "text"}
 
-    episode = searcher.search(queries[:1], 3, episode_id="E05")[0]
+    episode = searcher.search(queries[:1], 3, episode_id="E05", hybrid=False)[0]
     assert [h.chunk_id for h in episode] == [c for c, _ in _brute_force(db, key, searcher.encode(queries[:1])[0],
                                                                          3, episode_id="E05")]
     assert searcher.search(queries[:1], 3, podcast="Another show") == [[]]
@@ -119,7 +121,10 @@ def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settin
         assert [h.score for h in hits] == pytest.approx(sorted(fused.values(), reverse=True)[:5], abs=1e-6)
         assert all(h.score == pytest.approx(fused[h.chunk_id], abs=1e-6) for h in hits)
 
-    out = run_cli(stored, "search", queries[0], "-k", "5", "--hybrid", "--json")
+    scoped = searcher.search(queries[:1], 8, episode_id="E05", hybrid=True)[0]
+    assert len(scoped) == 8 and {h.episode_id for h in scoped} == {"E05"}
+
+    out = run_cli(stored, "search", queries[0], "-k", "5", "--json")  # hybrid: the local default
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert (doc["engine"], doc["hybrid"]) == ("exact", True)
@@ -221,14 +226,14 @@ def test_http_search_behind_the_token(
     ingest(api_settings, redis, db, episodes, kind="ingest")
     run_worker(api_settings, burst=True, redis=redis)
     query = _titles("E05", 1)[0]
-    response = client.get("/search", params={"q": query, "k": 3})
+    response = client.get("/search", params={"q": query, "k": 3, "hybrid": "false"})
     assert response.status_code == 200, response.text
     doc = response.json()
-    expected = Searcher(api_settings, db).search([query], 3)[0]
+    expected = Searcher(api_settings, db).search([query], 3, hybrid=False)[0]
     assert (doc["query"], doc["engine"], doc["vector_key"]) == (query, "exact", vector_spec(api_settings).key)
     assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in expected]
     assert doc["hybrid"] is False
-    fused = client.get("/search", params={"q": query, "k": 3, "hybrid": "true"}).json()
+    fused = client.get("/search", params={"q": query, "k": 3}).json()
     assert fused["hybrid"] is True
     assert [h["chunk_id"] for h in fused["hits"]] == [h.chunk_id for h in Searcher(api_settings, db).search(
         [query], 3, hybrid=True)[0]]

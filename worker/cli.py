@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--podcast", help="only this show")
     p.add_argument("--episode", help="only this episode id")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
-                   help="fuse the vector ranking with BM25's (default: PODEMBED_SEARCH_HYBRID)")
+                   help="fuse the vector ranking with BM25's (default: PODEMBED_SEARCH_HYBRID; "
+                        "unset: on the exact scan, not on Atlas)")
     p.add_argument("--model", help="search the vectors of this model (default: PODEMBED_MODEL)")
     p.add_argument("--instruction", help="search the vectors embedded with this instruction "
                                          "(default: PODEMBED_INSTRUCTION)")
@@ -341,7 +342,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     else:
         queries = [args.query]
     searcher = Searcher(settings, mongo_database(settings), model=args.model, instruction=args.instruction)
-    hybrid = settings.search_hybrid if args.hybrid is None else args.hybrid
+    hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
     results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
     if args.queries is not None:
         for query, hits in zip(queries, results, strict=True):

@@ -57,8 +57,10 @@ class BM25:
         """The best `k` documents (among `rows`, if given) that share a word with the query, best first."""
         scores = self.scores(query)
         candidates = np.flatnonzero(scores > 0) if rows is None else rows[scores[rows] > 0]
-        order = candidates[np.lexsort((candidates, -scores[candidates]))]
-        return order[:k].tolist()
+        if len(candidates) > k:
+            # Common words touch nearly every document: sort only the best k.
+            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
+        return candidates[np.lexsort((candidates, -scores[candidates]))].tolist()
 
 
 def fuse(rankings: Sequence[Sequence[str]], k: int) -> list[tuple[str, float]]:

@@ -203,12 +203,15 @@ class Searcher:
         self.spec: VectorSpec = vector_spec(settings, instruction)
         self.query_instruction = query_instruction(settings)
         self.engine = open_engine(settings, db, self.spec.key)
+        # Hybrid by default where the engine can: the exact scan holds the texts BM25 needs.
+        self.hybrid = settings.search_hybrid if settings.search_hybrid is not None else self.engine.name == "exact"
 
     def search(self, queries: list[str], k: int = 10, *, podcast: str | None = None,
-               episode_id: str | None = None, hybrid: bool = False) -> list[list[Hit]]:
+               episode_id: str | None = None, hybrid: bool | None = None) -> list[list[Hit]]:
         """The best `k` chunks for each query, best first.
 
-        `hybrid` fuses the dense ranking with BM25's by reciprocal rank; the score is then the fused one.
+        `hybrid` fuses the dense ranking with BM25's by reciprocal rank; the score is then the fused one
+        (None: `self.hybrid`).
         """
         if not 1 <= k <= MAX_K:
             raise SearchError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -219,7 +222,7 @@ class Searcher:
         if not texts:
             return []
         self.engine.refresh()
-        if not hybrid:
+        if not (self.hybrid if hybrid is None else hybrid):
             return self._hits(self.engine.search(self.encode(texts), k, podcast, episode_id))
         lexical = self.engine.lexical(texts, FUSION_DEPTH, podcast, episode_id)
         dense = self.engine.search(self.encode(texts), FUSION_DEPTH, podcast, episode_id)
