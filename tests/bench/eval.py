@@ -61,7 +61,8 @@ def labelled_queries(episodes: list[str]) -> list[tuple[str, str, float, float]]
         starts = [seconds(t["time"]) for t in titles]
         for n, title in enumerate(titles):
             end = starts[n + 1] if n + 1 < len(titles) else math.inf
-            out.append((title["title"], episode, starts[n], end))
+            if title["title"].strip():  # a few machine-written titles are empty: no query
+                out.append((title["title"], episode, starts[n], end))
     return out
 
 
