@@ -78,9 +78,9 @@ class Settings:
     search_hybrid: bool | None = None
     # Atlas Vector Search index over `embeddings.embedding` that `podembed index` creates and search uses.
     vector_index: str = "podembed_vectors"
-    # A cache refresh re-reads vectors embedded this long before the newest it holds: worker clocks
-    # and writes queued behind a slow store may land a little out of `embedded_at` order.
-    search_refresh_overlap_s: int = 300
+    # A search cache refresh also re-reads vectors embedded this long before the previous refresh:
+    # worker clocks differ, and a write queued behind a slow store lands after its `embedded_at`.
+    search_refresh_overlap_s: int = 60
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 

@@ -1,9 +1,9 @@
 """A local copy of the stored vectors of one vector key, for the exact cosine scan.
 
 The copy lives in memory and in one `.npz` file under the data directory, so a new process
-starts warm. `refresh` reads only what changed: the documents embedded since the newest one
-it holds (less an overlap for clock skew and late writes), merged by `_id`, so a re-embedded
-chunk replaces its old vector. When the stored count for the key differs from the cache's
+starts warm. `refresh` reads only what changed: the documents embedded since its last refresh
+began (less an overlap for worker clocks and writes that land late), merged by `_id`, so a
+re-embedded chunk replaces its old vector. When the stored count for the key differs from the cache's
 after that merge (a deletion, or a write the overlap missed), the cache is read again whole.
 """
 
@@ -25,7 +25,7 @@ from worker.store import from_bson_vector
 
 logger = logging.getLogger(__name__)
 
-PROJECTION = {"embedding": 1, "episode_id": 1, "podcast": 1, "embedded_at": 1, "text": 1}
+PROJECTION = {"embedding": 1, "episode_id": 1, "podcast": 1, "text": 1}
 
 
 @dataclass
@@ -54,15 +54,17 @@ class VectorCache:
     def refresh(self, embeddings: Collection) -> RefreshStats:
         """Bring the cache up to date with `embeddings`; rebuild it when counts disagree."""
         stats = RefreshStats()
+        began = datetime.now(UTC)
         query: dict = {"vector_key": self.vector_key}
-        if self.watermark is not None:
-            query["embedded_at"] = {"$gte": self.watermark - self.overlap}
+        if self.checked is not None:
+            query["embedded_at"] = {"$gte": self.checked - self.overlap}
         stats.read = self._merge(_read(embeddings, query))
         if _count(embeddings, self.vector_key) != len(self.ids):
             logger.info("vector cache %s: stored count differs from the cache's; reading it again", self.vector_key)
             self._clear()
             stats.read = self._merge(_read(embeddings, {"vector_key": self.vector_key}))
             stats.rebuilt = True
+        self.checked = began
         if stats.read or stats.rebuilt:
             self._save()
         return stats
@@ -84,7 +86,8 @@ class VectorCache:
         self.podcasts = np.empty(0, dtype=object)
         self.texts = np.empty(0, dtype=object)
         self.vectors = np.empty((0, 0), dtype=np.float32)
-        self.watermark: datetime | None = None
+        # When the last refresh began: what lands later has an `embedded_at` after it, less the overlap.
+        self.checked: datetime | None = None
         self._row: dict[str, int] = {}
         self.version += 1
 
@@ -113,8 +116,6 @@ class VectorCache:
                 [self.podcasts, np.array([docs[i].get("podcast") for i in fresh], dtype=object)])
             self.texts = np.concatenate([self.texts, np.array([docs[i].get("text", "") for i in fresh], dtype=object)])
             self.vectors = vectors[fresh] if not base else np.concatenate([self.vectors, vectors[fresh]])
-        newest = max(_aware(d["embedded_at"]) for d in docs)
-        self.watermark = newest if self.watermark is None else max(self.watermark, newest)
         self.version += 1
         return len(docs)
 
@@ -128,8 +129,8 @@ class VectorCache:
                 # Texts as one UTF-8 buffer and offsets: a numpy string array pads every text to the longest.
                 buffer, offsets = data["texts_utf8"].tobytes(), data["text_offsets"].tolist()
                 texts = [buffer[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-                watermark = str(data["watermark"])
-                self.watermark = datetime.fromisoformat(watermark) if watermark else None
+                checked = str(data["checked"])
+                self.checked = datetime.fromisoformat(checked) if checked else None
         except (OSError, ValueError, KeyError) as exc:
             # A damaged cache costs one full read, never a wrong answer.
             logger.warning("ignoring unreadable vector cache %s: %s", self.path, exc)
@@ -149,7 +150,7 @@ class VectorCache:
         np.savez(partial, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
                  ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
                  podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
-                 watermark=np.array(self.watermark.isoformat() if self.watermark else ""))
+                 checked=np.array(self.checked.isoformat() if self.checked else ""))
         os.replace(partial, self.path)
 
 
@@ -176,9 +177,3 @@ def _count(embeddings: Collection, vector_key: str) -> int:
         raise StoreError(f"cannot count vectors in {embeddings.full_name}: {exc}") from exc
     return int(found[0]["n"]) if found else 0
 
-
-def _aware(moment: datetime | str) -> datetime:
-    # nx-27017 hands back a date that a `$set` wrote over an existing document as a string.
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
