@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install redis-server services-up services-down demo test lint bench producer-bench soak scale clean
+.PHONY: install redis-server services-up services-down demo test lint bench producer-bench soak scale eval clean
 
 install: $(STAMP) redis-server
 
@@ -51,6 +51,11 @@ producer-bench: install
 # Fault drills, 10,000+ bad inputs, 20,000+ chunks through two workers (one JSON document; see RELIABILITY.md).
 soak: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/soak/soak.py
+
+# Retrieval quality on held-out real episodes (recall@1/5/10, MRR: vector, BM25, hybrid) and the exact
+# scan's speed over 100k stored vectors (one JSON document; see BENCHMARKS.md).
+eval: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/eval.py
 
 lint: install
 	$(BIN)/ruff check config producer worker modal_jobs tests

@@ -49,3 +49,7 @@ class DeviceError(PodembedError):
 
 class DrainError(PodembedError):
     """A lane of the pipelined drain failed (not one batch's error): the drain stopped."""
+
+
+class SearchError(PodembedError):
+    """A search or search index request cannot be served (bad query, no vectors, no vector search)."""

@@ -90,6 +90,17 @@ class Settings:
     max_request_bytes: int = 8 * 1024 * 1024
     # POST /jobs bodies over 1 MiB the API works on at once (each costs ~10x its size); more get a 503.
     max_large_requests: int = 1
+    # Query instruction (None: the INSTRUCTOR retrieval-style question prompt for INSTRUCTOR models, none
+    # for others, as measured best by `make eval`); queries are always embedded under the stored vector key.
+    query_instruction: str | None = None
+    # Fuse the vector ranking with BM25's (None: on the exact scan, where `make eval` measured it adding
+    # 5-9 points of recall@5 with the bundled model; not on Atlas, which fuses with $rankFusion instead).
+    search_hybrid: bool | None = None
+    # Atlas Vector Search index over `embeddings.embedding` that `podembed index` creates and search uses.
+    vector_index: str = "podembed_vectors"
+    # A search cache refresh also re-reads vectors embedded this long before the previous refresh:
+    # worker clocks differ, and a write queued behind a slow store lands after its `embedded_at`.
+    search_refresh_overlap_s: int = 60
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
 

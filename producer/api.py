@@ -1,4 +1,4 @@
-"""The HTTP API: enqueue transcripts, poll a job by id, list, retry and cancel jobs.
+"""The HTTP API: enqueue transcripts, poll a job by id, list, retry and cancel jobs; search the vectors.
 
 Every route but `/healthz`, `/docs` and `/openapi.json` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`
 (the API's description holds no data, and a browser opening `/docs` sends no token). `podembed serve`
@@ -11,6 +11,7 @@ they are read: the others get a 503 with Retry-After, so memory stays bounded.
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -34,6 +35,7 @@ from config.errors import (
     JobNotFoundError,
     PodembedError,
     QueueError,
+    SearchError,
     StoreError,
     TranscriptFormatError,
 )
@@ -53,6 +55,7 @@ ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
     (TranscriptFormatError, 422),
     (QueueError, 503),
     (StoreError, 503),
+    (SearchError, 422),
     (ConfigError, 500),
 ]
 
@@ -88,6 +91,25 @@ class JobCreated(BaseModel):
     batches: int
     tokens: int
     refused: list[str]
+
+
+class SearchHit(BaseModel):
+    chunk_id: str
+    episode_id: str | None
+    podcast: str | None
+    start: float
+    end: float
+    score: float = Field(description="cosine similarity to the query")
+    text: str
+
+
+class SearchResults(BaseModel):
+    query: str
+    engine: str = Field(description="'atlas' ($vectorSearch) or 'exact' (cosine scan over the local cache)")
+    hybrid: bool = Field(description="whether the vector ranking was fused with BM25's (scores are then fused ones)")
+    model: str
+    vector_key: str
+    hits: list[SearchHit]
 
 
 class Refused(BaseModel):
@@ -155,6 +177,27 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
     def cancel_job(job_id: str) -> CancelResult:
         """Remove the job's queued batches; running ones finish."""
         return cancel(settings, redis, db, job_id)
+
+    searcher: list = []
+    search_lock = threading.Lock()
+
+    @app.get("/search", tags=["search"], dependencies=[Depends(authorize)], response_model=SearchResults,
+             responses={401: {"description": "missing or wrong bearer token"}})
+    def search(q: Annotated[str, Query(min_length=1, max_length=2000, description="the query")],
+               k: Annotated[int, Query(ge=1, le=100)] = 10, podcast: str | None = None,
+               episode: str | None = None, hybrid: bool | None = None) -> SearchResults:
+        """The `k` stored chunks closest to the query, under the configured model and instruction."""
+        # The searcher (its model, its vector cache) is built on the first query, not at start-up;
+        # one query at a time keeps the cache refresh single-threaded.
+        from worker.search import Searcher
+
+        with search_lock:
+            if not searcher:
+                searcher.append(Searcher(settings, db))
+            hybrid = searcher[0].hybrid if hybrid is None else hybrid
+            hits = searcher[0].search([q], k, podcast=podcast, episode_id=episode, hybrid=hybrid)[0]
+        return SearchResults(query=q, engine=searcher[0].engine.name, hybrid=hybrid, model=searcher[0].spec.model,
+                             vector_key=searcher[0].spec.key, hits=[SearchHit(**h.to_dict()) for h in hits])
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,6 +8,8 @@ dropped afterwards. The model is the real small one, loaded once per session.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,3 +58,12 @@ def db(settings: Settings) -> Iterator[Database]:
     yield database
     database.client.drop_database(database.name)
     database.client.close()
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    """`podembed ARGS` in a fresh process on the services and database of `settings`."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
+           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db,
+           "PODEMBED_DATA_DIR": str(settings.data_dir)}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)

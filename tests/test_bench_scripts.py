@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from tests.bench.corpus import seenunseen_titles
 from tests.conftest import ROOT
 
 
@@ -29,3 +30,19 @@ def test_t5_xl_flop_count_matches_its_parameters() -> None:
     # a forward pass costs about 2 FLOPs per weight per token, plus attention.
     weights = 24 * (4 * 2048 * 2048 + 3 * 2048 * 5120)
     assert 2 * weights < flops_per_token(INSTRUCTOR_XL, 256) < 2 * weights * 1.1
+
+
+def test_eval_runs_from_the_vendored_corpus() -> None:
+    out = subprocess.run(
+        [sys.executable, "tests/bench/eval.py", "--episodes", "E01-E02", "--scale", "1500"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )
+    report = json.loads(out.stdout)
+    titles = sum(bool(t["title"].strip()) for n in (1, 2)
+                 for t in json.loads((seenunseen_titles() / f"E0{n}_titles.json").read_text()))
+    assert (report["episodes"], report["queries"], report["chunk_tokens"]) == ("E01-E02", titles, 256)
+    for figures in (report["bm25"], *report["search (query instruction '')"].values()):
+        assert 0 < figures["recall@1"] <= figures["recall@5"] <= figures["recall@10"] <= 1
+    scan = report["exact_scan"]
+    assert (scan["engine"], scan["vectors"], scan["vector_hits_per_query"], scan["hybrid_hits_per_query"]) == (
+        "exact", 1500, 10, 10)

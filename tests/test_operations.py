@@ -26,6 +26,7 @@ from producer.sources import DirectorySource, EpisodeFilter, MongoSource
 from producer.streaming import chunk_episodes
 from producer.tokens import load_tokenizer
 from tests.conftest import DATA, EXAMPLES, ROOT
+from tests.conftest import run_cli as _cli
 from tests.test_sources import SHOW, transcript_docs
 from worker.loop import make_worker, run_worker
 
@@ -284,13 +285,6 @@ def test_cancel_and_retry_leave_a_finished_job_alone(
     assert cancel(settings, redis, db, job.job_id).state == "finished"
     assert retry(settings, redis, db, job.job_id).requeued == []
     assert records.status(job.job_id).state == "finished"
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_cli_nightly_twice(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:

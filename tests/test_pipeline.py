@@ -19,6 +19,7 @@ from producer.enqueue import batch_queue, ingest, parse_files
 from producer.jobs import JOBS_INDEX, JobRecords
 from producer.models import episode_key
 from tests.conftest import DATA, EXAMPLES, ROOT
+from tests.conftest import run_cli as _cli
 from worker import embedder as embedder_module
 from worker.loop import run_worker
 from worker.store import from_bson_vector
@@ -109,13 +110,6 @@ def test_queue_holds_json_payloads(settings: Settings, redis: Redis, db: Databas
 def test_unknown_job_id(settings: Settings, redis: Redis, db: Database) -> None:
     with pytest.raises(JobNotFoundError):
         JobRecords(redis, db, settings.result_ttl).status("no-such-job")
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_cli_ingest_work_status(settings: Settings, redis: Redis, db: Database, tmp_path) -> None:

@@ -157,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-loopback", action="store_true",
                    help="serve without a token; only on a loopback address")
 
+    p = command("search", cmd_search, "find the stored chunks closest to a query")
+    p.add_argument("query", nargs="?", help="what to look for (or --queries FILE)")
+    p.add_argument("--queries", type=Path, metavar="FILE",
+                   help="one query per line; prints one JSON line per query")
+    p.add_argument("-k", type=int, default=10, help="how many chunks per query (default 10)")
+    p.add_argument("--podcast", help="only this show")
+    p.add_argument("--episode", help="only this episode id")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                   help="fuse the vector ranking with BM25's (default: PODEMBED_SEARCH_HYBRID; "
+                        "unset: on the exact scan, not on Atlas)")
+    p.add_argument("--model", help="search the vectors of this model (default: PODEMBED_MODEL)")
+    p.add_argument("--instruction", help="search the vectors embedded with this instruction "
+                                         "(default: PODEMBED_INSTRUCTION)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("index", cmd_index, "create the Atlas Vector Search index for the stored vectors")
+    p.add_argument("--print", action="store_true", help="print the definition; create nothing")
+    p.add_argument("--model", help="vectors of this model (default: PODEMBED_MODEL)")
+    p.add_argument("--instruction", help="vectors embedded with this instruction (default: PODEMBED_INSTRUCTION)")
+
     p = command("launch", cmd_launch, "spawn on Modal the GPU drains the queued backlog needs")
     p.add_argument("--dry-run", action="store_true", help="print the plan; spawn nothing (no Modal credentials needed)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -442,6 +462,65 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
           f"{', no token: loopback only' if open_access else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
     return 0
+
+
+def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database
+    from worker.search import Searcher
+
+    if (args.query is None) == (args.queries is None):
+        raise ConfigError("give one query, or --queries FILE, not both")
+    if args.queries is not None:
+        try:
+            queries = [line for line in args.queries.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --queries {args.queries}: {exc}") from None
+    else:
+        queries = [args.query]
+    searcher = Searcher(settings, mongo_database(settings), model=args.model, instruction=args.instruction)
+    hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
+    results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
+    if args.queries is not None:
+        for query, hits in zip(queries, results, strict=True):
+            print(json.dumps({"query": query, "engine": searcher.engine.name, "hybrid": hybrid,
+                              "hits": [h.to_dict() for h in hits]}))
+        return 0
+    hits = results[0]
+    if args.json:
+        _print_json({"query": args.query, "engine": searcher.engine.name, "hybrid": hybrid,
+                     "model": searcher.spec.model, "vector_key": searcher.spec.key, "k": args.k,
+                     "hits": [h.to_dict() for h in hits]})
+        return 0
+    mode = f"{searcher.engine.name}{' + BM25' if hybrid else ''}"
+    print(f"{len(hits)} chunks for {args.query!r} ({mode} search, {searcher.spec.model})")
+    for rank, hit in enumerate(hits, 1):
+        where = f"{hit.podcast or '-'} / {hit.episode_id} {_clock(hit.start)}-{_clock(hit.end)}"
+        text = hit.text if len(hit.text) <= 200 else hit.text[:197] + "..."
+        print(f"{rank:>3}. {hit.score:.3f}  {where}\n     {text}")
+    return 0
+
+
+def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import mongo_database
+    from producer.enqueue import vector_spec
+    from worker.search import create_index, index_definition
+
+    if args.model and args.model != settings.model:
+        settings = settings.replace(model=args.model, model_path=None)
+    db = mongo_database(settings)
+    definition = index_definition(settings, db, vector_spec(settings, args.instruction))
+    if args.print:
+        _print_json(definition)
+        return 0
+    outcome = create_index(db, definition)
+    print(f"search index {definition['name']!r} {outcome} on {db.name}.embeddings; Atlas builds it in the "
+          f"background, and podembed search uses it once it is queryable")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600:d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,189 @@
+"""Retrieval quality of podembed search on real episodes, and the exact scan's speed (one JSON document).
+
+Section titles of the vendored seenunseen episodes are the queries; a chunk is relevant to a
+title when it belongs to the same episode and overlaps the section (the title's time up to the
+next title's). The episodes are ingested and embedded by the real pipeline (Redis, worker,
+nx-27017) under the chunk settings given, and every title is searched over every chunk of the
+episodes with `podembed search`'s own `Searcher`. BM25 over the same chunks is the lexical anchor;
+`hybrid` is `podembed search --hybrid`: the dense and BM25 rankings fused by reciprocal rank.
+
+Then `--scale` vectors are written straight into MongoDB under the same vector key, and the
+titles are searched again with the cache warm: queries per second of `--queries` mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from config.services import on_spare_ports, services_down, services_up  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from producer.connections import mongo_database, redis_client  # noqa: E402
+from producer.enqueue import ingest, parse_files, vector_spec  # noqa: E402
+from tests.bench.corpus import seenunseen_titles, seenunseen_vtt  # noqa: E402
+from worker.loop import run_worker  # noqa: E402
+from worker.search import Searcher, query_instruction  # noqa: E402
+from worker.store import to_bson_vector  # noqa: E402
+
+# Tuned on the first episodes; the reported figure is on the last ones, never looked at while tuning.
+TUNE_EPISODES = "E01-E30"
+REPORT_EPISODES = "E91-E120"
+DEPTH = 10  # ranks scored (recall@10)
+
+
+def episode_range(text: str) -> list[str]:
+    first, last = (int(part.strip().lstrip("E")) for part in text.split("-"))
+    return [f"E{n:02d}" for n in range(first, last + 1)]
+
+
+def seconds(clock: str) -> float:
+    hours, minutes, rest = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def labelled_queries(episodes: list[str]) -> list[tuple[str, str, float, float]]:
+    """(title, episode, section start, section end) for every title of the episodes."""
+    out = []
+    for episode in episodes:
+        titles = json.loads((seenunseen_titles() / f"{episode}_titles.json").read_text())
+        starts = [seconds(t["time"]) for t in titles]
+        for n, title in enumerate(titles):
+            end = starts[n + 1] if n + 1 < len(titles) else math.inf
+            if title["title"].strip():  # a few machine-written titles are empty: no query
+                out.append((title["title"], episode, starts[n], end))
+    return out
+
+
+def metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
+    first = [next((r for r, item in enumerate(ranks) if item in rel), None) for ranks, rel in zip(ranked, relevant,
+                                                                                                   strict=True)]
+    n = len(first)
+    return {f"recall@{k}": round(sum(1 for r in first if r is not None and r < k) / n, 4) for k in (1, 5, 10)} | {
+        "mrr": round(sum(1 / (r + 1) for r in first if r is not None) / n, 4)}
+
+
+def evaluate(settings: Settings, episodes: list[str], query_instructions: list[str]) -> dict:
+    """Ingest and embed the episodes, then score dense, BM25 and hybrid rankings of their titles."""
+    redis, db = redis_client(settings), mongo_database(settings)
+    redis.flushdb()
+    db.client.drop_database(db.name)
+    files = {p.stem: p for p in seenunseen_vtt()}
+    parsed, refused = parse_files([files[e] for e in episodes], podcast="The Seen and the Unseen")
+    assert not refused, refused
+    began = time.perf_counter()
+    ingest(settings, redis, db, parsed, kind="ingest")
+    run_worker(settings, burst=True, redis=redis)
+    embed_seconds = time.perf_counter() - began
+    chunks = list(db.embeddings.find({"vector_key": vector_spec(settings).key},
+                                     {"chunk_id": 1, "episode_id": 1, "start": 1, "end": 1, "text": 1}))
+    row = {c["chunk_id"]: n for n, c in enumerate(chunks)}
+    row_of_id = {c["_id"]: n for n, c in enumerate(chunks)}
+    queries = labelled_queries(episodes)
+    relevant = [{n for n, c in enumerate(chunks) if c["episode_id"] == ep and c["start"] < end and c["end"] > start}
+                for _, ep, start, end in queries]
+    titles = [q[0] for q in queries]
+    out: dict = {"chunks": len(chunks), "queries": len(queries),
+                 "relevant_chunks_per_query": round(sum(map(len, relevant)) / len(relevant), 2),
+                 "embed_seconds": round(embed_seconds, 1)}
+    for instruction in query_instructions:
+        searcher = Searcher(settings.replace(query_instruction=instruction), db)
+        searcher.engine.refresh()
+        if "bm25" not in out:
+            lexical = searcher.engine.lexical(titles, DEPTH, None, None)
+            out["bm25"] = metrics([[row_of_id[i] for i in ids] for ids in lexical], relevant)
+        out[f"search (query instruction {instruction!r})"] = {
+            mode: metrics([[row[h.chunk_id] for h in hits] for hits in searcher.search(titles, DEPTH, hybrid=hybrid)],
+                          relevant)
+            for mode, hybrid in (("dense", False), ("hybrid", True))}
+    return out
+
+
+def scan_speed(settings: Settings, titles: list[str], scale: int) -> dict:
+    """Queries per second over `scale` stored vectors (synthetic, unit length) with the cache warm."""
+    db = mongo_database(settings)
+    key = vector_spec(settings).key
+    # Real chunks' fields and texts, cycled, so BM25 meets a real vocabulary; random unit vectors.
+    templates = list(db.embeddings.find({"vector_key": key}, {"_id": 0, "embedding": 0}))
+    rng = np.random.default_rng(0)
+    stored = db.embeddings.count_documents({})
+    began = time.perf_counter()
+    for start in range(0, scale - stored, 2000):
+        vectors = rng.standard_normal((min(2000, scale - stored - start), 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        db.embeddings.insert_many([templates[(start + i) % len(templates)] | {"_id": f"synthetic:{start + i}|{key}",
+                                               "chunk_id": f"synthetic:{start + i}", "embedding": to_bson_vector(v)}
+                                   for i, v in enumerate(vectors)])
+    insert_seconds = time.perf_counter() - began
+    searcher = Searcher(settings, db)
+    began = time.perf_counter()
+    searcher.engine.refresh()
+    cold_seconds = time.perf_counter() - began
+    warm = Searcher(settings, db)  # a new process: the cache comes from its file
+    began = time.perf_counter()
+    warm.engine.refresh()
+    file_seconds = time.perf_counter() - began
+    searcher.search(titles[:8], 10, hybrid=False)  # the model is loaded and warm
+    out = {"vectors": len(searcher.engine.cache), "queries": len(titles), "engine": searcher.engine.name,
+           "insert_seconds": round(insert_seconds, 1), "cache_from_mongo_seconds": round(cold_seconds, 2),
+           "cache_from_file_seconds": round(file_seconds, 2)}
+    for mode, hybrid in (("vector", False), ("hybrid", True)):
+        began = time.perf_counter()
+        results = searcher.search(titles, 10, hybrid=hybrid)  # the whole of `--queries` but printing
+        out[f"{mode}_queries_per_second"] = round(len(titles) / (time.perf_counter() - began), 1)
+        out[f"{mode}_hits_per_query"] = min(len(h) for h in results)
+    vectors = searcher.encode(titles)
+    began = time.perf_counter()
+    searcher.engine.search(vectors, 10, None, None)
+    out["scan_only_queries_per_second"] = round(len(titles) / (time.perf_counter() - began), 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", default=REPORT_EPISODES, help=f"e.g. {TUNE_EPISODES} (tuning) or "
+                                                                    f"{REPORT_EPISODES} (reported, default)")
+    parser.add_argument("--chunk-tokens", type=int, help="default: PODEMBED_CHUNK_TOKENS")
+    parser.add_argument("--overlap-tokens", type=int, help="default: PODEMBED_CHUNK_OVERLAP_TOKENS")
+    parser.add_argument("--query-instructions", nargs="+", help="query instructions to compare "
+                                                                 "(default: the configured one)")
+    parser.add_argument("--scale", type=int, default=100_000, help="stored vectors for the speed run (0: none)")
+    args = parser.parse_args()
+
+    overrides = {k: v for k, v in (("chunk_tokens", args.chunk_tokens),
+                                   ("chunk_overlap_tokens", args.overlap_tokens)) if v is not None}
+    episodes = episode_range(args.episodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = on_spare_ports(Settings.from_env(retry_intervals=(), **overrides), Path(tmp))
+        settings = settings.replace(mongo_db="eval")
+        services_up(settings)
+        try:
+            instructions = args.query_instructions or [query_instruction(settings)]
+            report = {
+                "episodes": args.episodes, "tuned_on": TUNE_EPISODES, "model": settings.model,
+                "chunk_tokens": settings.chunk_tokens, "chunk_overlap_tokens": settings.chunk_overlap_tokens,
+                "document_instruction": settings.instruction,
+                **evaluate(settings, episodes, instructions),
+            }
+            if args.scale:
+                titles = [q[0] for q in labelled_queries(episode_range("E01-E120"))][:1000]
+                report["exact_scan"] = scan_speed(settings, titles, args.scale)
+        finally:
+            services_down(settings)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

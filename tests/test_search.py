@@ -1,0 +1,245 @@
+"""Search over vectors stored by the real pipeline: exact scan vs brute force, the cache, index, HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from pymongo.database import Database
+from redis import Redis
+
+from config.settings import Settings
+from producer.enqueue import ingest, parse_files, vector_spec
+from tests.bench.corpus import seenunseen_titles
+from tests.conftest import EXAMPLES, run_cli
+from tests.test_api import api_settings as api_settings  # noqa: F401 (fixture)
+from tests.test_api import base_url, client  # noqa: F401 (fixtures)
+from worker.loop import run_worker
+from worker.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
+from worker.store import from_bson_vector, to_bson_vector
+
+PODCAST = "The Seen and the Unseen"
+
+
+def _titles(episode: str, n: int) -> list[str]:
+    """Section titles of a real episode: natural queries about its content."""
+    return [t["title"] for t in json.loads((seenunseen_titles() / f"{episode}_titles.json").read_text())[:n]]
+
+
+def _brute_force(db: Database, key: str, query: np.ndarray, k: int, episode_id: str | None = None
+                 ) -> list[tuple[str, float]]:
+    """Cosine over every stored vector of the key, read straight from MongoDB."""
+    query_filter = {"vector_key": key} | ({"episode_id": episode_id} if episode_id else {})
+    docs = list(db.embeddings.find(query_filter, {"chunk_id": 1, "embedding": 1}))
+    matrix = np.stack([from_bson_vector(d["embedding"]) for d in docs])
+    scores = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query))
+    order = np.argsort(-scores)[:k]
+    return [(docs[i]["chunk_id"], float(scores[i])) for i in order]
+
+
+@pytest.fixture
+def stored(settings: Settings, redis: Redis, db: Database) -> Settings:
+    """E01 and E05 of the examples ingested and embedded by a real worker."""
+    episodes, refused = parse_files([EXAMPLES / "E01.vtt", EXAMPLES / "E05.vtt"], podcast=PODCAST)
+    assert refused == []
+    ingest(settings, redis, db, episodes, kind="ingest")
+    run_worker(settings, burst=True, redis=redis)
+    return settings
+
+
+def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Database, tmp_path: Path) -> None:
+    queries = _titles("E01", 4) + _titles("E05", 4)
+    searcher = Searcher(stored, db)
+    # The local default fuses with BM25 (see the hybrid test); the vector ranking alone is checked here.
+    assert (searcher.engine.name, searcher.hybrid) == ("exact", True)
+    assert Searcher(stored.replace(search_hybrid=False), db).hybrid is False
+    key = vector_spec(stored).key
+    expected = [_brute_force(db, key, vector, 5) for vector in searcher.encode(queries)]
+    assert len({chunk for hits in expected for chunk, _ in hits}) > 10  # the queries find different chunks
+
+    results = searcher.search(queries, 5, hybrid=False)
+    for hits, want in zip(results, expected, strict=True):
+        assert [h.chunk_id for h in hits] == [c for c, _ in want]
+        assert [h.score for h in hits] == pytest.approx([s for _, s in want], abs=1e-5)
+        assert all(h.podcast == PODCAST and h.text and h.end >= h.start for h in hits)
+
+    one = run_cli(stored, "search", f"  {queries[0]}\t", "-k", "5", "--no-hybrid", "--json")
+    assert one.returncode == 0, one.stderr
+    doc = json.loads(one.stdout)
+    assert (doc["engine"], doc["hybrid"], doc["vector_key"], doc["k"]) == ("exact", False, key, 5)
+    assert [h["chunk_id"] for h in doc["hits"]] == [c for c, _ in expected[0]]
+
+    lines = tmp_path / "queries.txt"
+    lines.write_text("\n".join(queries) + "\n\n")
+    many = run_cli(stored, "search", "--queries", str(lines), "-k", "5", "--no-hybrid")
+    assert many.returncode == 0, many.stderr
+    answers = [json.loads(line) for line in many.stdout.splitlines()]
+    assert [a["query"] for a in answers] == queries
+    for answer, want in zip(answers, expected, strict=True):
+        assert [h["chunk_id"] for h in answer["hits"]] == [c for c, _ in want]
+        assert set(answer["hits"][0]) == {"chunk_id", "episode_id", "podcast", "start", "end", "score", "text"}
+
+    episode = searcher.search(queries[:1], 3, episode_id="E05", hybrid=False)[0]
+    assert [h.chunk_id for h in episode] == [c for c, _ in _brute_force(db, key, searcher.encode(queries[:1])[0],
+                                                                         3, episode_id="E05")]
+    assert searcher.search(queries[:1], 3, podcast="Another show") == [[]]
+
+
+def _bm25_brute_force(db: Database, key: str, query: str) -> list[str]:
+    """Okapi BM25 (k1=1.5, b=0.75) of every stored chunk, document by document: chunk ids, best first."""
+    docs = list(db.embeddings.find({"vector_key": key}, {"chunk_id": 1, "text": 1}))
+    texts = [re.findall(r"\w+", d["text"].lower()) for d in docs]
+    average = sum(map(len, texts)) / len(texts)
+    scores = []
+    for words in texts:
+        score = 0.0
+        for term in set(re.findall(r"\w+", query.lower())):
+            tf, df = words.count(term), sum(term in w for w in texts)
+            if tf:
+                idf = math.log(1 + (len(texts) - df + 0.5) / (df + 0.5))
+                score += idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * len(words) / average))
+        scores.append(score)
+    return [docs[i]["chunk_id"] for i in sorted(range(len(docs)), key=lambda i: -scores[i]) if scores[i] > 0][:100]
+
+
+def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settings, db: Database) -> None:
+    queries = _titles("E01", 2) + _titles("E05", 2)
+    searcher = Searcher(stored, db)
+    key = vector_spec(stored).key
+    results = searcher.search(queries, 5, hybrid=True)
+    for query, vector, hits in zip(queries, searcher.encode(queries), results, strict=True):
+        fused: dict[str, float] = {}
+        for ranking in ([c for c, _ in _brute_force(db, key, vector, 100)], _bm25_brute_force(db, key, query)):
+            for rank, chunk in enumerate(ranking):
+                fused[chunk] = fused.get(chunk, 0.0) + 1 / (60 + rank + 1)
+        assert [h.score for h in hits] == pytest.approx(sorted(fused.values(), reverse=True)[:5], abs=1e-6)
+        assert all(h.score == pytest.approx(fused[h.chunk_id], abs=1e-6) for h in hits)
+
+    scoped = searcher.search(queries[:1], 8, episode_id="E05", hybrid=True)[0]
+    assert len(scoped) == 8 and {h.episode_id for h in scoped} == {"E05"}
+
+    out = run_cli(stored, "search", queries[0], "-k", "5", "--json")  # hybrid: the local default
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["engine"], doc["hybrid"]) == ("exact", True)
+    assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in results[0]]
+
+
+def test_search_refuses_bad_input_in_one_line(stored: Settings, tmp_path: Path) -> None:
+    for args, message in [(("search", "   "), "podembed: empty query (query 1 of 1)\n"),
+                          (("search", "farming", "-k", "0"), "podembed: k must be between 1 and 1000, got 0\n"),
+                          (("search",), "podembed: give one query, or --queries FILE, not both\n"),
+                          (("search", "x", "--instruction", "Represent nothing:"), None)]:
+        out = run_cli(stored, *args)
+        assert out.returncode == 1, out.stdout
+        if message:
+            assert out.stderr == message
+        else:
+            assert out.stderr.startswith("podembed: no vectors stored under vector key ")
+            assert out.stderr.count("\n") == 1
+
+
+def test_query_instruction_defaults() -> None:
+    assert query_instruction(Settings()) == ""
+    assert query_instruction(Settings(model="hkunlp/instructor-xl")) == INSTRUCTOR_QUERY_INSTRUCTION
+    assert query_instruction(Settings(query_instruction="Represent the question:")) == "Represent the question:"
+
+
+def test_index_print_matches_the_stored_vectors(stored: Settings, db: Database) -> None:
+    out = run_cli(stored, "index", "--print")
+    assert out.returncode == 0, out.stderr
+    definition = json.loads(out.stdout)
+    stored_dims = {len(from_bson_vector(d["embedding"])) for d in db.embeddings.find({}, {"embedding": 1})}
+    assert stored_dims == {384}
+    assert definition == {"name": "podembed_vectors", "type": "vectorSearch", "definition": {"fields": [
+        {"type": "vector", "path": "embedding", "numDimensions": 384, "similarity": "dotProduct"},
+        {"type": "filter", "path": "vector_key"}, {"type": "filter", "path": "podcast"},
+        {"type": "filter", "path": "episode_id"}]}}
+
+    # nx-27017 accepts a search index definition but cannot run $vectorSearch: say so, create nothing.
+    create = run_cli(stored, "index")
+    assert create.returncode == 1
+    assert create.stderr.startswith("podembed: this server has no Atlas Vector Search (")
+    assert create.stderr.count("\n") == 1
+
+
+def test_index_definition_uses_cosine_for_vectors_that_are_not_unit(settings: Settings, db: Database) -> None:
+    raw = settings.replace(normalize=False)
+    spec = vector_spec(raw)
+    rng = np.random.default_rng(3)
+    db.embeddings.insert_many([{"_id": f"c{i}|{spec.key}", "vector_key": spec.key,
+                                "embedding": to_bson_vector(rng.standard_normal(48) * 3)} for i in range(5)])
+    fields = index_definition(raw, db, spec)["definition"]["fields"]
+    assert fields[0] == {"type": "vector", "path": "embedding", "numDimensions": 48, "similarity": "cosine"}
+
+
+def _put(db: Database, key: str, ids: range, vectors: np.ndarray, at: datetime) -> None:
+    for i in ids:
+        db.embeddings.update_one({"_id": f"c{i}"}, {"$set": {
+            "vector_key": key, "chunk_id": f"c{i}", "episode_id": f"E{i % 3}", "podcast": PODCAST,
+            "embedding": to_bson_vector(vectors[i]), "embedded_at": at + timedelta(seconds=i)}}, upsert=True)
+
+
+def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Database) -> None:
+    settings = settings.replace(search_refresh_overlap_s=0)
+    rng = np.random.default_rng(7)
+    old = rng.standard_normal((40, 16)).astype(np.float32)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    _put(db, "k", range(40), old, t0)
+    _put(db, "other", range(40, 45), rng.standard_normal((45, 16)).astype(np.float32), t0)
+    scan = ExactScan(settings, db, "k")
+    scan.refresh()
+    assert scan.search(old[7:8], 1, None, None)[0][0] == ("c7", pytest.approx(1.0))
+    assert len(scan.cache) == 40
+
+    # Re-embedded: same _id, new vector, newer embedded_at. A new process starts from the file on disk.
+    new = rng.standard_normal((40, 16)).astype(np.float32)
+    _put(db, "k", range(7, 8), new, datetime.now(UTC) - timedelta(seconds=7))  # embedded after the refresh
+    warm = ExactScan(settings, db, "k")
+    assert len(warm.cache) == 40
+    stats = warm.cache.refresh(db.embeddings)
+    assert (stats.read, stats.rebuilt) == (1, False)  # only what changed since the last refresh
+    assert warm.search(new[7:8], 1, None, None)[0][0] == ("c7", pytest.approx(1.0))
+    cosine = float(old[7] @ new[7] / np.linalg.norm(old[7]) / np.linalg.norm(new[7]))
+    assert dict(warm.search(old[7:8], 40, None, None)[0])["c7"] == pytest.approx(cosine, abs=1e-5)
+    scan.refresh()
+    assert scan.search(new[7:8], 1, None, None)[0][0] == ("c7", pytest.approx(1.0))
+
+    # Deleted: the count for the key dropped below the cache's, so the cache is read again.
+    db.embeddings.delete_one({"_id": "c3"})
+    stats = warm.cache.refresh(db.embeddings)
+    assert (stats.rebuilt, len(warm.cache)) == (True, 39)
+    assert "c3" not in [c for c, _ in warm.search(old[3:4], 39, None, None)[0]]
+    assert {c for c, _ in warm.search(old[:1], 39, None, "E1")[0]} == {f"c{i}" for i in range(1, 40, 3)}
+
+
+def test_http_search_behind_the_token(
+    client: httpx.Client, base_url: str, api_settings: Settings, redis: Redis, db: Database  # noqa: F811
+) -> None:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=PODCAST)
+    ingest(api_settings, redis, db, episodes, kind="ingest")
+    run_worker(api_settings, burst=True, redis=redis)
+    query = _titles("E05", 1)[0]
+    response = client.get("/search", params={"q": query, "k": 3, "hybrid": "false"})
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    expected = Searcher(api_settings, db).search([query], 3, hybrid=False)[0]
+    assert (doc["query"], doc["engine"], doc["vector_key"]) == (query, "exact", vector_spec(api_settings).key)
+    assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in expected]
+    assert doc["hybrid"] is False
+    fused = client.get("/search", params={"q": query, "k": 3}).json()
+    assert fused["hybrid"] is True
+    assert [h["chunk_id"] for h in fused["hits"]] == [h.chunk_id for h in Searcher(api_settings, db).search(
+        [query], 3, hybrid=True)[0]]
+
+    assert httpx.get(f"{base_url}/search", params={"q": query}).status_code == 401
+    assert client.get("/search", params={"q": ""}).status_code == 422
+    assert client.get("/search", params={"q": query, "k": 0}).status_code == 422
+    blank = client.get("/search", params={"q": "   "})
+    assert (blank.status_code, blank.json()) == (422, {"detail": "empty query (query 1 of 1)"})
