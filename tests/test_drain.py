@@ -1,9 +1,12 @@
-"""The pipelined drain in this process: retries that fall due within the budget, the budget running
-out with batches fetched ahead, and jobs rq cannot load (poison) in every place rq meets them."""
+"""The pipelined drain in this process: retries that fall due within the budget, a stop with batches
+fetched ahead, and jobs rq cannot load (poison) in every place rq meets them."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +23,7 @@ from config.settings import Settings
 from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES
-from tests.soak.harness import audit, counters_exact
+from tests.soak.harness import audit, counters_exact, wait_until
 from worker.loop import drain, make_worker
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
@@ -65,26 +68,35 @@ def test_drain_waits_for_a_retry_due_within_its_budget(settings: Settings, redis
     _exactly_once(settings, redis, db, job)
 
 
-def test_budget_puts_fetched_batches_back_at_the_front_in_order(
+def test_a_stop_puts_fetched_batches_back_at_the_front_in_order(
     settings: Settings, redis: Redis, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Three batches fetched ahead, one chunk per forward pass: the budget ends while the first is on the model.
-    settings = settings.replace(batch_max_chunks=8, prefetch_batches=3, micro_batch_size=1, **FAST)
-    job = _ingest(settings, redis, db, DATA / "E03.srt")
+    # Three batches fetched ahead, one chunk per forward pass: SIGTERM comes while the first is on the model.
+    settings = settings.replace(batch_max_chunks=4, prefetch_batches=3, micro_batch_size=1, **FAST)
+    episodes, _ = parse_files([EXAMPLES / "E01.vtt", DATA / "E03.srt"], podcast="The Seen and the Unseen")
+    job = ingest(settings, redis, db, episodes, kind="ingest")
     queue = batch_queue(settings, redis)
     order = queue.job_ids
+    assert len(order) >= 6
     records = JobRecords(redis, db, settings.result_ttl)
+    started = StartedJobRegistry(settings.queue_name, connection=redis, serializer=JSONSerializer)
     worker, _ = make_worker(settings, redis)
 
+    def stop_once_ahead() -> None:
+        wait_until(lambda: started.count >= 3, timeout=120, what="three batches held")
+        os.kill(os.getpid(), signal.SIGTERM)  # the drain's handler, as `podembed work` gets it
+
+    threading.Thread(target=stop_once_ahead, daemon=True).start()
     with caplog.at_level(logging.INFO, logger="worker.pipeline"):
-        spent = drain(worker, time_budget_s=0.5)
-    [put_back] = [r.getMessage() for r in caplog.records if "put back at the front" in r.getMessage()]
+        spent = drain(worker)
+    put_back = [b for r in caplog.records if "put back at the front" in r.getMessage()
+                for b in r.getMessage().rsplit(": ", 1)[1].split(", ")]
     done = {b.decode() for b in redis.smembers(f"podembed:job:{job.job_id}:done")}
     assert spent.batches == len(done) >= 1
     # Nothing is left started; what was not finished is queued again, first, in its order, no retry used.
-    assert StartedJobRegistry(settings.queue_name, connection=redis, serializer=JSONSerializer).count == 0
+    assert started.count == 0
+    assert put_back and queue.job_ids[:len(put_back)] == sorted(put_back, key=order.index)
     assert queue.job_ids == [b for b in order if b not in done]
-    assert put_back.endswith(", ".join(queue.job_ids[:put_back.count(",") + 1]))
     assert all(j.retries_left == 1 for j in Job.fetch_many(queue.job_ids, redis, JSONSerializer))
     assert records.status(job.job_id).batches.running == 0
 
