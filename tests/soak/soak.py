@@ -8,6 +8,9 @@ says otherwise, and one torch thread each (two workers share this machine's core
 
 - kill:  two workers (prefetch on, the default); one is SIGKILLed holding a batch on the model and one
          fetched ahead; the other must finish the job.
+- poison: job hashes rq cannot load, one ahead of the real batches on the queue and one due in the
+         retry schedule; two workers, one SIGKILLed as in `kill`: the batches come back in the usual
+         time, and a burst worker run afterwards exits 0.
 - mongo: two workers; nx-27017 stopped for a while mid-run (workers give up on it after 2 s),
          then started again.
 - redis: two workers; redis-server stopped for a while mid-run, then started again; a worker
@@ -48,11 +51,19 @@ from config.services import local_services, on_spare_ports, services_down, servi
 from config.settings import Settings  # noqa: E402
 from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
-from producer.enqueue import ingest, parse_files, vector_spec  # noqa: E402
+from producer.enqueue import batch_queue, ingest, parse_files, vector_spec  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
-from tests.soak.harness import WorkerProcess, audit, counters_exact, start_worker, wait_until, worker_env  # noqa: E402
+from tests.soak.harness import (  # noqa: E402
+    WorkerProcess,
+    audit,
+    counters_exact,
+    run_cli,
+    start_worker,
+    wait_until,
+    worker_env,
+)
 from tests.soak.oversize import drill_oversize  # noqa: E402
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
@@ -146,6 +157,40 @@ def drill_kill(settings: Settings, logs: Path, paths: list[Path]) -> dict:
         run.wait_finished(600)
         return run.report(killed_batches=killed, killed_batches_done_after_s=round(batches_back, 1),
                           job_done_after_kill_s=round(time.monotonic() - killed_at, 1))
+    finally:
+        run.stop()
+
+
+def drill_poison(settings: Settings, logs: Path, paths: list[Path]) -> dict:
+    """Job hashes rq cannot load, ahead of the real batches and due in the retry schedule, then a SIGKILL:
+    the workers go on, the killed worker's batches come back in the usual time (no lock left to expire),
+    and a burst worker afterwards exits 0."""
+    run = Run(settings, "poison", logs, paths)
+    queue = batch_queue(run.settings, run.redis)
+    data = run.redis.hget(f"rq:job:{run.batch_ids[0]}", "data")
+    for poison in ("poison-queued", "poison-scheduled"):
+        # Valid data, a created_at that is not a date: what stopped every worker before.
+        run.redis.hset(f"rq:job:{poison}", mapping={"data": data, "created_at": "yesterday", "origin": "podembed",
+                                                     "status": "queued"})
+    run.redis.lpush(queue.key, "poison-queued")
+    run.redis.zadd(queue.scheduled_job_registry.key, {"poison-scheduled": time.time() - 60})
+    try:
+        run.start_worker(), run.start_worker()
+        killed, victim = _wait_holding_ahead(run)
+        victim.kill()
+        killed_at = time.monotonic()
+        done = f"podembed:job:{run.job.job_id}:done"
+        batches_back = wait_until(lambda: all(run.redis.sismember(done, b) for b in killed), timeout=600,
+                                  what="poison: killed batches", interval=0.5)
+        run.wait_finished(600)
+        job_done = time.monotonic() - killed_at
+        run.stop()
+        burst = run_cli(run.env, "work", "--burst", timeout=300)
+        left = [p for p in ("poison-queued", "poison-scheduled")
+                if p in queue.job_ids or p in queue.scheduled_job_registry.get_job_ids()]
+        return run.report(poison_jobs=2, poison_left_on_queue=left, killed_batches=killed,
+                          killed_batches_done_after_s=round(batches_back, 1), job_done_after_kill_s=round(job_done, 1),
+                          burst_worker_exit_code=burst.returncode)
     finally:
         run.stop()
 
@@ -293,6 +338,7 @@ def main() -> None:
         try:
             inputs = fuzz(settings, args.fuzz, args.api_fuzz)
             drills = [drill_kill(settings, logs, drill_paths),
+                      drill_poison(settings, logs, drill_paths),
                       drill_mongo(settings, logs, drill_paths, args.outage),
                       drill_redis(settings, logs, drill_paths, args.outage)]
             loaded = load(settings, logs, episodes[: args.load_episodes], args.load_chunk_tokens, args.result_ttl)
