@@ -11,6 +11,7 @@ TTL) for inspection, and the worker goes on.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -104,13 +105,19 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
         queue.release_maintenance_lock()
 
 
+# rq reads the due retries and removes them in two steps: two threads of one worker (the fetch lane
+# and the housekeeper hold the same scheduler lock) moving them at once would queue a retry twice.
+_moving = threading.Lock()
+
+
 def enqueue_due_retries(scheduler: RQScheduler, queue: Queue, *, keep_seconds: int) -> None:
     """Move retries whose back-off has passed onto the queue, if this worker holds the scheduler lock."""
-    if not scheduler.acquire_locks():
-        return  # another worker's scheduler moves them
-    registry = queue.scheduled_job_registry
-    guarded(scheduler.enqueue_scheduled_jobs, registry.get_jobs_to_schedule, queue,
-            what="moving due retries", keep_seconds=keep_seconds)
+    with _moving:
+        if not scheduler.acquire_locks():
+            return  # another worker's scheduler moves them
+        registry = queue.scheduled_job_registry
+        guarded(scheduler.enqueue_scheduled_jobs, registry.get_jobs_to_schedule, queue,
+                what="moving due retries", keep_seconds=keep_seconds)
 
 
 def scheduler_for(queue: Queue, name: str) -> RQScheduler:

@@ -21,6 +21,7 @@ from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from config.errors import SearchError, StoreError
+from config.services import private_dir, private_file
 from worker.store import from_bson_vector
 
 logger = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ class VectorCache:
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial.npz")
+        # Private like the rest of the data folder: the cache holds every chunk's text.
+        private_dir(self.path.parent)
+        partial = private_file(self.path.with_suffix(".partial.npz"))
         encoded = [t.encode() for t in self.texts]
         offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
         np.savez(partial, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
