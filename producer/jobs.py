@@ -102,7 +102,7 @@ class ChunkCounts:
     failed: int = 0
     cancelled: int = 0
     pending: int = 0
-    # Of the pending chunks, those whose vectors running batches have stored so far (per forward pass).
+    # Of the pending chunks, those that running batches have embedded so far (per forward pass).
     in_progress: int = 0
 
 
@@ -299,8 +299,12 @@ class JobRecords:
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
         return bool(self._finish(keys=keys, args=args))
 
+    def counted(self, job_id: str, batch_id: str) -> bool:
+        """Whether the batch's counts were added already (by this run or an earlier one)."""
+        return bool(self.redis.sismember(self._keys(job_id)[1], batch_id))
+
     def mark_stored(self, job_id: str, batch_id: str, n_chunks: int) -> None:
-        """Count `n_chunks` of a running batch as stored (after each forward pass), until the batch is counted."""
+        """Count `n_chunks` of a running batch as embedded (after each forward pass), until the batch is counted."""
         self._progress(keys=self._keys(job_id), args=[batch_id, n_chunks, self.ttl])
 
     def mark_retrying(self, job_id: str, batch_id: str) -> None:

@@ -282,7 +282,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         ("episodes", str(status.episodes)),
         ("chunks", f"{c.total} total: {c.embedded} embedded, {c.skipped} skipped, {c.failed} failed, "
                    f"{c.cancelled} cancelled, {c.pending} pending"
-                   + (f" ({c.in_progress} of them stored so far)" if c.pending else "")),
+                   + (f" ({c.in_progress} of them embedded so far)" if c.pending else "")),
         ("batches", f"{b.total} total: {b.queued} queued, {b.running} running, {b.finished} finished, "
                     f"{b.failed} failed, {b.cancelled} cancelled"),
         ("compute", f"{status.gpu_seconds:.2f} s on {status.device or '-'}"),
@@ -632,7 +632,7 @@ def _show_progress(done: int, total: int, what: str) -> None:
 
 
 def _done(status: JobStatus) -> int:
-    """Chunks counted, and those that running batches have stored so far (they move within a batch)."""
+    """Chunks counted, and those that running batches have embedded so far (they move within a batch)."""
     return status.chunks.total - status.chunks.pending + status.chunks.in_progress
 
 

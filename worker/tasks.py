@@ -208,14 +208,17 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch) -> BatchResult:
     embedded = sum(len(chunks) for _, chunks in prepared.groups)
     # Priced by the device the batch ran on: a CPU batch at the CPU rate, not the GPU's.
     cost = stats.seconds * ctx.settings.price_per_hour(embedder.device_name) / 3600
-    ctx.store.record(LedgerEntry(
-        job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
-        n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=prepared.skipped,
-        n_tokens=stats.n_tokens, padded_tokens=stats.padded_tokens, gpu_seconds=stats.seconds,
-        store_wait_seconds=store_wait, wall_seconds=time.perf_counter() - prepared.began,
-        device=embedder.device_name, worker=ctx.name, started_at=prepared.started_at,
-        finished_at=datetime.now(UTC), cost_usd=cost,
-    ))
+    # A batch counted by an earlier run (killed between its counters and rq's finish) keeps that run's
+    # ledger entry: the ledger and the job's counters then tell of the same run.
+    if not ctx.records.counted(batch.job_id, batch.batch_id):
+        ctx.store.record(LedgerEntry(
+            job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
+            n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=prepared.skipped,
+            n_tokens=stats.n_tokens, padded_tokens=stats.padded_tokens, gpu_seconds=stats.seconds,
+            store_wait_seconds=store_wait, wall_seconds=time.perf_counter() - prepared.began,
+            device=embedder.device_name, worker=ctx.name, started_at=prepared.started_at,
+            finished_at=datetime.now(UTC), cost_usd=cost,
+        ))
     counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=prepared.skipped,
                                         gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
     ctx.records.save(ctx.records.status(batch.job_id))
