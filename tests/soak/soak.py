@@ -144,19 +144,24 @@ def _wait_holding_ahead(run: Run) -> tuple[list[str], WorkerProcess]:
     return held
 
 
+def _kill_one_holding_ahead(run: Run) -> dict:
+    """Two workers; SIGKILL one holding a batch on the model and one fetched ahead; the other finishes the job."""
+    run.start_worker(), run.start_worker()
+    killed, victim = _wait_holding_ahead(run)
+    victim.kill()
+    killed_at = time.monotonic()
+    done = f"podembed:job:{run.job.job_id}:done"
+    batches_back = wait_until(lambda: all(run.redis.sismember(done, b) for b in killed), timeout=600,
+                              what=f"{run.name}: killed batches", interval=0.5)
+    run.wait_finished(600)
+    return {"killed_batches": killed, "killed_batches_done_after_s": round(batches_back, 1),
+            "job_done_after_kill_s": round(time.monotonic() - killed_at, 1)}
+
+
 def drill_kill(settings: Settings, logs: Path, paths: list[Path]) -> dict:
     run = Run(settings, "kill", logs, paths)
     try:
-        run.start_worker(), run.start_worker()
-        killed, victim = _wait_holding_ahead(run)
-        victim.kill()
-        killed_at = time.monotonic()
-        done = f"podembed:job:{run.job.job_id}:done"
-        batches_back = wait_until(lambda: all(run.redis.sismember(done, b) for b in killed), timeout=600,
-                                  what="kill: killed batches", interval=0.5)
-        run.wait_finished(600)
-        return run.report(killed_batches=killed, killed_batches_done_after_s=round(batches_back, 1),
-                          job_done_after_kill_s=round(time.monotonic() - killed_at, 1))
+        return run.report(**_kill_one_holding_ahead(run))
     finally:
         run.stop()
 
@@ -175,22 +180,13 @@ def drill_poison(settings: Settings, logs: Path, paths: list[Path]) -> dict:
     run.redis.lpush(queue.key, "poison-queued")
     run.redis.zadd(queue.scheduled_job_registry.key, {"poison-scheduled": time.time() - 60})
     try:
-        run.start_worker(), run.start_worker()
-        killed, victim = _wait_holding_ahead(run)
-        victim.kill()
-        killed_at = time.monotonic()
-        done = f"podembed:job:{run.job.job_id}:done"
-        batches_back = wait_until(lambda: all(run.redis.sismember(done, b) for b in killed), timeout=600,
-                                  what="poison: killed batches", interval=0.5)
-        run.wait_finished(600)
-        job_done = time.monotonic() - killed_at
+        killed = _kill_one_holding_ahead(run)
         run.stop()
         burst = run_cli(run.env, "work", "--burst", timeout=300)
         left = [p for p in ("poison-queued", "poison-scheduled")
                 if p in queue.job_ids or p in queue.scheduled_job_registry.get_job_ids()]
-        return run.report(poison_jobs=2, poison_left_on_queue=left, killed_batches=killed,
-                          killed_batches_done_after_s=round(batches_back, 1), job_done_after_kill_s=round(job_done, 1),
-                          burst_worker_exit_code=burst.returncode)
+        return run.report(poison_jobs=2, poison_left_on_queue=left, burst_worker_exit_code=burst.returncode,
+                          **killed)
     finally:
         run.stop()
 
