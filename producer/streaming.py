@@ -23,8 +23,9 @@ from producer.tokens import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Episodes chunked in this process before a pool starts: a small ingest never pays for one.
-INLINE_EPISODES = 8
+# Episodes chunked in this process before a pool starts: an ingest of a few dozen files never pays the
+# pool's start (a few seconds to spawn and load the tokenizer), a catalog hardly notices them.
+INLINE_EPISODES = 64
 # Episodes in flight per pool process: enough to keep it busy, few enough to keep memory flat.
 IN_FLIGHT_PER_PROCESS = 4
 # One transcript giving more chunks than this is unusual (some 18 hours of speech at the default
