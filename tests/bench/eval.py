@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +119,16 @@ def scan_speed(settings: Settings, titles: list[str], scale: int) -> dict:
     templates = list(db.embeddings.find({"vector_key": key}, {"_id": 0, "embedding": 0}))
     rng = np.random.default_rng(0)
     stored = db.embeddings.count_documents({})
+    stored_at = datetime.now(UTC) - timedelta(days=1)
     began = time.perf_counter()
     for start in range(0, scale - stored, 2000):
         vectors = rng.standard_normal((min(2000, scale - stored - start), 384)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        # Stored a day ago: a warm cache's refresh finds nothing new (with the templates' own times, every
+        # refresh would read them again, as recent writes within PODEMBED_SEARCH_REFRESH_OVERLAP_S).
         db.embeddings.insert_many([templates[(start + i) % len(templates)] | {"_id": f"synthetic:{start + i}|{key}",
-                                               "chunk_id": f"synthetic:{start + i}", "embedding": to_bson_vector(v)}
+                                               "chunk_id": f"synthetic:{start + i}", "embedding": to_bson_vector(v),
+                                               "embedded_at": stored_at}
                                    for i, v in enumerate(vectors)])
     insert_seconds = time.perf_counter() - began
     searcher = Searcher(settings, db)
