@@ -49,6 +49,11 @@ class ChunkStore:
                                f"such as {missing[0][:80]!r}")
         return [_chunk(docs[i]) for i in chunk_ids]
 
+    def to_embed(self, chunks: Sequence[Chunk], spec: VectorSpec, *, force: bool) -> list[Chunk]:
+        """The chunks to queue: all of them with `force`, else those with no vector under `spec` from this text."""
+        done = set() if force else self.embedded(chunks, spec)
+        return [c for c in chunks if c.chunk_id not in done]
+
     def embedded(self, chunks: Sequence[Chunk], spec: VectorSpec) -> set[str]:
         """Ids of the chunks whose vector under `spec` is stored, made from the same text."""
         wanted = {spec.embedding_id(c.chunk_id): c for c in chunks}

@@ -27,7 +27,7 @@ from producer.jobs import JobRecords, NewJob, Window
 from producer.models import Batch, Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.parsing import parse_file
-from producer.streaming import ChunkedEpisode, chunk_stream, windows
+from producer.streaming import ChunkedEpisode, chunk_windows
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +212,13 @@ class JobStream:
         job_id = self.open()
         if self.records.cancelled(job_id):
             return False
-        done = set() if self.force else self.store.embedded(chunks, self.spec)
-        todo = [c for c in chunks if c.chunk_id not in done]
+        todo = self.store.to_embed(chunks, self.spec, force=self.force)
+        skipped = len(chunks) - len(todo)
         self.store.write(todo)
         batches = pack_batches(job_id, todo, self.spec, max_tokens=self.settings.batch_max_tokens,
                                max_chunks=self.settings.batch_max_chunks, force=self.force,
                                first_index=self.job.batches)
-        counts = Window(batch_ids=[b.batch_id for b in batches], chunks=len(chunks), skipped=len(done),
+        counts = Window(batch_ids=[b.batch_id for b in batches], chunks=len(chunks), skipped=skipped,
                         episode_keys=[chunked.episode.key for chunked in window])
         try:
             with self.redis.pipeline(transaction=True) as pipe:
@@ -236,7 +236,7 @@ class JobStream:
         self.job.chunks += len(chunks)
         self.job.batches += len(batches)
         self.job.tokens += sum(c.n_tokens for c in todo)
-        self.job.skipped += len(done)
+        self.job.skipped += skipped
         return True
 
     def abandon(self) -> None:
@@ -275,8 +275,7 @@ def enqueue_episodes(
     todo = (e for e in episodes if e.key not in taken)
     try:
         with StoreLane(stream, on_window) as lane:
-            for window in windows(chunk_stream(settings, todo, spec), settings.enqueue_window_chunks,
-                                  settings.batch_max_chunks):
+            for window in chunk_windows(settings, todo, spec):
                 if not lane.put(window):
                     logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
                     break

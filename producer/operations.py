@@ -27,7 +27,7 @@ from producer.jobs import JobRecords
 from producer.models import Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.sources import EpisodeFilter, TranscriptSource
-from producer.streaming import chunk_stream, windows
+from producer.streaming import chunk_windows
 from producer.tokens import load_tokenizer
 from producer.watermark import Mark, Watermark
 
@@ -184,14 +184,12 @@ def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec
     store = ChunkStore(db)
     run = BackfillRun(job_id=None, episodes=0, chunks=0, batches=0, tokens=0, already_embedded=0, model=spec.model,
                       force=force, dry_run=True, refused=refused)
-    for window in windows(chunk_stream(settings, episodes, spec), settings.enqueue_window_chunks,
-                          settings.batch_max_chunks):
+    for window in chunk_windows(settings, episodes, spec):
         chunks = [c for chunked in window for c in chunked.chunks]
-        done = set() if force else store.embedded(chunks, spec)
-        todo = [c for c in chunks if c.chunk_id not in done]
+        todo = store.to_embed(chunks, spec, force=force)
         run.episodes += len(window)
         run.chunks += len(todo)
-        run.already_embedded += len(done)
+        run.already_embedded += len(chunks) - len(todo)
         run.tokens += sum(c.n_tokens for c in todo)
         run.batches += len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
                                         max_chunks=settings.batch_max_chunks))

@@ -85,6 +85,11 @@ def _chunk_stream(settings: Settings, episodes: Iterable[Episode], spec: VectorS
             yield ChunkedEpisode(done, result.get())
 
 
+def chunk_windows(settings: Settings, episodes: Iterable[Episode], spec: VectorSpec) -> Iterator[list[ChunkedEpisode]]:
+    """The producer's windows of `episodes`, chunked, sized by the settings."""
+    return windows(chunk_stream(settings, episodes, spec), settings.enqueue_window_chunks, settings.batch_max_chunks)
+
+
 def windows(stream: Iterable[ChunkedEpisode], max_chunks: int, first_chunks: int) -> Iterator[list[ChunkedEpisode]]:
     """Consecutive episodes grouped until a group holds enough chunks (an episode is never split).
 
