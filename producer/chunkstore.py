@@ -40,7 +40,9 @@ class ChunkStore:
     def load(self, chunk_ids: Sequence[str]) -> list[Chunk]:
         """The chunks of these ids, in this order; one a batch names but MongoDB lacks is a PayloadError."""
         try:
-            docs = {d["_id"]: d for d in self.db.chunks.find({"_id": {"$in": list(chunk_ids)}})}
+            # One reply for the whole batch: the server's first reply holds 101 documents otherwise.
+            cursor = self.db.chunks.find({"_id": {"$in": list(chunk_ids)}}, batch_size=len(chunk_ids))
+            docs = {d["_id"]: d for d in cursor}
         except PyMongoError as exc:
             raise StoreError(f"cannot read chunks from {self.db.name}.chunks: {exc}") from exc
         missing = [i for i in chunk_ids if i not in docs]

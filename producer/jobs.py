@@ -25,7 +25,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 
-from config.errors import JobNotFoundError, QueueError, StoreError
+from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
 from producer.models import BATCH_ID
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,19 @@ JOBS_INDEX = "podembed:jobs"
 # A producer refreshes its job's key at every window; one silent for this long has died.
 PRODUCER_TTL_SECONDS = 120
 
+# What `count_finished`'s script answers.
+ALREADY_COUNTED, COUNTED, JOB_ENDED = 0, 1, 2
+
 # Shared end of the scripts, whose last two ARGV are always `now` and `ttl`: the job is over once
 # it is wholly enqueued (records written before streaming have no flag) and every batch is done or
-# failed for good; every key lives `ttl` past the last change.
+# failed for good; every key lives `ttl` past the last change. Answers JOB_ENDED or COUNTED.
 _BATCH_ENDED = """
 local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
-if redis.call('HGET', KEYS[1], 'enqueue_done') ~= '0'
-   and ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total')) then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1])
-end
+local over = redis.call('HGET', KEYS[1], 'enqueue_done') ~= '0'
+   and ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total'))
+if over then redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1]) end
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
+if over then return 2 end
 return 1
 """
 
@@ -69,6 +72,17 @@ redis.call('HINCRBYFLOAT', KEYS[1], 'gpu_seconds', ARGV[4])
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
 redis.call('HSET', KEYS[1], 'device', ARGV[6])
 """ + _BATCH_ENDED
+
+
+# KEYS: hash, done, running. ARGV: batch_id, its index in the job. -1 if the job has no such batch
+# (it ended and expired, or never existed); else the batch is marked running, and the answer is
+# 1 if an earlier run counted it already, 0 if not.
+_CLAIM_BATCH = """
+local total = redis.call('HGET', KEYS[1], 'batches_total')
+if not total or tonumber(ARGV[2]) >= tonumber(total) then return -1 end
+redis.call('SADD', KEYS[3], ARGV[1])
+return redis.call('SISMEMBER', KEYS[2], ARGV[1])
+"""
 
 
 # KEYS as above. ARGV: batch_id, n_chunks, reason, now, ttl.
@@ -168,10 +182,10 @@ class JobRecords:
         self.redis = redis
         self.db = db
         self.ttl = ttl_seconds
-        self._finish = redis.register_script(_FINISH_BATCH)
         self._fail = redis.register_script(_FAIL_BATCH)
         self._enqueue_done = redis.register_script(_ENQUEUE_DONE)
         self._progress = redis.register_script(_STORED_SO_FAR)
+        self._claim = redis.register_script(_CLAIM_BATCH)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
@@ -267,14 +281,26 @@ class JobRecords:
 
     def has_batch(self, job_id: str, batch_id: str) -> bool:
         """Whether the job exists and enqueued a batch of this id."""
-        match = BATCH_ID.fullmatch(batch_id)
-        if match is None or match["job"] != job_id:
+        index = _batch_index(job_id, batch_id)
+        if index is None:
             return False
         try:
             total = self.redis.hget(self._keys(job_id)[0], "batches_total")
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
-        return total is not None and int(match["index"]) < int(total)
+        return total is not None and index < int(total)
+
+    def claim(self, job_id: str, batch_id: str) -> bool:
+        """Mark a batch running, in one round trip; whether an earlier run counted it already.
+
+        A batch the job does not have is a PayloadError: its payload was not written by podembed,
+        or names a job that is over and forgotten.
+        """
+        index = _batch_index(job_id, batch_id)
+        answer = -1 if index is None else self._claim(keys=self._keys(job_id)[:3], args=[batch_id, index])
+        if answer == -1:
+            raise PayloadError(f"batch {batch_id}: job {job_id} has no such batch")
+        return bool(answer)
 
     def forget_episodes(self, job_id: str, episode_keys: list[str]) -> None:
         if episode_keys:
@@ -287,17 +313,18 @@ class JobRecords:
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
 
-    def mark_running(self, job_id: str, batch_id: str) -> None:
-        self.redis.sadd(self._keys(job_id)[2], batch_id)
+    def count_finished(
+        self, pipe: Pipeline, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float,
+        cost_usd: float, device: str,
+    ) -> None:
+        """Add a batch's counts once, in `pipe`, whose result for it is ALREADY_COUNTED, COUNTED or JOB_ENDED.
 
-    def mark_finished(
-        self, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float, cost_usd: float,
-        device: str,
-    ) -> bool:
-        """Add a batch's counts once; False if this batch was already counted."""
+        The script goes as EVAL, not EVALSHA: redis-py checks a pipeline's cached scripts with a
+        round trip of its own before every execute.
+        """
         keys = self._keys(job_id)
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
-        return bool(self._finish(keys=keys, args=args))
+        pipe.eval(_FINISH_BATCH, len(keys), *keys, *args)
 
     def counted(self, job_id: str, batch_id: str) -> bool:
         """Whether the batch's counts were added already (by this run or an earlier one)."""
@@ -447,6 +474,12 @@ class JobRecords:
             except JobNotFoundError:
                 continue
         return statuses
+
+
+def _batch_index(job_id: str, batch_id: str) -> int | None:
+    """The batch's index in its job, if its id is one of the job's batch ids."""
+    match = BATCH_ID.fullmatch(batch_id)
+    return int(match["index"]) if match is not None and match["job"] == job_id else None
 
 
 def _producer_name() -> str:

@@ -30,9 +30,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any
 
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import DequeueTimeout
@@ -44,11 +46,11 @@ from rq.utils import now
 from config.errors import DrainError
 from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at, scheduler_for
 from worker.tasks import (
+    BatchResult,
     ComputedBatch,
     PreparedBatch,
     WorkerContext,
     compute_batch,
-    load_batch,
     prepare_batch,
     store_batch,
 )
@@ -170,16 +172,32 @@ class Drain:
             return True
         return due - time.time() >= self.deadline - time.monotonic()
 
-    def finish(self, held: Held, result: dict) -> None:
-        # rq's own success path (result, finished registry, execution cleanup), as its workers run it.
-        self.worker._finalize_success(held.job, self.queue, held.execution, result)
+    def finish(self, held: Held, pipe: Pipeline, result: BatchResult) -> None:
+        """rq's success path for the batch (result, finished registry, execution cleanup, the worker's
+        counts), added to `pipe`: the transaction that counts the batch for its job, one round trip.
+
+        Batches have no dependents, repeats, success callback or webhooks (the producer sets none,
+        and `BatchJob` refuses a foreign callback), so rq's WATCH on the dependents is not needed.
+        """
+        job, execution, worker = held.job, held.execution, self.worker
+        job.ended_at = now()
+        job._result = result.to_dict()
+        ttl = job.get_result_ttl(worker.default_result_ttl)
+        worker.increment_successful_job_count(pipeline=pipe)
+        worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
+        job._handle_success(ttl, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
+                            execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
+        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+        worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+    def finished(self, held: Held, result: BatchResult) -> None:
         with self.lock:
             self.held.pop(held.batch_id, None)
             t = self.tally
             t.batches += 1
-            t.embedded += result["embedded"]
-            t.skipped += result["skipped"]
-            t.busy_seconds += result["gpu_seconds"]
+            t.embedded += result.embedded
+            t.skipped += result.skipped
+            t.busy_seconds += result.gpu_seconds
 
     def fail(self, held: Held, exc_info: ExcInfo) -> None:
         """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry)."""
@@ -325,7 +343,7 @@ class EmbedLane(Lane):
 
 
 class StoreLane(Lane):
-    """Writes each computed batch and ends it in rq."""
+    """Writes each computed batch and ends it in rq, in the transaction that counts it."""
 
     def __init__(self, drain: Drain, inbox: lanes.Queue) -> None:
         super().__init__("store", drain, lanes.Queue())
@@ -336,11 +354,9 @@ class StoreLane(Lane):
         while (held := _get(self.inbox, d)) is not DONE:
             assert isinstance(held, Held) and held.computed is not None
             computed = held.computed
-            result = self.attempt(held, lambda c=computed: store_batch(d.ctx, c))
+            result = self.attempt(held, lambda c=computed, h=held: store_batch(d.ctx, c, partial(d.finish, h)))
             if result is not None:
-                self.current = held.batch_id
-                d.finish(held, result.to_dict())  # type: ignore[attr-defined]
-                self.current = ""
+                d.finished(held, result)  # type: ignore[arg-type]
 
 
 class Housekeeper(threading.Thread):
@@ -384,7 +400,7 @@ class Housekeeper(threading.Thread):
 def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
     """The prepare stage of a held batch; `BatchJob` refuses a job naming anything but podembed's task."""
     held.job.func  # noqa: B018
-    return prepare_batch(ctx, load_batch(ctx, held.job.args[0]))
+    return prepare_batch(ctx, held.job.args[0])
 
 
 def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = None,

@@ -8,9 +8,11 @@ different batches at once; `embed_batch` runs them in series for a plain rq work
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,18 +20,21 @@ from datetime import UTC, datetime
 import numpy as np
 from bson.binary import Binary
 from redis import Redis
+from redis.client import Pipeline
 
-from config.errors import EmbeddingError, PayloadError
+from config.errors import EmbeddingError, PayloadError, QueueError, StoreError
 from config.settings import Settings, redact_url
 from producer.chunkstore import ChunkStore
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import vector_spec
-from producer.jobs import JobRecords
+from producer.jobs import ALREADY_COUNTED, COUNTED, JobRecords
 from producer.models import Batch, BatchTicket, Chunk, VectorSpec
 from worker.embedder import Embedder, EncodeStats, get_embedder
 from worker.store import LedgerEntry, VectorStore, text_key, to_bson_vector, vector_doc
 
 logger = logging.getLogger(__name__)
+
+STATUS_SAVE_SECONDS = 5.0  # how often a running job's status is copied to MongoDB
 
 
 @dataclass
@@ -43,6 +48,8 @@ class WorkerContext:
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     # Reports progress within a batch (chunks embedded per forward pass) off the compute lane.
     reporter: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="progress"))
+    # When each running job's status was last saved to MongoDB (time.monotonic()).
+    status_saved: dict[str, float] = field(default_factory=dict)
 
     def embedder(self, spec: VectorSpec) -> Embedder:
         """The worker's one model; a batch that names another fails at once (loading a second
@@ -59,6 +66,24 @@ class WorkerContext:
                                 max_forward_tokens=s.max_forward_tokens)
         s.price_per_hour(embedder.device_name)  # a device with no price stops the worker at start
         return embedder
+
+    def keep_status(self, job_id: str, *, ended: bool) -> None:
+        """Save the job's status to MongoDB once it ended (or when a batch counted before is run
+        again), else at most every STATUS_SAVE_SECONDS: the copy `status` reads once Redis forgot
+        the job lags by seconds while the job runs, and most batches pay no round trip for it."""
+        now = time.monotonic()
+        if not ended and now - self.status_saved.get(job_id, -math.inf) < STATUS_SAVE_SECONDS:
+            return
+        if ended:
+            self.status_saved.pop(job_id, None)
+        else:
+            self.status_saved[job_id] = now
+        try:
+            self.records.save(self.records.status(job_id))
+        except (QueueError, StoreError) as exc:
+            # The batch is counted and finished already: failing it now would run it again.
+            logger.warning("job %s: status not copied to MongoDB (the next batch or `podembed status` may): %s",
+                           job_id, exc)
 
 
 _context: WorkerContext | None = None
@@ -110,6 +135,9 @@ class PreparedBatch:
     reused: list[dict]
     skipped: int
     store_wait: float  # seconds on MongoDB so far
+    # Counted by an earlier run (killed between its counters and rq's finish, or taken again by
+    # rq's abandoned-job cleanup while it still ran): that run's ledger entry stays.
+    counted: bool
 
 
 @dataclass
@@ -122,25 +150,20 @@ class ComputedBatch:
     embedder: Embedder
 
 
-def load_batch(ctx: WorkerContext, payload: object) -> Batch:
-    """The batch a payload names, with its chunks read from MongoDB in one query.
+def prepare_batch(ctx: WorkerContext, payload: object) -> PreparedBatch:
+    """Claim the batch a payload names, read its chunks (one query) and look up which of its texts
+    already have a vector.
 
     A payload podembed did not write (malformed, or naming a job or batch that does not exist)
     is a PayloadError, before anything is stored.
     """
-    ticket = BatchTicket.from_payload(payload)
-    if not ctx.records.has_batch(ticket.job_id, ticket.batch_id):
-        raise PayloadError(f"batch {ticket.batch_id}: job {ticket.job_id} has no such batch")
-    return Batch(job_id=ticket.job_id, batch_id=ticket.batch_id, spec=ticket.spec,
-                 chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
-
-
-def prepare_batch(ctx: WorkerContext, batch: Batch) -> PreparedBatch:
-    """Mark the batch running and look up which of its texts already have a vector (MongoDB, Redis)."""
     started_at = datetime.now(UTC)
     began = time.perf_counter()
+    ticket = BatchTicket.from_payload(payload)
+    counted = ctx.records.claim(ticket.job_id, ticket.batch_id)
+    batch = Batch(job_id=ticket.job_id, batch_id=ticket.batch_id, spec=ticket.spec,
+                  chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
     spec = batch.spec
-    ctx.records.mark_running(batch.job_id, batch.batch_id)
     keys = [text_key(c.text, spec) for c in batch.chunks]
     waited = time.perf_counter()
     # A forced batch (`backfill --force`) embeds every text again and overwrites its vectors.
@@ -164,7 +187,7 @@ def prepare_batch(ctx: WorkerContext, batch: Batch) -> PreparedBatch:
             reused.append(vector_doc(chunk, spec, key, Binary(vector, 9), dim=dim, job_id=batch.job_id,
                                      batch_id=batch.batch_id, embedded_at=now))
     return PreparedBatch(batch=batch, started_at=started_at, began=began, groups=list(to_embed.items()),
-                         reused=reused, skipped=skipped, store_wait=store_wait)
+                         reused=reused, skipped=skipped, store_wait=store_wait, counted=counted)
 
 
 def compute_batch(ctx: WorkerContext, prepared: PreparedBatch) -> ComputedBatch:
@@ -190,8 +213,10 @@ def compute_batch(ctx: WorkerContext, prepared: PreparedBatch) -> ComputedBatch:
     return ComputedBatch(prepared=prepared, vectors=vectors, stats=stats, embedder=embedder)
 
 
-def store_batch(ctx: WorkerContext, computed: ComputedBatch) -> BatchResult:
-    """Vectors (one bulk write), the ledger entry and the job's counters; RQ's own finish is the caller's."""
+def store_batch(ctx: WorkerContext, computed: ComputedBatch,
+                finish: Callable[[Pipeline, BatchResult], None] | None = None) -> BatchResult:
+    """Vectors (one bulk write), the ledger entry, then the job's counters in one Redis transaction,
+    with rq's own finish of the batch when `finish` adds it there."""
     prepared, stats, embedder = computed.prepared, computed.stats, computed.embedder
     batch, spec = prepared.batch, prepared.batch.spec
     embedded_at = datetime.now(UTC)
@@ -208,9 +233,7 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch) -> BatchResult:
     embedded = sum(len(chunks) for _, chunks in prepared.groups)
     # Priced by the device the batch ran on: a CPU batch at the CPU rate, not the GPU's.
     cost = stats.seconds * ctx.settings.price_per_hour(embedder.device_name) / 3600
-    # A batch counted by an earlier run (killed between its counters and rq's finish) keeps that run's
-    # ledger entry: the ledger and the job's counters then tell of the same run.
-    if not ctx.records.counted(batch.job_id, batch.batch_id):
+    if not prepared.counted:
         ctx.store.record(LedgerEntry(
             job_id=batch.job_id, batch_id=batch.batch_id, model=spec.model, vector_key=spec.key,
             n_chunks=len(batch.chunks), n_embedded=embedded, n_skipped=prepared.skipped,
@@ -219,25 +242,25 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch) -> BatchResult:
             device=embedder.device_name, worker=ctx.name, started_at=prepared.started_at,
             finished_at=datetime.now(UTC), cost_usd=cost,
         ))
-    counted = ctx.records.mark_finished(batch.job_id, batch.batch_id, embedded=embedded, skipped=prepared.skipped,
-                                        gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
-    ctx.records.save(ctx.records.status(batch.job_id))
+    result = BatchResult(job_id=batch.job_id, batch_id=batch.batch_id, embedded=embedded, skipped=prepared.skipped,
+                         gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+    with ctx.records.redis.pipeline(transaction=True) as pipe:
+        ctx.records.count_finished(pipe, batch.job_id, batch.batch_id, embedded=embedded, skipped=prepared.skipped,
+                                   gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+        if finish is not None:
+            finish(pipe, result)
+        outcome = pipe.execute()[0]
+    ctx.keep_status(batch.job_id, ended=outcome != COUNTED)
     logger.info("job %s batch %s: %d embedded, %d skipped, %.2fs compute on %s%s", batch.job_id, batch.batch_id,
                 embedded, prepared.skipped, stats.seconds, embedder.device_name,
-                "" if counted else " (already counted)")
-    return BatchResult(job_id=batch.job_id, batch_id=batch.batch_id, embedded=embedded, skipped=prepared.skipped,
-                       gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
-
-
-def run_batch(ctx: WorkerContext, batch: Batch) -> BatchResult:
-    """The three stages in series (what a plain rq worker runs; `worker.pipeline` overlaps them)."""
-    return store_batch(ctx, compute_batch(ctx, prepare_batch(ctx, batch)))
+                " (already counted)" if outcome == ALREADY_COUNTED else "")
+    return result
 
 
 def embed_batch(payload: dict) -> dict:
-    """RQ entry point: embed, store and account for one batch."""
+    """RQ entry point (a plain rq worker): the three stages in series; `worker.pipeline` overlaps them."""
     ctx = current_context()
-    return run_batch(ctx, load_batch(ctx, payload)).to_dict()
+    return store_batch(ctx, compute_batch(ctx, prepare_batch(ctx, payload))).to_dict()
 
 
 def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)
