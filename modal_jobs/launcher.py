@@ -1,8 +1,8 @@
 """How many drains the backlog needs, from the throughput the ledger measured; and spawning them.
 
 One drain is one GPU container working for up to `drain_budget_s`. The plan is plain
-arithmetic on the queue and the ledger; `launch` takes the spawn function as an
-argument (the deployed class on Modal, a fake in tests).
+arithmetic on the queues (every kind's: drains take them in priority order) and the ledger;
+`launch` takes the spawn function as an argument (the deployed class on Modal, a fake in tests).
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ class Backlog:
     retries_later: int = 0
     next_retry_in_s: float | None = None  # seconds until the earliest retry due later
 
+    def __add__(self, other: Backlog) -> Backlog:
+        later = [s for s in (self.next_retry_in_s, other.next_retry_in_s) if s is not None]
+        return Backlog(batches=self.batches + other.batches, chunks=self.chunks + other.chunks,
+                       tokens=self.tokens + other.tokens, queued=self.queued + other.queued,
+                       retries_due=self.retries_due + other.retries_due, abandoned=self.abandoned + other.abandoned,
+                       retries_later=self.retries_later + other.retries_later,
+                       next_retry_in_s=min(later, default=None))
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -63,7 +71,13 @@ class Throughput:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    backlog: Backlog
+    backlog: Backlog  # every queue's
+    queues: dict[str, Backlog]  # each queue's, highest priority first
+    # The highest-priority queue with a backlog, and the seconds its backlog needs to clear with the
+    # drains running, cold and spawned now (cold starts not counted; with a backfill share, the share
+    # the backfill takes meanwhile counted). None when nothing waits.
+    first_queue: str | None
+    first_clear_s: float | None
     throughput: Throughput
     drain_budget_s: float  # clamped under the deployed timeout
     max_containers: int
@@ -76,10 +90,19 @@ class LaunchPlan:
 
 
 def read_backlog(settings: Settings, redis: Redis, now: float | None = None) -> Backlog:
-    """The backlog at `now` (default: the time of the call); a batch without `n_tokens` in its meta
-    counts as a full one."""
+    """The backlog of every queue at `now` (default: the time of the call)."""
+    return sum(read_backlogs(settings, redis, now).values(), Backlog(batches=0, chunks=0, tokens=0))
+
+
+def read_backlogs(settings: Settings, redis: Redis, now: float | None = None) -> dict[str, Backlog]:
+    """Each queue's backlog at `now` (default: the time of the call), highest priority first."""
     now = time.time() if now is None else now
-    queue = batch_queue(settings, redis)
+    return {name: queue_backlog(settings, redis, name, now) for name in settings.queue_names()}
+
+
+def queue_backlog(settings: Settings, redis: Redis, name: str, now: float) -> Backlog:
+    """One queue's backlog at `now`; a batch without `n_tokens` in its meta counts as a full one."""
+    queue = batch_queue(settings, redis, name=name)
     try:
         queued = queue.get_job_ids()
         with redis.pipeline() as pipe:
@@ -108,10 +131,12 @@ def read_backlog(settings: Settings, redis: Redis, now: float | None = None) -> 
 
 
 def running_workers(settings: Settings, redis: Redis) -> int:
+    """Workers on any of the queues (each drain listens on all of them), counted once."""
+    names = settings.queue_names()
     try:
-        return Worker.count(connection=redis, queue=batch_queue(settings, redis))
+        return len({key for name in names for key in Worker.all_keys(redis, batch_queue(settings, redis, name=name))})
     except RedisError as exc:
-        raise QueueError(f"cannot count workers on {settings.queue_name!r}: {exc}") from exc
+        raise QueueError(f"cannot count workers on {', '.join(names)}: {exc}") from exc
 
 
 def measured_throughput(db: Database, *, model: str, gpu: str) -> Throughput | None:
@@ -145,10 +170,30 @@ def drains_needed(
     return max(0, needed - running)
 
 
+def first_clear_seconds(settings: Settings, queues: dict[str, Backlog], *, tokens_per_s: float,
+                        containers: int) -> tuple[str | None, float | None]:
+    """The highest-priority queue with a backlog, and the seconds `containers` drains need to clear it.
+
+    Drains take it before any lower queue, except the backfill share while the backfill waits too.
+    """
+    waiting = [(name, b) for name, b in queues.items() if b.batches]
+    if not waiting:
+        return None, None
+    name, first = waiting[0]
+    if containers <= 0:
+        return name, None
+    backfill = settings.queue_names()[-1]
+    rate = tokens_per_s * min(containers, first.batches)
+    if settings.backfill_share and name != backfill and queues[backfill].batches:
+        rate *= 1 - settings.backfill_share
+    return name, round(first.tokens / rate, 1)
+
+
 def plan_launch(
     settings: Settings, modal_settings: ModalSettings, redis: Redis, db: Database, now: float | None = None
 ) -> LaunchPlan:
-    backlog = read_backlog(settings, redis, now)
+    queues = read_backlogs(settings, redis, now)
+    backlog = sum(queues.values(), Backlog(batches=0, chunks=0, tokens=0))
     throughput = measured_throughput(db, model=settings.model, gpu=modal_settings.gpu) \
         or Throughput(tokens_per_s=settings.default_tokens_per_second, measured_batches=0)
     budget = drain_budget(modal_settings, modal_settings.drain_budget_s, job_timeout=settings.job_timeout,
@@ -157,8 +202,11 @@ def plan_launch(
     cold = SpawnLedger(redis, settings.queue_name).cold(modal_settings.cold_start_grace_s, now)
     drains = drains_needed(backlog, tokens_per_s=throughput.tokens_per_s, drain_budget_s=budget,
                            max_containers=modal_settings.max_containers, running=running + cold)
-    return LaunchPlan(backlog=backlog, throughput=throughput, drain_budget_s=budget,
-                      max_containers=modal_settings.max_containers, running=running, cold=cold, drains=drains)
+    first_queue, first_clear_s = first_clear_seconds(settings, queues, tokens_per_s=throughput.tokens_per_s,
+                                                     containers=running + cold + drains)
+    return LaunchPlan(backlog=backlog, queues=queues, first_queue=first_queue, first_clear_s=first_clear_s,
+                      throughput=throughput, drain_budget_s=budget, max_containers=modal_settings.max_containers,
+                      running=running, cold=cold, drains=drains)
 
 
 def launch(plan: LaunchPlan, spawn: Callable[[float, str], T], spawns: SpawnLedger) -> list[T]:

@@ -58,9 +58,15 @@ class EnqueuedJob:
     resumed: set[str] = field(default_factory=set, repr=False)
 
 
-def batch_queue(settings: Settings, redis: Redis) -> Queue:
-    """The RQ queue of batches, JSON-serialized: a pickled job written by anyone else is refused."""
-    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+def batch_queue(settings: Settings, redis: Redis, kind: str = "ingest", *, name: str | None = None) -> Queue:
+    """The RQ queue of the batches of `kind`'s jobs (or the queue `name`), JSON-serialized: a pickled job
+    written by anyone else is refused."""
+    return Queue(name or settings.queue_for(kind), connection=redis, serializer=JSONSerializer)
+
+
+def batch_queues(settings: Settings, redis: Redis) -> list[Queue]:
+    """Every batch queue, highest priority first."""
+    return [batch_queue(settings, redis, name=name) for name in settings.queue_names()]
 
 
 def vector_spec(settings: Settings, instruction: str | None = None) -> VectorSpec:
@@ -154,7 +160,7 @@ class JobStream:
         self.redis = redis
         self.records = JobRecords(redis, db, settings.result_ttl)
         self.store = ChunkStore(db)
-        self.queue = batch_queue(settings, redis)
+        self.queue = batch_queue(settings, redis, kind)
         self.kind = kind
         self.spec = spec
         self.force = force
@@ -194,7 +200,7 @@ class JobStream:
             # A URI the server cannot serve (credentials against nx-27017) fails here, before anything is queued.
             check_mongo(self.settings, self.records.db)
             job_id = new_job_id()
-            self.records.create(NewJob(job_id=job_id, kind=self.kind, model=self.spec.model,
+            self.records.create(NewJob(job_id=job_id, kind=self.kind, queue=self.queue.name, model=self.spec.model,
                                        instruction=self.spec.instruction, vector_key=self.spec.key))
             if self.run_key is not None:
                 try:

@@ -150,6 +150,8 @@ class JobStatus:
     errors: dict[str, str] = field(default_factory=dict)
     # False while the producer still adds batches (totals grow until then).
     enqueue_done: bool = True
+    # The RQ queue of its batches (None: a job recorded before there was one queue per kind).
+    queue: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +161,7 @@ class JobStatus:
 class NewJob:
     job_id: str
     kind: str
+    queue: str
     model: str
     instruction: str
     vector_key: str
@@ -201,6 +204,7 @@ class JobRecords:
         keep never reaches the queue, then in Redis with its producer's key."""
         fields = {
             "kind": job.kind,
+            "queue": job.queue,
             "created_at": job.created_at,
             "model": job.model,
             "instruction": job.instruction,
@@ -218,7 +222,7 @@ class JobRecords:
         status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued", created_at=job.created_at,
                            finished_at=None, model=job.model, instruction=job.instruction, episodes=0,
                            chunks=ChunkCounts(), batches=BatchCounts(), gpu_seconds=0.0, cost_usd=0.0, device="",
-                           enqueue_done=False)
+                           enqueue_done=False, queue=job.queue)
         self.save(status)
         created = datetime.fromisoformat(job.created_at).timestamp()
         try:
@@ -393,6 +397,7 @@ class JobRecords:
             device=rec["device"],
             errors={k.decode(): v.decode() for k, v in errors.items()},
             enqueue_done=enqueue_done,
+            queue=rec.get("queue"),
         )
 
     def save(self, status: JobStatus) -> None:

@@ -218,9 +218,11 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     A cancelled job is never retried: like a finished one, it has nothing to requeue.
     """
     records = JobRecords(redis, db, settings.result_ttl)
-    if records.status(job_id).state == "cancelled":
+    status = records.status(job_id)
+    if status.state == "cancelled":
         return RetryResult(job_id=job_id, state="cancelled")
-    registry = batch_queue(settings, redis).failed_job_registry
+    # The queue the job was enqueued on, even if the settings have named other queues since.
+    registry = batch_queue(settings, redis, status.kind, name=status.queue).failed_job_registry
     requeued: list[str] = []
     try:
         failed = [b for b in records.batch_ids(job_id) if b in registry]
@@ -252,7 +254,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
         return CancelResult(job_id=job_id, state=status.state)
     # Flag first: a worker that dequeues a batch meanwhile runs it, and a rerun finishes the removal.
     records.mark_cancelled(job_id)
-    queue = batch_queue(settings, redis)
+    queue = batch_queue(settings, redis, status.kind, name=status.queue)
     scheduled = queue.scheduled_job_registry
     removed: dict[str, int] = {}  # batch id -> its chunks
     try:

@@ -63,8 +63,10 @@ def test_nightly_enqueues_only_new_or_changed_episodes(
     first = nightly(settings, redis, db, DirectorySource(folder))
     assert first.job_id is not None
     assert (first.episodes, first.chunks, first.unchanged) == (2, 22, 0)
-    assert batch_queue(settings, redis).count == first.batches
+    # Nightly batches go to the nightly queue, none to the ingest queue.
+    assert (batch_queue(settings, redis, "nightly").count, batch_queue(settings, redis).count) == (first.batches, 0)
     assert records.status(first.job_id).kind == "nightly"
+    assert records.status(first.job_id).queue == settings.queue_for("nightly")
 
     second = nightly(settings, redis, db, DirectorySource(folder))
     assert (second.job_id, second.episodes, second.chunks, second.batches, second.unchanged) == (None, 0, 0, 0, 2)
@@ -91,7 +93,7 @@ def test_nightly_enqueues_only_new_or_changed_episodes(
 def test_nightly_watermark_stays_when_enqueue_fails(settings: Settings, redis: Redis, db: Database,
                                                     tmp_path: Path) -> None:
     folder = _source_dir(tmp_path, DATA / "E03.txt")
-    queue_key = batch_queue(settings, redis).key
+    queue_key = batch_queue(settings, redis, "nightly").key
     redis.set(queue_key, "not a list")  # the enqueue itself fails, after chunking
     with pytest.raises(QueueError, match="cannot enqueue job"):
         nightly(settings, redis, db, DirectorySource(folder))
@@ -100,7 +102,7 @@ def test_nightly_watermark_stays_when_enqueue_fails(settings: Settings, redis: R
     redis.delete(queue_key)
     run = nightly(settings, redis, db, DirectorySource(folder))
     assert (run.episodes, run.chunks) == (1, 4)
-    assert batch_queue(settings, redis).count == run.batches == 1
+    assert batch_queue(settings, redis, "nightly").count == run.batches == 1
 
 
 def test_nightly_from_mongo_end_to_end(settings: Settings, redis: Redis, db: Database, records: JobRecords) -> None:
@@ -131,7 +133,7 @@ def test_backfill_dry_run_estimates_and_enqueues_nothing(settings: Settings, red
     selection = EpisodeFilter(podcast=SHOW)
     dry = backfill(settings, redis, db, MongoSource(db), selection, dry_run=True)
 
-    assert batch_queue(settings, redis).count == 0 and redis.zcard(JOBS_INDEX) == 0
+    assert batch_queue(settings, redis, "backfill").count == 0 and redis.zcard(JOBS_INDEX) == 0
     assert (dry.job_id, dry.episodes, dry.chunks, dry.already_embedded) == (None, 2, 22, 0)
     spec = vector_spec(settings)
     episodes = [e for e in MongoSource(db).episodes() if selection.matches(e)]
@@ -158,7 +160,7 @@ def test_backfill_dry_run_estimates_and_enqueues_nothing(settings: Settings, red
     assert forced["chunks"] == 22 and forced["estimate_from"] == "ledger" and forced["device"] == "cpu"
     assert forced["tokens_per_second"] == pytest.approx(measured, rel=1e-3)
     assert forced["est_gpu_seconds"] == pytest.approx(tokens / measured, rel=1e-3)
-    assert batch_queue(settings, redis).count == 0
+    assert batch_queue(settings, redis, "backfill").count == 0
 
 
 def test_backfill_skips_embedded_chunks_unless_forced(
@@ -179,7 +181,7 @@ def test_backfill_skips_embedded_chunks_unless_forced(
     status = records.status(again.job_id)
     assert (status.state, status.chunks.total, status.chunks.skipped, status.batches.total) == ("finished", 11, 11, 0)
     assert status.enqueue_done and status.finished_at is not None
-    assert batch_queue(settings, redis).count == 0
+    assert batch_queue(settings, redis, "backfill").count == 0
 
     forced = backfill(settings, redis, db, MongoSource(db), only_e05, force=True)
     assert forced.chunks == 11
@@ -309,7 +311,7 @@ def test_cli_backfill_dry_run(settings: Settings, redis: Redis, db: Database) ->
     doc = json.loads(shown.stdout)
     assert (doc["job_id"], doc["episodes"], doc["chunks"], doc["dry_run"]) == (None, 1, 11, True)
     assert doc["estimate_from"] == "default" and doc["est_gpu_seconds"] > 0 and doc["est_cost_usd"] > 0
-    assert batch_queue(settings, redis).count == 0 and redis.zcard(JOBS_INDEX) == 0
+    assert batch_queue(settings, redis, "backfill").count == 0 and redis.zcard(JOBS_INDEX) == 0
 
     human = _cli(settings, "backfill", "--episodes", "E03", "E05", "--until", "2016-12-31", "--dry-run")
     assert "dry run, nothing enqueued: 2 episodes, 22 chunks" in human.stdout

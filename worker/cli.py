@@ -252,8 +252,9 @@ def cmd_work(settings: Settings, args: argparse.Namespace) -> int:
 
     redis = reach_redis(settings)
     reach_mongo(settings).client.close()  # the worker opens its own; this one only checked it answers
-    print(f"worker on {redact_url(settings.redis_url)} queue {settings.queue_name!r}, model {settings.model}",
-          file=sys.stderr)
+    share = "strict priority" if settings.backfill_share is None else f"backfill share {settings.backfill_share}"
+    print(f"worker on {redact_url(settings.redis_url)} queues {', '.join(settings.queue_names())} (in this order, "
+          f"{share}), model {settings.model}", file=sys.stderr)
     run_worker(settings, burst=args.burst, redis=redis)
     return 0
 
@@ -275,6 +276,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     c, b = status.chunks, status.batches
     rows = [
         ("job", f"{status.job_id} ({status.kind})"),
+        ("queue", status.queue or "-"),
         ("state", status.state),
         ("created", status.created_at),
         ("finished", status.finished_at or "-"),
@@ -368,12 +370,13 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         _print_json([s.to_dict() for s in statuses])
         return 0
     print(f"{'job':<12}  {'kind':<8}  {'state':<9}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
-          f"{'cancelled':>9}  cost")
+          f"{'cancelled':>9}  {'cost':<9}  queue")
     for s in statuses:
         # Done is embedded or already there (skipped); failed and cancelled chunks are counted apart.
         done = f"{s.chunks.embedded + s.chunks.skipped}/{s.chunks.total}"
+        cost = f"${s.cost_usd:.4f}"
         print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<9}  {s.created_at:<25}  {done:>13}  {s.chunks.failed:>6}  "
-              f"{s.chunks.cancelled:>9}  ${s.cost_usd:.4f}")
+              f"{s.chunks.cancelled:>9}  {cost:<9}  {s.queue or '-'}")
     return 0
 
 
@@ -539,6 +542,13 @@ def cmd_launch(settings: Settings, args: argparse.Namespace) -> int:
         print(f"backlog: {b.batches} batches ({b.queued} queued, {b.retries_due} retries due, {b.abandoned} "
               f"abandoned), {b.chunks} chunks, {b.tokens} tokens; {t.tokens_per_s:.0f} tokens/s per container "
               f"({measured})")
+        for name, q in plan.queues.items():
+            print(f"  queue {name}: {q.batches} batches ({q.queued} queued, {q.retries_due} retries due, "
+                  f"{q.abandoned} abandoned), {q.tokens} tokens")
+        if plan.first_queue is not None:
+            clears = "never: no container" if plan.first_clear_s is None else \
+                f"about {_clock(plan.first_clear_s)} with {plan.running + plan.cold + plan.drains} container(s)"
+            print(f"highest-priority backlog: queue {plan.first_queue}, clears in {clears} (cold starts not counted)")
         if b.retries_later:
             print(f"{b.retries_later} retries wait out their back-off (the first in {b.next_retry_in_s:.0f} s): "
                   f"the deployed launcher spawns for them every {on_modal.launcher_period_s} s")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from redis.exceptions import RedisError
 from rq import Queue
@@ -25,10 +25,19 @@ from rq.worker_registration import clean_worker_registry
 logger = logging.getLogger(__name__)
 
 
-def load_job(queue: Queue, job_id: str, *, keep_seconds: int) -> Job | None:
-    """The job, or None if its hash is gone or it is poison (then it is evicted)."""
+def load_job(queue: Queue, job_id: str, *, keep_seconds: int, raw: dict | None = None) -> Job | None:
+    """The job, or None if its hash is gone or it is poison (then it is evicted).
+
+    `raw`: its hash, already read (by the take script); else it is read here.
+    """
     try:
-        return queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+        if raw is None:
+            return queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+        if not raw:
+            return None
+        job = queue.job_class(job_id, connection=queue.connection, serializer=queue.serializer)
+        job.restore(raw)
+        return job
     except NoSuchJobError:
         return None
     except RedisError:
@@ -60,30 +69,25 @@ def evict(queue: Queue, job_id: str, exc: BaseException, *, keep_seconds: int) -
                  "its hash kept %d s", queue.name, job_id, type(exc).__name__, exc, keep_seconds)
 
 
-def sweep(queue: Queue, job_ids: list[str], *, keep_seconds: int) -> None:
-    """Load each job once, evicting the ones that cannot be loaded."""
-    for job_id in job_ids:
-        load_job(queue, job_id, keep_seconds=keep_seconds)
-
-
-def guarded(step: Callable[[], object], suspects: Callable[[], list[str]], queue: Queue, *, what: str,
+def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Queue, str]]], *, what: str,
             keep_seconds: int) -> None:
-    """Run one of rq's maintenance steps; if a job it met broke it, evict the poison and run it again."""
+    """Run one of rq's maintenance steps; if a job it met broke it, evict the poison (each suspect
+    that cannot be loaded from its queue) and run it again."""
     try:
         step()
         return
     except RedisError:
         raise
     except Exception as exc:
-        logger.warning("queue %s: %s failed (%s: %s); looking for jobs that cannot be loaded",
-                       queue.name, what, type(exc).__name__, exc)
-    sweep(queue, suspects(), keep_seconds=keep_seconds)
+        logger.warning("%s failed (%s: %s); looking for jobs that cannot be loaded", what, type(exc).__name__, exc)
+    for queue, job_id in suspects():
+        load_job(queue, job_id, keep_seconds=keep_seconds)
     try:
         step()
     except RedisError:
         raise
     except Exception:
-        logger.exception("queue %s: %s failed again; next pass tries once more", queue.name, what)
+        logger.exception("%s failed again; next pass tries once more", what)
 
 
 def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
@@ -96,11 +100,12 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
         return
     try:
         started = queue.started_job_registry
-        guarded(lambda: clean_registries(queue), lambda: started.get_job_ids(cleanup=False), queue,
-                what="registry cleanup", keep_seconds=keep_seconds)
+        guarded(lambda: clean_registries(queue), lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
+                what=f"queue {queue.name}: registry cleanup", keep_seconds=keep_seconds)
         clean_worker_registry(queue)
-        guarded(lambda: queue.intermediate_queue.cleanup(worker, queue), queue.intermediate_queue.get_job_ids,
-                queue, what="intermediate queue cleanup", keep_seconds=keep_seconds)
+        guarded(lambda: queue.intermediate_queue.cleanup(worker, queue),
+                lambda: ((queue, j) for j in queue.intermediate_queue.get_job_ids()),
+                what=f"queue {queue.name}: intermediate queue cleanup", keep_seconds=keep_seconds)
     finally:
         queue.release_maintenance_lock()
 
@@ -110,27 +115,33 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
 _moving = threading.Lock()
 
 
-def enqueue_due_retries(scheduler: RQScheduler, queue: Queue, *, keep_seconds: int) -> None:
-    """Move retries whose back-off has passed onto the queue, if this worker holds the scheduler lock."""
+def enqueue_due_retries(scheduler: RQScheduler, queues: Sequence[Queue], *, keep_seconds: int) -> None:
+    """Move retries whose back-off has passed onto their queues, those whose scheduler lock this worker holds."""
     with _moving:
-        if not scheduler.acquire_locks():
+        held = scheduler.acquire_locks()
+        if not held:
             return  # another worker's scheduler moves them
-        registry = queue.scheduled_job_registry
-        guarded(scheduler.enqueue_scheduled_jobs, registry.get_jobs_to_schedule, queue,
-                what="moving due retries", keep_seconds=keep_seconds)
+        mine = [q for q in queues if q.name in held]
+        guarded(scheduler.enqueue_scheduled_jobs,
+                lambda: ((q, j) for q in mine for j in q.scheduled_job_registry.get_jobs_to_schedule()),
+                what=f"queues {', '.join(q.name for q in mine)}: moving due retries", keep_seconds=keep_seconds)
 
 
-def scheduler_for(queue: Queue, name: str) -> RQScheduler:
-    """rq's scheduler, run in this process (no fork) by `enqueue_due_retries`."""
+def scheduler_for(queues: Sequence[Queue], name: str) -> RQScheduler:
+    """rq's scheduler of these queues, run in this process (no fork) by `enqueue_due_retries`."""
     # rq gives its scheduler's logger a stdout handler when it has none, which would mix log
     # lines into `--json` output; a null handler stops that, and records still reach the root's.
     rq_logger = logging.getLogger("rq.scheduler")
     if not rq_logger.handlers:
         rq_logger.addHandler(logging.NullHandler())
-    return RQScheduler([queue], connection=queue.connection, serializer=queue.serializer, name=name)
+    first = queues[0]
+    return RQScheduler(list(queues), connection=first.connection, serializer=first.serializer, name=name)
 
 
-def next_retry_at(queue: Queue) -> float | None:
-    """Unix time of the earliest scheduled retry of the queue, None if there is none."""
-    first = queue.connection.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
-    return float(first[0][1]) if first else None
+def next_retry_at(queues: Sequence[Queue]) -> float | None:
+    """Unix time of the earliest scheduled retry of these queues, None if there is none."""
+    with queues[0].connection.pipeline() as pipe:
+        for queue in queues:
+            pipe.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
+        firsts = [float(first[0][1]) for first in pipe.execute() if first]
+    return min(firsts, default=None)

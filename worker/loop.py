@@ -105,9 +105,10 @@ def make_worker(
     if name:
         ctx.name = name
     ctx.embedder(vector_spec(settings))
-    # By name, so the worker builds the queue (and its registries' cleanup) with `BatchJob`.
-    worker = DrainWorker([settings.queue_name], connection=redis, serializer=JSONSerializer, job_class=BatchJob,
-                         name=ctx.name, job_monitoring_interval=settings.heartbeat_interval,
+    # By name, so the worker builds the queues (and their registries' cleanup) with `BatchJob`; all three,
+    # highest priority first, so rq counts and shows the worker on each.
+    worker = DrainWorker(list(settings.queue_names()), connection=redis, serializer=JSONSerializer,
+                         job_class=BatchJob, name=ctx.name, job_monitoring_interval=settings.heartbeat_interval,
                          maintenance_interval=settings.maintenance_interval,
                          # An idle worker blocks on the queue for worker_ttl - 15 s before its next
                          # maintenance pass: keep that as short as the maintenance interval.

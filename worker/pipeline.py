@@ -11,6 +11,11 @@ being written. `settings.prefetch_batches` bounds how many batches wait fetched 
 model; the store lane holds one more. A housekeeper thread beats for every batch held
 (prefetched ones too), runs rq's maintenance and moves due retries onto the queue.
 
+The fetch lane takes from the queues in priority order (`worker.priority`): ingest, nightly,
+backfill. It takes only when a prefetch slot is free, so once a higher batch is queued, a worker
+holds no more lower batches than it already had: at most `prefetch_batches` fetched ahead, one on
+the model and the ones being stored.
+
 `run_drain` owns the order and the shutdown. Every lane ends on the one sentinel `DONE`.
 A batch that fails goes through rq's failure path (failure callback, `Retry`) and the drain
 goes on; an error of a lane itself (Redis gone, say) stops every lane and surfaces once,
@@ -37,7 +42,6 @@ from typing import Any
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
@@ -45,6 +49,7 @@ from rq.utils import now
 
 from config.errors import DrainError
 from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at, scheduler_for
+from worker.priority import PriorityTake
 from worker.tasks import (
     BatchResult,
     ComputedBatch,
@@ -60,6 +65,8 @@ logger = logging.getLogger(__name__)
 DONE = object()  # the sentinel every lane ends on
 POLL_SECONDS = 0.1  # how often a waiting lane looks at the stop and halt flags
 IDLE_SECONDS = 0.25  # how often an empty queue is looked at again while batches are in flight or due
+TAKE_POLL_SECONDS = 0.2  # how often a long-running worker looks at empty queues (no blocking pop covers three)
+TAKE_WAIT_SECONDS = 1.0  # how long one take waits for a batch, so the fetch lane's other duties come round
 
 
 @dataclass
@@ -79,6 +86,7 @@ class Held:
 
     job: Job
     execution: Execution
+    queue: Queue  # the queue it came from, where rq's finish, failure and retry put it
     prepared: PreparedBatch | None = None
     computed: ComputedBatch | None = None
 
@@ -92,11 +100,12 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 @dataclass
 class Drain:
-    """What the lanes of one drain share: the worker, the queue, the held batches and the stop flags."""
+    """What the lanes of one drain share: the worker, the queues, the held batches and the stop flags."""
 
     worker: Any  # worker.loop.DrainWorker (rq's bookkeeping for each batch)
     ctx: WorkerContext
-    queue: Queue
+    queues: list[Queue]  # highest priority first
+    taker: PriorityTake
     deadline: float | None  # time.monotonic()
     burst: bool
     scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
@@ -109,7 +118,7 @@ class Drain:
 
     @property
     def redis(self):  # noqa: ANN201 (redis-py's client)
-        return self.queue.connection
+        return self.queues[0].connection
 
     @property
     def keep_seconds(self) -> int:
@@ -133,20 +142,21 @@ class Drain:
             return list(self.held.values())
 
     def take(self) -> Held | None:
-        """Move the next batch to this worker and register it as started, in one round trip."""
+        """Move the next batch of the highest queue holding one to this worker (one round trip, its job
+        hash with it) and register it as started (another)."""
+        # A long-running worker waits a second at most, looking at the stop flag between looks.
+        until = None if self.burst else time.monotonic() + TAKE_WAIT_SECONDS
         while True:
-            try:
-                # A long-running worker blocks for a second at most, so a stop request is seen soon.
-                popped = Queue.lmove(self.redis, self.queue.key, None if self.burst else 1)
-            except DequeueTimeout:
-                return None
-            if popped is None:
-                return None
-            job_id = popped[1].decode() if isinstance(popped[1], bytes) else popped[1]
-            job = load_job(self.queue, job_id, keep_seconds=self.keep_seconds)
+            taken = self.taker()
+            if taken is None:
+                if until is None or time.monotonic() >= until or self.stopping.wait(TAKE_POLL_SECONDS):
+                    return None
+                continue
+            queue = taken.queue
+            job = load_job(queue, taken.job_id, keep_seconds=self.keep_seconds, raw=taken.raw)
             if job is not None:
                 break
-            self.redis.lrem(self.queue.intermediate_queue_key, 1, job_id)  # gone, or poison (evicted)
+            self.redis.lrem(queue.intermediate_queue_key, 1, taken.job_id)  # gone, or poison (evicted)
         worker = self.worker
         ttl = worker.get_heartbeat_ttl(job)
         with self.redis.pipeline() as pipe:
@@ -154,20 +164,22 @@ class Drain:
             job.heartbeat(now(), ttl, pipeline=pipe)
             job.prepare_for_execution(worker.name, pipeline=pipe)
             pipe.persist(job.key)
-            pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             worker.heartbeat(pipeline=pipe)
             pipe.execute()
         worker.executions[execution.id] = execution
-        held = Held(job, execution)
+        held = Held(job, execution, queue)
         with self.lock:
             self.held[job.id] = held
         return held
 
     def nothing_left(self) -> bool:
-        """A burst drain is over: queue empty, no batch in flight, no retry due within the budget."""
+        """A burst drain is over: queues empty, no batch in flight, no retry due within the budget."""
         if self.snapshot():
             return False  # a batch in flight may still fail into a retry
-        due = next_retry_at(self.queue)
+        if any(q.count for q in self.queues):
+            return False
+        due = next_retry_at(self.queues)
         if due is None or self.deadline is None:
             return True
         return due - time.time() >= self.deadline - time.monotonic()
@@ -202,21 +214,21 @@ class Drain:
     def fail(self, held: Held, exc_info: ExcInfo) -> None:
         """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry)."""
         held.job.ended_at = now()
-        self.worker._finalize_failure(held.job, self.queue, held.execution, exc_info)
+        self.worker._finalize_failure(held.job, held.queue, held.execution, exc_info)
         with self.lock:
             self.held.pop(held.batch_id, None)
             self.tally.batches += 1
             self.tally.failed += 1
 
     def put_back(self, held: list[Held]) -> None:
-        """Batches fetched but not started go back to the front of the queue, in their order."""
+        """Batches fetched but not started go back to the front of their queues, in their order."""
         if not held:
             return
         with self.redis.pipeline() as pipe:
             for h in reversed(held):
                 h.execution.delete(job=h.job, pipeline=pipe)
                 h.job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                self.queue.push_job_id(h.job.id, pipeline=pipe, at_front=True)
+                h.queue.push_job_id(h.job.id, pipeline=pipe, at_front=True)
             pipe.execute()
         for h in held:
             self.worker.executions.pop(h.execution.id, None)
@@ -224,8 +236,9 @@ class Drain:
                 self.ctx.records.mark_retrying(h.prepared.batch.job_id, h.batch_id)
             with self.lock:
                 self.held.pop(h.batch_id, None)
-        logger.info("worker %s: put back at the front of queue %s: %s", self.worker.name, self.queue.name,
-                    ", ".join(h.batch_id for h in held))
+        for queue in {h.queue.name: h.queue for h in held}.values():
+            logger.info("worker %s: put back at the front of queue %s: %s", self.worker.name, queue.name,
+                        ", ".join(h.batch_id for h in held if h.queue is queue))
 
 
 def _get(inbox: lanes.Queue, drain: Drain) -> object:
@@ -301,8 +314,8 @@ class FetchLane(Lane):
             held = d.take()
             if held is None:
                 self.slots.release()
-                enqueue_due_retries(d.scheduler, d.queue, keep_seconds=d.keep_seconds)
-                if d.burst and d.queue.count == 0 and d.nothing_left():
+                enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
+                if d.burst and d.nothing_left():
                     break
                 d.stopping.wait(IDLE_SECONDS if d.burst else 0)
                 continue
@@ -375,8 +388,9 @@ class Housekeeper(threading.Thread):
                 self.beat()
                 if time.monotonic() >= next_maintenance:
                     next_maintenance = time.monotonic() + s.maintenance_interval
-                    maintain(d.queue, d.worker, keep_seconds=d.keep_seconds)
-                    enqueue_due_retries(d.scheduler, d.queue, keep_seconds=d.keep_seconds)
+                    for queue in d.queues:
+                        maintain(queue, d.worker, keep_seconds=d.keep_seconds)
+                    enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
             except RedisError as exc:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker %s: heartbeat or maintenance failed: %s", d.worker.name, exc)
             except Exception:
@@ -405,16 +419,17 @@ def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
 
 def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = None,
               burst: bool = True) -> DrainTally:
-    """Drain the queue through the three lanes until it is empty (`burst`), the budget is spent, or a signal.
+    """Drain the queues through the three lanes until they are empty (`burst`), the budget is spent, or a signal.
 
     Raises the first error of a lane (a `RedisError` from rq's bookkeeping, say), naming its batch.
     """
     settings = ctx.settings
-    queue = Queue(settings.queue_name, connection=worker.connection, serializer=worker.serializer,
-                  job_class=worker.job_class)
-    d = Drain(worker=worker, ctx=ctx, queue=queue, burst=burst,
+    queues = [Queue(name, connection=worker.connection, serializer=worker.serializer, job_class=worker.job_class)
+              for name in settings.queue_names()]
+    d = Drain(worker=worker, ctx=ctx, queues=queues, burst=burst,
+              taker=PriorityTake(worker.connection, queues, settings.backfill_share),
               deadline=None if time_budget_s is None else time.monotonic() + time_budget_s,
-              scheduler=scheduler_for(queue, f"{worker.name}:scheduler"))
+              scheduler=scheduler_for(queues, f"{worker.name}:scheduler"))
     slots = threading.Semaphore(settings.prefetch_batches)
     fetched: lanes.Queue = lanes.Queue(maxsize=settings.prefetch_batches + 1)  # + the sentinel
     computed: lanes.Queue = lanes.Queue(maxsize=1)

@@ -105,7 +105,7 @@ def tree_rss_mb(pid: int) -> float:
 def sample(process: subprocess.Popen, settings: Settings, episodes: int, began: float, out: Samples) -> None:
     redis = redis_client(settings)
     records = JobRecords(redis, mongo_database(settings), settings.result_ttl)
-    queue = batch_queue(settings, redis)
+    queue = batch_queue(settings, redis, "backfill")
     while process.poll() is None:
         if out.first_batch_seconds is None and queue.count:
             out.first_batch_seconds = time.perf_counter() - began
