@@ -111,6 +111,9 @@ class Drain:
     scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
     stopping: threading.Event = field(default_factory=threading.Event)  # warm stop: take nothing new
     halted: threading.Event = field(default_factory=threading.Event)  # a lane failed: everything stops
+    # A held batch ended, or the drain stops: a burst drain's idle fetch lane looks again at once, so
+    # the drain ends right after its last batch is stored rather than at its next poll.
+    settled: threading.Event = field(default_factory=threading.Event)
     error: tuple[str, BaseException] | None = None
     tally: DrainTally = field(default_factory=DrainTally)
     held: dict[str, Held] = field(default_factory=dict)
@@ -128,6 +131,7 @@ class Drain:
         if not self.stopping.is_set():
             logger.info("worker %s: stopping (%s): batches fetched ahead go back to the queue", self.worker.name, why)
             self.stopping.set()
+            self.settled.set()
 
     def halt(self, batch_id: str, exc: BaseException) -> None:
         """A lane failed: record the first error, stop every lane."""
@@ -136,6 +140,7 @@ class Drain:
                 self.error = (batch_id, exc)
         self.stopping.set()
         self.halted.set()
+        self.settled.set()
 
     def snapshot(self) -> list[Held]:
         with self.lock:
@@ -210,6 +215,7 @@ class Drain:
             t.embedded += result.embedded
             t.skipped += result.skipped
             t.busy_seconds += result.gpu_seconds
+        self.settled.set()
 
     def fail(self, held: Held, exc_info: ExcInfo) -> None:
         """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry)."""
@@ -219,6 +225,7 @@ class Drain:
             self.held.pop(held.batch_id, None)
             self.tally.batches += 1
             self.tally.failed += 1
+        self.settled.set()
 
     def put_back(self, held: list[Held]) -> None:
         """Batches fetched but not started go back to the front of their queues, in their order."""
@@ -311,13 +318,14 @@ class FetchLane(Lane):
             if d.deadline is not None and time.monotonic() >= d.deadline:
                 d.stop("time budget spent")
                 break
+            d.settled.clear()
             held = d.take()
             if held is None:
                 self.slots.release()
                 enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
                 if d.burst and d.nothing_left():
                     break
-                d.stopping.wait(IDLE_SECONDS if d.burst else 0)
+                d.settled.wait(IDLE_SECONDS if d.burst else 0)
                 continue
             prepared = self.attempt(held, lambda h=held: prepare(d.ctx, h))
             if prepared is None:
