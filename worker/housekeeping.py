@@ -138,10 +138,13 @@ def scheduler_for(queues: Sequence[Queue], name: str) -> RQScheduler:
     return RQScheduler(list(queues), connection=first.connection, serializer=first.serializer, name=name)
 
 
-def next_retry_at(queues: Sequence[Queue]) -> float | None:
-    """Unix time of the earliest scheduled retry of these queues, None if there is none."""
+def waiting(queues: Sequence[Queue]) -> tuple[int, float | None]:
+    """Batches queued on these queues, and the Unix time of their earliest scheduled retry (None if
+    none), in one round trip."""
     with queues[0].connection.pipeline() as pipe:
         for queue in queues:
+            pipe.llen(queue.key)
             pipe.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
-        firsts = [float(first[0][1]) for first in pipe.execute() if first]
-    return min(firsts, default=None)
+        answers = pipe.execute()
+    firsts = [float(first[0][1]) for first in answers[1::2] if first]
+    return sum(answers[0::2]), min(firsts, default=None)

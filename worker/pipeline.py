@@ -48,7 +48,7 @@ from rq.scheduler import RQScheduler
 from rq.utils import now
 
 from config.errors import DrainError
-from worker.housekeeping import enqueue_due_retries, load_job, maintain, next_retry_at, scheduler_for
+from worker.housekeeping import enqueue_due_retries, load_job, maintain, scheduler_for, waiting
 from worker.priority import PriorityTake
 from worker.tasks import (
     BatchResult,
@@ -182,9 +182,9 @@ class Drain:
         """A burst drain is over: queues empty, no batch in flight, no retry due within the budget."""
         if self.snapshot():
             return False  # a batch in flight may still fail into a retry
-        if any(q.count for q in self.queues):
+        queued, due = waiting(self.queues)
+        if queued:
             return False
-        due = next_retry_at(self.queues)
         if due is None or self.deadline is None:
             return True
         return due - time.time() >= self.deadline - time.monotonic()
