@@ -225,7 +225,10 @@ _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\n]*)@",
 _USER = re.compile(r"[^:/?#@\s]*")
 # Secrets as query parameters (redis-py reads `?password=`). A raw space does not end the value
 # for redis-py, so it runs to the next '&', '#' or the end of the line.
-_SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:password|pass|token|secret)=)(?P<value>[^&#\n]*)", re.IGNORECASE)
+# A value runs to the end of the line (a raw space may be part of it), unless it is `***` already: a
+# message built around a redacted URL keeps the rest of its line when it is redacted again.
+_SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:password|pass|token|secret)=)(?!\*\*\*(?:[&#\s]|$))(?P<value>[^&#\n]*)",
+                           re.IGNORECASE)
 # Library messages quote pieces of a URL they could not parse ("cast to integer value as 'S3cret'").
 _PIECE_SEPARATORS = re.compile(r"[/?#@:&;\s]+")
 _MIN_PIECE = 3

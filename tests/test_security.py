@@ -97,8 +97,9 @@ def _dead_port() -> int:
 
 def test_secrets_never_appear_in_output(settings: Settings, redis: Redis, db: Database) -> None:
     port = settings.redis_url.rsplit(":", 1)[1]
-    # This Redis has no password: it takes AUTH with one and carries on, so these commands succeed.
-    env = worker_env(f"redis://:{REDIS_SECRET}@127.0.0.1:{port}", settings.mongo_uri, settings.mongo_db,
+    # This Redis has no password: over RESP3 it takes HELLO with one and carries on, so these commands succeed
+    # (over RESP2, podembed's default, it refuses AUTH).
+    env = worker_env(f"redis://:{REDIS_SECRET}@127.0.0.1:{port}/0?protocol=3", settings.mongo_uri, settings.mongo_db,
                      api_token=API_SECRET)
     ran = {}
     ingested = run_cli(env, "ingest", str(EXAMPLES / "E05.vtt"), "--json")
