@@ -26,6 +26,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
+from producer.connections import run_script
 from producer.models import BATCH_ID
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ redis.call('HSET', KEYS[1], 'device', ARGV[6])
 # 1 if an earlier run counted it already, 0 if not.
 _CLAIM_BATCH = """
 local total = redis.call('HGET', KEYS[1], 'batches_total')
-if not total or tonumber(ARGV[2]) >= tonumber(total) then return -1 end
+if not total or tonumber(ARGV[2]) < 0 or tonumber(ARGV[2]) >= tonumber(total) then return -1 end
 redis.call('SADD', KEYS[3], ARGV[1])
 return redis.call('SISMEMBER', KEYS[2], ARGV[1])
 """
@@ -185,10 +186,6 @@ class JobRecords:
         self.redis = redis
         self.db = db
         self.ttl = ttl_seconds
-        self._fail = redis.register_script(_FAIL_BATCH)
-        self._enqueue_done = redis.register_script(_ENQUEUE_DONE)
-        self._progress = redis.register_script(_STORED_SO_FAR)
-        self._claim = redis.register_script(_CLAIM_BATCH)
 
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
@@ -254,7 +251,7 @@ class JobRecords:
     def finish_enqueue(self, job_id: str) -> JobStatus:
         """Mark the job wholly enqueued (it may be finished already) and keep its status in MongoDB."""
         try:
-            self._enqueue_done(keys=self._keys(job_id), args=[now_iso(), self.ttl])
+            run_script(self.redis, _ENQUEUE_DONE, self._keys(job_id), [now_iso(), self.ttl])
             self.redis.delete(self._producer_key(job_id))
         except RedisError as exc:
             raise QueueError(f"cannot mark job {job_id} enqueued in Redis: {exc}") from exc
@@ -294,15 +291,22 @@ class JobRecords:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         return total is not None and index < int(total)
 
-    def claim(self, job_id: str, batch_id: str) -> bool:
-        """Mark a batch running, in one round trip; whether an earlier run counted it already.
+    def claim(self, pipe: Pipeline, job_id: str, batch_id: str) -> None:
+        """Add to `pipe` the claim of a batch: marked running if its job has it; `claimed` reads the answer.
+
+        The worker sends it in the transaction that registers the batch as started in rq.
+        """
+        index = _batch_index(job_id, batch_id)
+        run_script(pipe, _CLAIM_BATCH, self._keys(job_id)[:3], [batch_id, -1 if index is None else index])
+
+    @staticmethod
+    def claimed(job_id: str, batch_id: str, answer: object) -> bool:
+        """Whether an earlier run counted the claimed batch already.
 
         A batch the job does not have is a PayloadError: its payload was not written by podembed,
         or names a job that is over and forgotten.
         """
-        index = _batch_index(job_id, batch_id)
-        answer = -1 if index is None else self._claim(keys=self._keys(job_id)[:3], args=[batch_id, index])
-        if answer == -1:
+        if answer not in (0, 1):
             raise PayloadError(f"batch {batch_id}: job {job_id} has no such batch")
         return bool(answer)
 
@@ -321,14 +325,9 @@ class JobRecords:
         self, pipe: Pipeline, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float,
         cost_usd: float, device: str,
     ) -> None:
-        """Add a batch's counts once, in `pipe`, whose result for it is ALREADY_COUNTED, COUNTED or JOB_ENDED.
-
-        The script goes as EVAL, not EVALSHA: redis-py checks a pipeline's cached scripts with a
-        round trip of its own before every execute.
-        """
-        keys = self._keys(job_id)
+        """Add a batch's counts once, in `pipe`, whose result for it is ALREADY_COUNTED, COUNTED or JOB_ENDED."""
         args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
-        pipe.eval(_FINISH_BATCH, len(keys), *keys, *args)
+        run_script(pipe, _FINISH_BATCH, self._keys(job_id), args)
 
     def counted(self, job_id: str, batch_id: str) -> bool:
         """Whether the batch's counts were added already (by this run or an earlier one)."""
@@ -336,7 +335,7 @@ class JobRecords:
 
     def mark_stored(self, job_id: str, batch_id: str, n_chunks: int) -> None:
         """Count `n_chunks` of a running batch as embedded (after each forward pass), until the batch is counted."""
-        self._progress(keys=self._keys(job_id), args=[batch_id, n_chunks, self.ttl])
+        run_script(self.redis, _STORED_SO_FAR, self._keys(job_id), [batch_id, n_chunks, self.ttl])
 
     def mark_retrying(self, job_id: str, batch_id: str) -> None:
         self.redis.srem(self._keys(job_id)[2], batch_id)
@@ -344,7 +343,7 @@ class JobRecords:
     def mark_failed(self, job_id: str, batch_id: str, n_chunks: int, reason: str) -> None:
         """Count a batch failed for good, with its reason (a batch already counted done stays done)."""
         keys = self._keys(job_id)
-        self._fail(keys=keys, args=[batch_id, n_chunks, reason[:500], now_iso(), self.ttl])
+        run_script(self.redis, _FAIL_BATCH, keys, [batch_id, n_chunks, reason[:500], now_iso(), self.ttl])
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, from Redis while it is there, else from MongoDB."""

@@ -29,7 +29,7 @@ from tests.conftest import DATA, EXAMPLES, ROOT, run_cli
 from tests.soak.harness import start_worker, wait_until, worker_env
 from worker.loop import make_worker, run_worker
 from worker.pipeline import Drain
-from worker.priority import PriorityTake, credit_key
+from worker.priority import Idle, PriorityTake, credit_key
 
 # Small chunks in small batches: a backfill of many quick batches.
 SMALL = {"chunk_tokens": 64, "chunk_overlap_tokens": 16}
@@ -83,7 +83,7 @@ def test_takes_follow_priority_and_the_share_in_one_script(settings: Settings, r
     strict = PriorityTake(redis, queues, None)
     order = [strict() for _ in range(17)]
     assert [t.job_id for t in order[:16]] == ["i0", "i1", *(f"n{k}" for k in range(8)), *(f"b{k}" for k in range(6))]
-    assert order[16] is None
+    assert order[16] == Idle(due=None)
     assert [t.queue.name for t in order[:3:2]] == [settings.queue_name, settings.queue_names()[1]]
     # Each id sits in its own queue's intermediate list, as rq's own dequeue leaves it; no hash: gone.
     assert redis.llen(queues[2].intermediate_queue_key) == 6 and order[0].raw == {}
@@ -101,6 +101,11 @@ def test_takes_follow_priority_and_the_share_in_one_script(settings: Settings, r
     # backfill's takes alone earned nothing.
     assert int(redis.get(credit_key(queues[2].name))) == 400_000
 
+    # Every queue empty: the answer says when the earliest scheduled retry of any of them falls due.
+    redis.zadd(queues[2].scheduled_job_registry.key, {"b9": 1_900_000_000})
+    redis.zadd(queues[1].scheduled_job_registry.key, {"n9": 1_800_000_000.5, "n8": 1_850_000_000})
+    assert shared() == Idle(due=1_800_000_000.5)
+
 
 def test_put_back_returns_each_batch_to_the_front_of_its_own_queue(
     settings: Settings, redis: Redis, db: Database
@@ -113,6 +118,7 @@ def test_put_back_returns_each_batch_to_the_front_of_its_own_queue(
     worker, ctx = make_worker(settings, redis)
     drain = Drain(worker=worker, ctx=ctx, queues=queues, taker=PriorityTake(redis, queues, None), deadline=None,
                   burst=True, scheduler=None)  # type: ignore[arg-type] (no retries moved here)
+    drain.born.set()
     held = [drain.take() for _ in range(4)]
     assert [h.batch_id for h in held] == [*ingest_order, *backfill_order[:2]]
     assert [h.job.get_status() for h in held] == ["started"] * 4

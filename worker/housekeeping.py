@@ -20,7 +20,10 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import BaseRegistry, clean_registries
 from rq.scheduler import RQScheduler
+from rq.scripts import RELEASE_LOCK_SCRIPT
 from rq.worker_registration import clean_worker_registry
+
+from producer.connections import run_script
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +141,10 @@ def scheduler_for(queues: Sequence[Queue], name: str) -> RQScheduler:
     return RQScheduler(list(queues), connection=first.connection, serializer=first.serializer, name=name)
 
 
-def waiting(queues: Sequence[Queue]) -> tuple[int, float | None]:
-    """Batches queued on these queues, and the Unix time of their earliest scheduled retry (None if
-    none), in one round trip."""
-    with queues[0].connection.pipeline() as pipe:
-        for queue in queues:
-            pipe.llen(queue.key)
-            pipe.zrange(queue.scheduled_job_registry.key, 0, 0, withscores=True)
-        answers = pipe.execute()
-    firsts = [float(first[0][1]) for first in answers[1::2] if first]
-    return sum(answers[0::2]), min(firsts, default=None)
+def release_locks(scheduler: RQScheduler) -> None:
+    """rq's `release_locks` in one round trip (rq runs one script a lock, each an EVALSHA that Redis
+    may answer NOSCRIPT first)."""
+    with scheduler.connection.pipeline() as pipe:
+        for name in scheduler.acquired_locks:
+            run_script(pipe, RELEASE_LOCK_SCRIPT, [scheduler.get_locking_key(name)], [scheduler.name])
+        pipe.execute()

@@ -48,8 +48,10 @@ from rq.scheduler import RQScheduler
 from rq.utils import now
 
 from config.errors import DrainError
-from worker.housekeeping import enqueue_due_retries, load_job, maintain, scheduler_for, waiting
-from worker.priority import PriorityTake
+from config.settings import Settings
+from producer.models import BatchTicket
+from worker.housekeeping import enqueue_due_retries, load_job, maintain, release_locks, scheduler_for
+from worker.priority import Idle, PriorityTake
 from worker.tasks import (
     BatchResult,
     ComputedBatch,
@@ -87,6 +89,8 @@ class Held:
     job: Job
     execution: Execution
     queue: Queue  # the queue it came from, where rq's finish, failure and retry put it
+    ticket: BatchTicket | None  # None: its payload does not parse (the prepare stage fails it, saying why)
+    claimed: object  # the answer to its claim, sent with its registration
     prepared: PreparedBatch | None = None
     computed: ComputedBatch | None = None
 
@@ -110,6 +114,8 @@ class Drain:
     burst: bool
     scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
     stopping: threading.Event = field(default_factory=threading.Event)  # warm stop: take nothing new
+    # The worker is registered with rq: a take waits for it before it registers a batch as started.
+    born: threading.Event = field(default_factory=threading.Event)
     halted: threading.Event = field(default_factory=threading.Event)  # a lane failed: everything stops
     # A held batch ended, or the drain stops: a burst drain's idle fetch lane looks again at once, so
     # the drain ends right after its last batch is stored rather than at its next poll.
@@ -146,24 +152,35 @@ class Drain:
         with self.lock:
             return list(self.held.values())
 
-    def take(self) -> Held | None:
+    def take(self) -> Held | Idle:
         """Move the next batch of the highest queue holding one to this worker (one round trip, its job
-        hash with it) and register it as started (another)."""
+        hash with it), register it as started and claim it for its job (another)."""
         # A long-running worker waits a second at most, looking at the stop flag between looks.
         until = None if self.burst else time.monotonic() + TAKE_WAIT_SECONDS
         while True:
             taken = self.taker()
-            if taken is None:
+            if isinstance(taken, Idle):
                 if until is None or time.monotonic() >= until or self.stopping.wait(TAKE_POLL_SECONDS):
-                    return None
+                    return taken
                 continue
             queue = taken.queue
             job = load_job(queue, taken.job_id, keep_seconds=self.keep_seconds, raw=taken.raw)
             if job is not None:
                 break
             self.redis.lrem(queue.intermediate_queue_key, 1, taken.job_id)  # gone, or poison (evicted)
+        while not self.born.wait(POLL_SECONDS):
+            if self.halted.is_set():  # the worker's registration failed: the batch goes back
+                with self.redis.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+                    pipe.execute()
+                return Idle(None)
         worker = self.worker
         ttl = worker.get_heartbeat_ttl(job)
+        try:
+            ticket: BatchTicket | None = read_ticket(job)
+        except Exception:  # whatever a foreign payload raises: the prepare stage raises it again
+            ticket = None
         with self.redis.pipeline() as pipe:
             execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
             job.heartbeat(now(), ttl, pipeline=pipe)
@@ -171,20 +188,17 @@ class Drain:
             pipe.persist(job.key)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             worker.heartbeat(pipeline=pipe)
-            pipe.execute()
+            if ticket is not None:
+                self.ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
+            answers = pipe.execute()
         worker.executions[execution.id] = execution
-        held = Held(job, execution, queue)
+        held = Held(job, execution, queue, ticket, None if ticket is None else answers[-1])
         with self.lock:
             self.held[job.id] = held
         return held
 
-    def nothing_left(self) -> bool:
-        """A burst drain is over: queues empty, no batch in flight, no retry due within the budget."""
-        if self.snapshot():
-            return False  # a batch in flight may still fail into a retry
-        queued, due = waiting(self.queues)
-        if queued:
-            return False
+    def beyond_budget(self, due: float | None) -> bool:
+        """Whether a retry due then (Unix time; None: no retry) falls after the drain's budget."""
         if due is None or self.deadline is None:
             return True
         return due - time.time() >= self.deadline - time.monotonic()
@@ -303,55 +317,110 @@ class Lane(threading.Thread):
         return result
 
 
-class FetchLane(Lane):
-    """Takes batches off the queue while a prefetch slot is free; loads and looks them up."""
+class Ahead:
+    """The work fetched ahead of the model, counted in full batches.
 
-    def __init__(self, drain: Drain, outbox: lanes.Queue, slots: threading.Semaphore) -> None:
+    A batch weighs its share of a full batch: the texts it gives the model over `batch_max_chunks`,
+    or their tokens over `batch_max_tokens`, whichever is more; a batch being fetched weighs one
+    until it is known. The fetch lane takes another batch while less than `prefetch_batches` full
+    batches wait, and never holds more than `prefetch_batches + 1`: a job's last batch of a few
+    chunks does not leave the model waiting a whole fetch after it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.depth = settings.prefetch_batches
+        self.max_chunks, self.max_tokens = settings.batch_max_chunks, settings.batch_max_tokens
+        self.weights: dict[str, float] = {}  # batch id -> weight, fetched and not yet on the model
+        self.fetching = 0
+        self.changed = threading.Condition()
+
+    def _room(self) -> bool:
+        return (len(self.weights) + self.fetching <= self.depth
+                and sum(self.weights.values()) + self.fetching < self.depth)
+
+    def reserve(self, timeout: float) -> bool:
+        """Wait up to `timeout` for room, and count a batch being fetched."""
+        with self.changed:
+            if not self.changed.wait_for(self._room, timeout):
+                return False
+            self.fetching += 1
+            return True
+
+    def fetched(self, held: Held) -> None:
+        """The batch being fetched is loaded and looked up (`held.prepared`): it weighs what it holds."""
+        assert held.prepared is not None
+        groups = held.prepared.groups
+        weight = max(len(groups) / self.max_chunks, sum(chunks[0].n_tokens for _, chunks in groups) / self.max_tokens)
+        with self.changed:
+            self.fetching -= 1
+            self.weights[held.batch_id] = weight
+            self.changed.notify_all()
+
+    def dropped(self) -> None:
+        """Nothing came of the fetch (an empty queue, a batch that failed)."""
+        with self.changed:
+            self.fetching -= 1
+            self.changed.notify_all()
+
+    def started(self, held: Held) -> None:
+        """The batch left the fetched ones (to the model, or back to the queue)."""
+        with self.changed:
+            self.weights.pop(held.batch_id, None)
+            self.changed.notify_all()
+
+
+class FetchLane(Lane):
+    """Takes batches off the queue while there is room ahead of the model; loads and looks them up."""
+
+    def __init__(self, drain: Drain, outbox: lanes.Queue, ahead: Ahead) -> None:
         super().__init__("fetch", drain, outbox)
-        self.slots = slots
+        self.ahead = ahead
 
     def work(self) -> None:
         d = self.drain
         while not d.stopping.is_set():
-            if not self.slots.acquire(timeout=POLL_SECONDS):
+            if not self.ahead.reserve(POLL_SECONDS):
                 continue
             if d.deadline is not None and time.monotonic() >= d.deadline:
                 d.stop("time budget spent")
                 break
             d.settled.clear()
+            idle = not d.snapshot()  # read before the take: a batch in flight may still fail into a retry
             held = d.take()
-            if held is None:
-                self.slots.release()
-                enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
-                if d.burst and d.nothing_left():
-                    break
+            if isinstance(held, Idle):
+                self.ahead.dropped()
+                if held.due is not None and held.due <= time.time():
+                    enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
+                    continue
+                if d.burst and idle and d.beyond_budget(held.due):
+                    break  # queues empty, nothing in flight, no retry due within the budget
                 d.settled.wait(IDLE_SECONDS if d.burst else 0)
                 continue
             prepared = self.attempt(held, lambda h=held: prepare(d.ctx, h))
             if prepared is None:
-                self.slots.release()
+                self.ahead.dropped()
                 continue
             held.prepared = prepared  # type: ignore[assignment]
+            self.ahead.fetched(held)
             if d.stopping.is_set():
                 d.put_back([held])
                 break
             _put(self.outbox, held, d)
 
 
-
 class EmbedLane(Lane):
-    """Runs the model on one batch at a time; frees a prefetch slot as it takes a batch."""
+    """Runs the model on one batch at a time; makes room ahead of it as it takes a batch."""
 
-    def __init__(self, drain: Drain, inbox: lanes.Queue, outbox: lanes.Queue, slots: threading.Semaphore) -> None:
+    def __init__(self, drain: Drain, inbox: lanes.Queue, outbox: lanes.Queue, ahead: Ahead) -> None:
         super().__init__("embed", drain, outbox)
         self.inbox = inbox
-        self.slots = slots
+        self.ahead = ahead
 
     def work(self) -> None:
         d = self.drain
         while (held := _get(self.inbox, d)) is not DONE:
             assert isinstance(held, Held)
-            self.slots.release()
+            self.ahead.started(held)
             if d.stopping.is_set():
                 d.put_back([held])
                 continue
@@ -419,10 +488,16 @@ class Housekeeper(threading.Thread):
             pipe.execute()
 
 
+def read_ticket(job: Job) -> BatchTicket:
+    """The batch a job carries; `BatchJob` refuses a job naming anything but podembed's task."""
+    job.func  # noqa: B018
+    return BatchTicket.from_payload(job.args[0])
+
+
 def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
-    """The prepare stage of a held batch; `BatchJob` refuses a job naming anything but podembed's task."""
-    held.job.func  # noqa: B018
-    return prepare_batch(ctx, held.job.args[0])
+    """The prepare stage of a held batch; a payload the take could not read fails here, with why."""
+    ticket = held.ticket if held.ticket is not None else read_ticket(held.job)
+    return prepare_batch(ctx, ticket, held.claimed)
 
 
 def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = None,
@@ -438,10 +513,10 @@ def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = 
               taker=PriorityTake(worker.connection, queues, settings.backfill_share),
               deadline=None if time_budget_s is None else time.monotonic() + time_budget_s,
               scheduler=scheduler_for(queues, f"{worker.name}:scheduler"))
-    slots = threading.Semaphore(settings.prefetch_batches)
-    fetched: lanes.Queue = lanes.Queue(maxsize=settings.prefetch_batches + 1)  # + the sentinel
+    ahead = Ahead(settings)
+    fetched: lanes.Queue = lanes.Queue(maxsize=settings.prefetch_batches + 2)  # + the sentinel
     computed: lanes.Queue = lanes.Queue(maxsize=1)
-    fetch, embed, store = FetchLane(d, fetched, slots), EmbedLane(d, fetched, computed, slots), StoreLane(d, computed)
+    fetch, embed, store = FetchLane(d, fetched, ahead), EmbedLane(d, fetched, computed, ahead), StoreLane(d, computed)
     housekeeper = Housekeeper(d)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -450,11 +525,16 @@ def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    worker.register_birth()
     try:
-        housekeeper.start()
         for lane in (store, embed, fetch):
             lane.start()
+        try:  # while the first batch is taken
+            worker.register_birth()
+        except Exception as exc:
+            d.halt("(worker registration)", exc)
+            raise
+        d.born.set()
+        housekeeper.start()  # after the birth: rq refuses to register a worker whose key exists
         while store.is_alive():
             store.join(POLL_SECONDS)
             if d.deadline is not None and time.monotonic() >= d.deadline:
@@ -464,17 +544,19 @@ def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = 
     finally:
         d.stopping.set()
         housekeeper.done.set()
-        housekeeper.join()
+        if housekeeper.is_alive():
+            housekeeper.join()
         for lane in (fetch, embed):
             lane.join()
         for sig, handler in handlers.items():
             if handler is not None:  # None: not set from Python, nothing to put back
                 signal.signal(sig, handler)
         try:
-            d.scheduler.release_locks()
+            release_locks(d.scheduler)
             worker.register_death()
         except RedisError as exc:
             logger.warning("worker %s: could not release its locks and registration: %s", worker.name, exc)
+        ctx.settle()  # the last status copies, made meanwhile
     if d.error is not None:
         batch_id, exc = d.error
         raise DrainError(f"worker {worker.name}: stopped at batch {batch_id}: {type(exc).__name__}: {exc}") from exc

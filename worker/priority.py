@@ -9,6 +9,8 @@ contention is a backfill batch, and none is while the backfill waits alone or no
 
 The script moves the batch's id into its queue's intermediate list, as rq's own dequeue
 (`LMOVE`) does, and returns the job's hash with it, so loading the job costs no round trip.
+When every queue is empty it answers when the earliest scheduled retry falls due, so a drain
+knows whether to wait for more without another round trip.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 
+from producer.connections import run_script
+
 # Integer credit (shares in millionths): a float counter would drift from exact fifths.
 SHARE_SCALE = 1_000_000
 
-# KEYS: the queues highest first, then their intermediate lists in the same order, then the credit.
-# ARGV: the share in millionths (0: strict priority), SHARE_SCALE, the prefix of job hash keys. The job hash is not
-# among KEYS (its id is known only here): fine on a single Redis, which is all rq supports.
-# Returns false, or {index of the queue, job id, the job's hash as a flat list}.
+# KEYS: the queues highest first, then their intermediate lists, then their scheduled registries (the
+# same order), then the credit. ARGV: the share in millionths (0: strict priority), SHARE_SCALE, the prefix
+# of job hash keys. The job hash is not among KEYS (its id is known only here): fine on a single Redis,
+# which is all rq supports. Returns {index of the queue, job id, the job's hash as a flat list}, or, when
+# every queue is empty, {-1, the earliest scheduled retry's score (false: none)}.
 _TAKE = """
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 local pick = 0
 for i = 1, n do
   if redis.call('LLEN', KEYS[i]) > 0 then pick = i; break end
 end
-if pick == 0 then return false end
+if pick == 0 then
+  local due = false
+  for i = 2 * n + 1, 3 * n do
+    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')[2]
+    if first and (not due or tonumber(first) < tonumber(due)) then due = first end
+  end
+  return {-1, due}
+end
 local share = tonumber(ARGV[1])
 if share > 0 and pick < n and redis.call('LLEN', KEYS[n]) > 0 then
   if redis.call('INCRBY', KEYS[#KEYS], share) >= tonumber(ARGV[2]) then
@@ -44,6 +56,13 @@ end
 local job_id = redis.call('LMOVE', KEYS[pick], KEYS[n + pick], 'LEFT', 'RIGHT')
 return {pick - 1, job_id, redis.call('HGETALL', ARGV[3] .. job_id)}
 """
+
+
+@dataclass
+class Idle:
+    """Every queue was empty; `due`: the Unix time the earliest scheduled retry falls due (None: no retry)."""
+
+    due: float | None
 
 
 @dataclass
@@ -63,14 +82,14 @@ class PriorityTake:
         self.share = 0 if share is None else round(share * SHARE_SCALE)
         backfill = self.queues[-1]
         self.keys = [q.key for q in self.queues] + [q.intermediate_queue_key for q in self.queues] \
-            + [credit_key(backfill.name)]
-        self.script = redis.register_script(_TAKE)
+            + [q.scheduled_job_registry.key for q in self.queues] + [credit_key(backfill.name)]
+        self.redis = redis
 
-    def __call__(self) -> Taken | None:
-        """One round trip; None when every queue is empty."""
-        answer = self.script(keys=self.keys, args=[self.share, SHARE_SCALE, Job.redis_job_namespace_prefix])
-        if not answer:
-            return None
+    def __call__(self) -> Taken | Idle:
+        """One round trip."""
+        answer = run_script(self.redis, _TAKE, self.keys, [self.share, SHARE_SCALE, Job.redis_job_namespace_prefix])
+        if answer[0] == -1:
+            return Idle(None if answer[1] is None else float(answer[1]))
         index, job_id, flat = answer
         job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
         return Taken(self.queues[index], job_id, dict(zip(flat[::2], flat[1::2], strict=True)))

@@ -46,7 +46,8 @@ class WorkerContext:
     store: VectorStore
     chunks: ChunkStore
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    # Reports progress within a batch (chunks embedded per forward pass) off the compute lane.
+    # Reports progress within a batch (chunks embedded per forward pass) off the compute lane, and copies
+    # a job's status to MongoDB off the store lane.
     reporter: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="progress"))
     # When each running job's status was last saved to MongoDB (time.monotonic()).
     status_saved: dict[str, float] = field(default_factory=dict)
@@ -84,6 +85,11 @@ class WorkerContext:
             # The batch is counted and finished already: failing it now would run it again.
             logger.warning("job %s: status not copied to MongoDB (the next batch or `podembed status` may): %s",
                            job_id, exc)
+
+
+    def settle(self) -> None:
+        """Wait until the reports and status copies handed to the reporter thread are done."""
+        self.reporter.submit(lambda: None).result()
 
 
 _context: WorkerContext | None = None
@@ -150,17 +156,16 @@ class ComputedBatch:
     embedder: Embedder
 
 
-def prepare_batch(ctx: WorkerContext, payload: object) -> PreparedBatch:
-    """Claim the batch a payload names, read its chunks (one query) and look up which of its texts
-    already have a vector.
+def prepare_batch(ctx: WorkerContext, ticket: BatchTicket, claimed: object) -> PreparedBatch:
+    """Read the chunks of a claimed batch (one query) and look up which of its texts already have a vector.
 
-    A payload podembed did not write (malformed, or naming a job or batch that does not exist)
-    is a PayloadError, before anything is stored.
+    `claimed`: the answer to its claim (`JobRecords.claim`), sent with the batch's registration as
+    started. A ticket naming a job or batch that does not exist is a PayloadError, before anything
+    is stored.
     """
     started_at = datetime.now(UTC)
     began = time.perf_counter()
-    ticket = BatchTicket.from_payload(payload)
-    counted = ctx.records.claim(ticket.job_id, ticket.batch_id)
+    counted = ctx.records.claimed(ticket.job_id, ticket.batch_id, claimed)
     batch = Batch(job_id=ticket.job_id, batch_id=ticket.batch_id, spec=ticket.spec,
                   chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
     spec = batch.spec
@@ -216,7 +221,8 @@ def compute_batch(ctx: WorkerContext, prepared: PreparedBatch) -> ComputedBatch:
 def store_batch(ctx: WorkerContext, computed: ComputedBatch,
                 finish: Callable[[Pipeline, BatchResult], None] | None = None) -> BatchResult:
     """Vectors (one bulk write), the ledger entry, then the job's counters in one Redis transaction,
-    with rq's own finish of the batch when `finish` adds it there."""
+    with rq's own finish of the batch when `finish` adds it there. The copy of the job's status to
+    MongoDB (`keep_status`) goes to the reporter thread: `WorkerContext.settle` waits for it."""
     prepared, stats, embedder = computed.prepared, computed.stats, computed.embedder
     batch, spec = prepared.batch, prepared.batch.spec
     embedded_at = datetime.now(UTC)
@@ -250,7 +256,7 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
         if finish is not None:
             finish(pipe, result)
         outcome = pipe.execute()[0]
-    ctx.keep_status(batch.job_id, ended=outcome != COUNTED)
+    ctx.reporter.submit(ctx.keep_status, batch.job_id, ended=outcome != COUNTED)
     logger.info("job %s batch %s: %d embedded, %d skipped, %.2fs compute on %s%s", batch.job_id, batch.batch_id,
                 embedded, prepared.skipped, stats.seconds, embedder.device_name,
                 " (already counted)" if outcome == ALREADY_COUNTED else "")
@@ -260,7 +266,13 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
 def embed_batch(payload: dict) -> dict:
     """RQ entry point (a plain rq worker): the three stages in series; `worker.pipeline` overlaps them."""
     ctx = current_context()
-    return store_batch(ctx, compute_batch(ctx, prepare_batch(ctx, payload))).to_dict()
+    ticket = BatchTicket.from_payload(payload)
+    with ctx.records.redis.pipeline() as pipe:
+        ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
+        (claimed,) = pipe.execute()
+    result = store_batch(ctx, compute_batch(ctx, prepare_batch(ctx, ticket, claimed)))
+    ctx.settle()
+    return result.to_dict()
 
 
 def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)
