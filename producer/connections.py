@@ -37,6 +37,21 @@ def redis_client(settings: Settings) -> Redis:
         raise bad_url("PODEMBED_REDIS_URL", settings.redis_url, exc) from None
 
 
+def open_connections(redis: Redis, count: int) -> None:
+    """Open `count` connections of the client's pool now, checked by one PING each, all sent at once (one
+    round trip in all): threads that take one later pay no connect and no first health check."""
+    pool = redis.connection_pool
+    taken = [pool.get_connection() for _ in range(count)]
+    try:
+        for connection in taken:
+            connection.send_command("PING", check_health=False)
+        for connection in taken:
+            connection.read_response()
+    finally:
+        for connection in taken:
+            pool.release(connection)
+
+
 def run_script(client: Redis | Pipeline, source: str, keys: Sequence[str], args: Sequence[object]) -> object:
     """Run a Lua script in one round trip, as EVAL (Redis caches it by its hash).
 

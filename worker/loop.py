@@ -17,9 +17,9 @@ from rq.timeouts import TimerDeathPenalty
 
 from config.errors import ForeignJobError, QueueError
 from config.settings import Settings
-from producer.connections import redis_client
+from producer.connections import open_connections, redis_client
 from producer.enqueue import ON_FAILURE, TASK, vector_spec
-from worker.pipeline import DrainTally, run_drain
+from worker.pipeline import REDIS_THREADS, DrainTally, run_drain
 from worker.tasks import WorkerContext, current_context, init_context
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ def make_worker(
                          # An idle worker blocks on the queue for worker_ttl - 15 s before its next
                          # maintenance pass: keep that as short as the maintenance interval.
                          worker_ttl=settings.maintenance_interval + 15)
+    # Like the model, one connection per thread of a drain is made at start: a worker a WAN away from Redis
+    # would pay a connect and a health check in each lane at its first drain.
+    open_connections(redis, REDIS_THREADS)
     return worker, ctx
 
 

@@ -69,6 +69,7 @@ POLL_SECONDS = 0.1  # how often a waiting lane looks at the stop and halt flags
 IDLE_SECONDS = 0.25  # how often an empty queue is looked at again while batches are in flight or due
 TAKE_POLL_SECONDS = 0.2  # how often a long-running worker looks at empty queues (no blocking pop covers three)
 TAKE_WAIT_SECONDS = 1.0  # how long one take waits for a batch, so the fetch lane's other duties come round
+REDIS_THREADS = 5  # the drain's threads that talk to Redis: the caller's, fetch, store, housekeeper, reporter
 
 
 @dataclass
@@ -114,7 +115,8 @@ class Drain:
     burst: bool
     scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
     stopping: threading.Event = field(default_factory=threading.Event)  # warm stop: take nothing new
-    # The worker is registered with rq: a take waits for it before it registers a batch as started.
+    # The worker is registered with rq (its first batch is taken meanwhile): a batch's end, which counts it in
+    # the worker's hash, waits for it; rq refuses to register a worker whose hash exists.
     born: threading.Event = field(default_factory=threading.Event)
     halted: threading.Event = field(default_factory=threading.Event)  # a lane failed: everything stops
     # A held batch ended, or the drain stops: a burst drain's idle fetch lane looks again at once, so
@@ -154,7 +156,8 @@ class Drain:
 
     def take(self) -> Held | Idle:
         """Move the next batch of the highest queue holding one to this worker (one round trip, its job
-        hash with it), register it as started and claim it for its job (another)."""
+        hash with it), register it as started and claim it for its job (another). The worker's own hash is
+        not touched: the first take runs while the worker registers, and the housekeeper beats for it."""
         # A long-running worker waits a second at most, looking at the stop flag between looks.
         until = None if self.burst else time.monotonic() + TAKE_WAIT_SECONDS
         while True:
@@ -168,13 +171,6 @@ class Drain:
             if job is not None:
                 break
             self.redis.lrem(queue.intermediate_queue_key, 1, taken.job_id)  # gone, or poison (evicted)
-        while not self.born.wait(POLL_SECONDS):
-            if self.halted.is_set():  # the worker's registration failed: the batch goes back
-                with self.redis.pipeline() as pipe:
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-                    pipe.execute()
-                return Idle(None)
         worker = self.worker
         ttl = worker.get_heartbeat_ttl(job)
         try:
@@ -187,7 +183,6 @@ class Drain:
             job.prepare_for_execution(worker.name, pipeline=pipe)
             pipe.persist(job.key)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            worker.heartbeat(pipeline=pipe)
             if ticket is not None:
                 self.ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
             answers = pipe.execute()
@@ -196,6 +191,13 @@ class Drain:
         with self.lock:
             self.held[job.id] = held
         return held
+
+    def registered(self) -> bool:
+        """Wait until the worker is registered with rq; False if its registration failed."""
+        while not self.born.wait(POLL_SECONDS):
+            if self.halted.is_set():
+                return False
+        return True
 
     def beyond_budget(self, due: float | None) -> bool:
         """Whether a retry due then (Unix time; None: no retry) falls after the drain's budget."""
@@ -210,6 +212,8 @@ class Drain:
         Batches have no dependents, repeats, success callback or webhooks (the producer sets none,
         and `BatchJob` refuses a foreign callback), so rq's WATCH on the dependents is not needed.
         """
+        if not self.registered():
+            raise DrainError(f"worker {self.worker.name}: not registered with rq")
         job, execution, worker = held.job, held.execution, self.worker
         job.ended_at = now()
         job._result = result.to_dict()
@@ -232,7 +236,12 @@ class Drain:
         self.settled.set()
 
     def fail(self, held: Held, exc_info: ExcInfo) -> None:
-        """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry)."""
+        """A batch failed: rq's failure path (our failure callback, then `Retry` or the failed registry).
+
+        If the worker could not register, the batch stays started: rq's abandoned-job cleanup retries it.
+        """
+        if not self.registered():
+            return
         held.job.ended_at = now()
         self.worker._finalize_failure(held.job, held.queue, held.execution, exc_info)
         with self.lock:
@@ -450,7 +459,8 @@ class StoreLane(Lane):
 
 
 class Housekeeper(threading.Thread):
-    """Beats for every held batch and the worker; rq's maintenance and due retries between beats."""
+    """Beats for every held batch and the worker; rq's maintenance and due retries between beats.
+    Releases the scheduler's locks when the drain ends."""
 
     def __init__(self, drain: Drain) -> None:
         super().__init__(name="housekeeper", daemon=True)
@@ -473,7 +483,11 @@ class Housekeeper(threading.Thread):
             except Exception:
                 logger.exception("worker %s: maintenance failed; the next pass tries again", d.worker.name)
             if self.done.wait(s.heartbeat_interval):
-                return
+                break
+        try:  # while the worker deregisters
+            release_locks(d.scheduler)
+        except RedisError as exc:
+            logger.warning("worker %s: could not release its scheduler locks: %s", d.worker.name, exc)
 
     def beat(self) -> None:
         """One pipeline: the worker's heartbeat and every held batch's (rq's `maintain_heartbeats`, batched)."""
@@ -543,19 +557,18 @@ def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = 
                 d.put_back(_unstarted(fetched))
     finally:
         d.stopping.set()
-        housekeeper.done.set()
-        if housekeeper.is_alive():
-            housekeeper.join()
         for lane in (fetch, embed):
             lane.join()
         for sig, handler in handlers.items():
             if handler is not None:  # None: not set from Python, nothing to put back
                 signal.signal(sig, handler)
+        housekeeper.done.set()  # it releases the scheduler's locks on its way out
         try:
-            release_locks(d.scheduler)
             worker.register_death()
         except RedisError as exc:
-            logger.warning("worker %s: could not release its locks and registration: %s", worker.name, exc)
+            logger.warning("worker %s: could not remove its registration: %s", worker.name, exc)
+        if housekeeper.is_alive():
+            housekeeper.join()
         ctx.settle()  # the last status copies, made meanwhile
     if d.error is not None:
         batch_id, exc = d.error

@@ -80,7 +80,8 @@ class VectorStore:
         found: dict[str, tuple[set[str], bytes]] = {}
         query = {"text_key": {"$in": keys}, "batch_id": {"$ne": other_than_batch}}
         try:
-            for doc in self.embeddings.find(query, {"text_key": 1, "embedding": 1}):
+            # One reply for a batch's keys (each is usually stored once): the first reply holds 101 documents otherwise.
+            for doc in self.embeddings.find(query, {"text_key": 1, "embedding": 1}, batch_size=max(101, len(keys))):
                 ids, _ = found.setdefault(doc["text_key"], (set(), bytes(doc["embedding"])))
                 ids.add(doc["_id"])
         except PyMongoError as exc:
