@@ -20,11 +20,13 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from config.settings import Settings
-from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
+from producer.enqueue import EnqueuedJob, batch_queue, batch_queues, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES
 from tests.soak.harness import audit, counters_exact, wait_until
 from worker.loop import drain, make_worker
+from worker.pipeline import Ahead, Drain, prepare
+from worker.priority import PriorityTake
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
 
@@ -102,6 +104,44 @@ def test_a_stop_puts_fetched_batches_back_at_the_front_in_order(
 
     drain(worker)
     _exactly_once(settings, redis, db, job)
+
+
+def test_the_fetch_lane_keeps_a_full_batch_of_work_ahead(settings: Settings, redis: Redis, db: Database) -> None:
+    """A light batch (a job's last few chunks) does not fill the room ahead of the model: the fetch lane
+    takes one more after it, and never holds more than prefetch + 1 batches."""
+    settings = settings.replace(batch_max_chunks=8, prefetch_batches=1)
+    jobs = [_ingest(settings, redis, db, EXAMPLES / name) for name in ("E05.vtt", "E01.vtt", "E06.json")]
+    worker, ctx = make_worker(settings, redis)
+    queues = batch_queues(settings, redis)
+    d = Drain(worker=worker, ctx=ctx, queues=queues, taker=PriorityTake(redis, queues, None), deadline=None,
+              burst=True, scheduler=None)  # type: ignore[arg-type] (no retries moved here)
+    d.born.set()
+    held = []
+    for _ in range(sum(job.batches for job in jobs)):
+        taken = d.take()
+        taken.prepared = prepare(ctx, taken)  # type: ignore[union-attr]
+        held.append(taken)
+    full = [h for h in held if len(h.prepared.groups) == 8]
+    light = sorted((h for h in held if len(h.prepared.groups) < 8), key=lambda h: len(h.prepared.groups))
+    assert sum(len(h.prepared.groups) for h in light[:2]) < 8
+    assert len(full) >= 2 and len(light) >= 2, [len(h.prepared.groups) for h in held]
+
+    ahead = Ahead(settings)
+    assert ahead.reserve(0)
+    assert not ahead.reserve(0)  # a batch being fetched weighs a full one until it is known
+    ahead.fetched(light[0])
+    assert ahead.reserve(0)  # less than a full batch of work ahead: one more
+    ahead.fetched(full[0])
+    assert not ahead.reserve(0)
+    ahead.started(light[0])
+    assert not ahead.reserve(0)  # a full batch of work ahead
+    ahead.started(full[0])
+    for batch in light[:2]:
+        assert ahead.reserve(0)
+        ahead.fetched(batch)
+    assert not ahead.reserve(0)  # light, but prefetch + 1 batches already
+    d.put_back(held)
+    assert sum(q.count for q in queues) == len(held)
 
 
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:

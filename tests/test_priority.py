@@ -237,9 +237,10 @@ def test_a_nightly_job_overtakes_a_queued_backfill(
     nightly_end = max(_utc(e["finished_at"]) for e in ledger if e["job_id"] == nightly.job_id)
     overtaken = [e for e in ledger
                  if e["job_id"] == backfill.job_id and queued_at < _utc(e["finished_at"]) <= nightly_end]
-    # Only the batches the worker held when the nightly job arrived finished in between: at most one
-    # fetched ahead, one on the model and two computed, waiting for or in the store lane.
-    assert len(overtaken) <= prefetch + 3, [e["_id"] for e in overtaken]
+    # Only the batches the worker held when the nightly job arrived finished in between: at most two
+    # fetched ahead (these 2-chunk batches are light: the fetch lane keeps a full batch of work ahead, in
+    # at most prefetch + 1 batches), one on the model and two computed, waiting for or in the store lane.
+    assert len(overtaken) <= prefetch + 4, [e["_id"] for e in overtaken]
     print(f"backfill batches finished while the nightly job ran: {len(overtaken)}")
 
 

@@ -7,14 +7,15 @@ Three lanes, each a thread with one job, hand batches over through bounded queue
         -> store  (vectors, ledger, job counters, rq's finish)
 
 While batch N is on the model, batch N+1 is already fetched and looked up and batch N-1 is
-being written. `settings.prefetch_batches` bounds how many batches wait fetched ahead of the
-model; the store lane holds one more. A housekeeper thread beats for every batch held
-(prefetched ones too), runs rq's maintenance and moves due retries onto the queue.
+being written. The fetch lane keeps `settings.prefetch_batches` full batches of work ahead of the
+model, in at most `prefetch_batches + 1` batches (`Ahead`); the store lane holds one more. A
+housekeeper thread beats for every batch held (prefetched ones too), runs rq's maintenance and
+moves due retries onto the queue.
 
 The fetch lane takes from the queues in priority order (`worker.priority`): ingest, nightly,
-backfill. It takes only when a prefetch slot is free, so once a higher batch is queued, a worker
-holds no more lower batches than it already had: at most `prefetch_batches` fetched ahead, one on
-the model and the ones being stored.
+backfill. It takes only when there is room ahead of the model, so once a higher batch is queued, a
+worker holds no more lower batches than it already had: at most `prefetch_batches + 1` fetched
+ahead, one on the model and the ones being stored.
 
 `run_drain` owns the order and the shutdown. Every lane ends on the one sentinel `DONE`.
 A batch that fails goes through rq's failure path (failure callback, `Retry`) and the drain

@@ -18,6 +18,8 @@ as a managed Redis and Atlas are from a Modal GPU: wan_ratio_{N}ms, each against
 runs measured just before and after it. Round trips to Redis and MongoDB are counted during
 every drain (`roundtrips.py`); `serial_round_trips_per_batch` is rq's own SimpleWorker loop
 over the same stages, for comparison. The CPU is shared: compare ratios within one run.
+`services_cpu_seconds`: the CPU the other processes (redis-server, nx-27017, the proxy) used during
+a drain, on the 2 cores the model also needs (in production they are other machines).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,7 +45,7 @@ import roundtrips  # noqa: E402
 
 ROUND_TRIPS = roundtrips.install()  # before any client exists
 
-from config.services import free_port, on_spare_ports, services_down, services_up  # noqa: E402
+from config.services import free_port, on_spare_ports, services_down, services_status, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import enqueue_episodes, parse_files, vector_spec  # noqa: E402
@@ -55,8 +58,19 @@ from worker.store import text_key  # noqa: E402
 WAN_RTTS_MS = (0, 10, 40, 80)
 
 
-def run_pipeline(settings: Settings, episodes: list, label: str, *, serial: bool = False) -> dict:
-    """Enqueue one job and drain it; seconds from the drain's start to its end."""
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """The CPU seconds (user and system) these processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_pipeline(settings: Settings, episodes: list, label: str, *, serial: bool = False,
+                 services: Sequence[int] = ()) -> dict:
+    """Enqueue one job and drain it; seconds from the drain's start to its end, and the CPU seconds
+    the `services` processes used meanwhile."""
     settings = settings.replace(mongo_db=f"bench_{label}_{os.getpid()}")
     redis = redis_client(settings)
     redis.flushdb()
@@ -68,12 +82,14 @@ def run_pipeline(settings: Settings, episodes: list, label: str, *, serial: bool
     worker, _ = make_worker(settings, redis)
     loads = embedder_module.load_count()
     ROUND_TRIPS.reset()
+    services_before = cpu_seconds(services)
     began = time.perf_counter()
     if serial:
         worker.work(burst=True, logging_level="WARNING")  # rq's SimpleWorker loop, one batch at a time
     else:
         drain(worker)
     seconds = time.perf_counter() - began
+    services_cpu = cpu_seconds(services) - services_before
     ended = datetime.now(UTC)
     trips = (ROUND_TRIPS.redis, ROUND_TRIPS.mongo)
     ledger = list(db.batches.find({"job_id": job.job_id}))
@@ -99,6 +115,7 @@ def run_pipeline(settings: Settings, episodes: list, label: str, *, serial: bool
         "round_trips_per_batch": round(sum(trips) / max(1, len(ledger)), 1),
         "enqueue_seconds": enqueue_seconds,
         "model_loads_during_run": embedder_module.load_count() - loads,
+        "services_cpu_seconds": services_cpu,
     }
 
 
@@ -119,12 +136,16 @@ def run_bare(model, texts: list[str], settings: Settings) -> float:
     return seconds[0]
 
 
+def service_pids(settings: Settings) -> list[int]:
+    return [s.pid for s in services_status(settings) if s.pid is not None]
+
+
 def measure(settings: Settings, model, chunks, episodes: list, label: str) -> dict:
     spec = vector_spec(settings)
     unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
     # Bare first and last around the pipeline, so drift of this noisy machine shows and averages out.
     bare_a = run_bare(model, unique, settings)
-    pipe = run_pipeline(settings, episodes, label)
+    pipe = run_pipeline(settings, episodes, label, services=service_pids(settings))
     bare_b = run_bare(model, unique, settings)
     return _compare(pipe, bare_a, bare_b, len(unique), len(chunks))
 
@@ -161,7 +182,7 @@ def measure_wan(settings: Settings, model, chunks, episodes: list) -> dict[int, 
                                   str(rtt), *routes], stdout=subprocess.PIPE, text=True)
         try:
             assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
-            pipe = run_pipeline(wan, episodes, f"wan{rtt}")
+            pipe = run_pipeline(wan, episodes, f"wan{rtt}", services=[*service_pids(settings), proxy.pid])
         finally:
             proxy.terminate()
             proxy.wait()
@@ -244,6 +265,9 @@ def main() -> None:
         "wan_batches": wan[0]["batches"],
         "wan_chunks": len(wan_chunks),
         "wan_round_trips_per_batch": {f"{rtt}ms": run["round_trips_per_batch"] for rtt, run in wan.items()},
+        # CPU seconds redis-server, nx-27017 (and the proxy) took on the model's cores during the drain.
+        "fast_services_cpu_seconds": round(fast["services_cpu_seconds"], 2),
+        "wan_services_cpu_seconds": {f"{rtt}ms": round(run["services_cpu_seconds"], 2) for rtt, run in wan.items()},
         "drain_tail_seconds_max": round(max(r["tail_seconds"] for r in (full, fast, *wan.values())), 3),
         "model_loads": embedder_module.load_count(),
         "model_loads_during_runs": sum(r["model_loads_during_run"] for r in (full, fast, serial, *wan.values())),
