@@ -184,6 +184,10 @@ class Drain:
             job.prepare_for_execution(worker.name, pipeline=pipe)
             pipe.persist(job.key)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            # rq's maintenance marks a batch it sees in the intermediate list between a take and this
+            # registration, and fails it as stuck if it sees it there again a minute later (a retry, or
+            # the failed registry without our callback): the mark goes with the batch's registration.
+            pipe.delete(queue.intermediate_queue.get_first_seen_key(job.id))
             if ticket is not None:
                 self.ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
             answers = pipe.execute()
