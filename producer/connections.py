@@ -28,9 +28,9 @@ MONGO_SOCKET_TIMEOUT_MS = 120_000
 
 def redis_client(settings: Settings) -> Redis:
     try:
-        # A new connection costs one round trip (the health check's PING), not four: no CLIENT SETINFO
-        # (driver_info), and RESP2, so no HELLO and no CLIENT MAINT_NOTIFICATIONS. A worker a WAN away
-        # from Redis pays this for each of its lanes at every start. A `protocol` in the URL wins.
+        # A new connection costs one round trip (the health check's PING), not five: no CLIENT SETINFO
+        # LIB-NAME and LIB-VER (driver_info), and RESP2, so no HELLO and no CLIENT MAINT_NOTIFICATIONS.
+        # A worker a WAN away from Redis pays this for each of its lanes. A `protocol` in the URL wins.
         return Redis.from_url(settings.redis_url, socket_connect_timeout=10, health_check_interval=30,
                               driver_info=None, protocol=2)
     except ValueError as exc:

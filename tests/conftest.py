@@ -21,6 +21,10 @@ from redis import Redis
 from config.services import on_spare_ports, services_down, services_up
 from config.settings import Settings
 from producer.connections import mongo_database, redis_client
+from producer.enqueue import batch_queues
+from worker.loop import make_worker
+from worker.pipeline import Drain
+from worker.priority import PriorityTake
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,3 +71,13 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
            "PODEMBED_DATA_DIR": str(settings.data_dir)}
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def taking_drain(settings: Settings, redis: Redis) -> Drain:
+    """A drain whose takes a test makes itself (no lanes, no retries moved), its worker registered."""
+    worker, ctx = make_worker(settings, redis)
+    queues = batch_queues(settings, redis)
+    d = Drain(worker=worker, ctx=ctx, queues=queues, taker=PriorityTake(redis, queues, None), deadline=None,
+              burst=True, scheduler=None)  # type: ignore[arg-type]
+    d.born.set()
+    return d

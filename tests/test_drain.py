@@ -20,13 +20,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from config.settings import Settings
-from producer.enqueue import EnqueuedJob, batch_queue, batch_queues, ingest, parse_files
+from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
-from tests.conftest import DATA, EXAMPLES
+from tests.conftest import DATA, EXAMPLES, taking_drain
 from tests.soak.harness import audit, counters_exact, wait_until
 from worker.loop import drain, make_worker
-from worker.pipeline import Ahead, Drain, prepare
-from worker.priority import PriorityTake
+from worker.pipeline import Ahead, prepare
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
 
@@ -111,7 +110,7 @@ def test_the_fetch_lane_keeps_a_full_batch_of_work_ahead(settings: Settings, red
     takes one more after it, and never holds more than prefetch + 1 batches."""
     settings = settings.replace(batch_max_chunks=8, prefetch_batches=1)
     jobs = [_ingest(settings, redis, db, EXAMPLES / name) for name in ("E05.vtt", "E01.vtt", "E06.json")]
-    d = _taking_drain(settings, redis)
+    d = taking_drain(settings, redis)
     ctx = d.ctx
     held = []
     for _ in range(sum(job.batches for job in jobs)):
@@ -145,22 +144,12 @@ def test_a_take_clears_rqs_stuck_mark_of_the_batch(settings: Settings, redis: Re
     """rq's maintenance marks a batch it sees in the intermediate list (between a take and its registration)
     and fails it as stuck if it sees it there again a minute later: the registration clears the mark."""
     _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
-    d = _taking_drain(settings, redis)
+    d = taking_drain(settings, redis)
     intermediate = d.queues[0].intermediate_queue
     first = d.queues[0].job_ids[0]
     assert intermediate.set_first_seen(first)  # as a maintenance pass during an earlier take would
     held = d.take()
     assert held.batch_id == first and intermediate.get_first_seen(first) is None  # type: ignore[union-attr]
-
-
-def _taking_drain(settings: Settings, redis: Redis) -> Drain:
-    """A drain whose takes the test makes itself (no lanes, no retries moved), its worker registered."""
-    worker, ctx = make_worker(settings, redis)
-    queues = batch_queues(settings, redis)
-    d = Drain(worker=worker, ctx=ctx, queues=queues, taker=PriorityTake(redis, queues, None), deadline=None,
-              burst=True, scheduler=None)  # type: ignore[arg-type]
-    d.born.set()
-    return d
 
 
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:

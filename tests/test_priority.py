@@ -25,10 +25,9 @@ from modal_jobs.settings import ModalSettings
 from producer.enqueue import EnqueuedJob, batch_queue, batch_queues, enqueue_episodes, parse_files, vector_spec
 from producer.jobs import JobRecords
 from producer.operations import cancel, retry
-from tests.conftest import DATA, EXAMPLES, ROOT, run_cli
+from tests.conftest import DATA, EXAMPLES, ROOT, run_cli, taking_drain
 from tests.soak.harness import start_worker, wait_until, worker_env
-from worker.loop import make_worker, run_worker
-from worker.pipeline import Drain
+from worker.loop import run_worker
 from worker.priority import Idle, PriorityTake, credit_key
 
 # Small chunks in small batches: a backfill of many quick batches.
@@ -115,10 +114,7 @@ def test_put_back_returns_each_batch_to_the_front_of_its_own_queue(
     queues = batch_queues(settings, redis)
     ingest_order, backfill_order = queues[0].job_ids, queues[2].job_ids
     assert (len(ingest_order), len(backfill_order)) == (ingest.batches, backfill.batches) == (2, 5)
-    worker, ctx = make_worker(settings, redis)
-    drain = Drain(worker=worker, ctx=ctx, queues=queues, taker=PriorityTake(redis, queues, None), deadline=None,
-                  burst=True, scheduler=None)  # type: ignore[arg-type] (no retries moved here)
-    drain.born.set()
+    drain = taking_drain(settings, redis)
     held = [drain.take() for _ in range(4)]
     assert [h.batch_id for h in held] == [*ingest_order, *backfill_order[:2]]
     assert [h.job.get_status() for h in held] == ["started"] * 4

@@ -86,7 +86,6 @@ class WorkerContext:
             logger.warning("job %s: status not copied to MongoDB (the next batch or `podembed status` may): %s",
                            job_id, exc)
 
-
     def settle(self) -> None:
         """Wait until the reports and status copies handed to the reporter thread are done."""
         self.reporter.submit(lambda: None).result()
