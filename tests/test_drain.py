@@ -24,8 +24,9 @@ from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, taking_drain
 from tests.soak.harness import audit, counters_exact, wait_until
+from worker.housekeeping import scheduler_for
 from worker.loop import drain, make_worker
-from worker.pipeline import Ahead, prepare
+from worker.pipeline import Ahead, Held, Housekeeper, prepare
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
 
@@ -150,6 +151,29 @@ def test_a_take_clears_rqs_stuck_mark_of_the_batch(settings: Settings, redis: Re
     assert intermediate.set_first_seen(first)  # as a maintenance pass during an earlier take would
     held = d.take()
     assert held.batch_id == first and intermediate.get_first_seen(first) is None  # type: ignore[union-attr]
+
+
+def test_a_maintenance_pass_after_the_first_stops_once_the_drain_ends(
+    settings: Settings, redis: Redis, db: Database
+) -> None:
+    """A pass is a few dozen round trips (seconds a WAN away): the drain's end waits for the housekeeper,
+    so only a drain's first pass runs whole once the drain ends (a burst drain of an empty queue still
+    recovers abandoned batches)."""
+    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    d = taking_drain(settings, redis)
+    d.scheduler = scheduler_for(d.queues, f"{d.worker.name}:scheduler")
+    held = d.take()
+    assert isinstance(held, Held)
+    started = d.queues[0].started_job_registry
+    member = f"{held.batch_id}:{held.execution.id}"
+    redis.zadd(started.key, {member: time.time() - 60})  # its worker died: the heartbeat lapsed
+    housekeeper = Housekeeper(d)
+    housekeeper.done.set()
+
+    housekeeper.maintain(whole=False)
+    assert started.get_job_ids(cleanup=False) == [held.batch_id]
+    housekeeper.maintain(whole=True)  # rq's abandoned-job cleanup: retried at once (no back-off here)
+    assert started.get_job_ids(cleanup=False) == [] and held.batch_id in d.queues[0].job_ids
 
 
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:

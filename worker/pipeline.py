@@ -475,14 +475,14 @@ class Housekeeper(threading.Thread):
     def run(self) -> None:
         d, s = self.drain, self.drain.ctx.settings
         next_maintenance = 0.0
+        passes = 0
         while True:
             try:
                 self.beat()
                 if time.monotonic() >= next_maintenance:
                     next_maintenance = time.monotonic() + s.maintenance_interval
-                    for queue in d.queues:
-                        maintain(queue, d.worker, keep_seconds=d.keep_seconds)
-                    enqueue_due_retries(d.scheduler, d.queues, keep_seconds=d.keep_seconds)
+                    passes += 1
+                    self.maintain(whole=passes == 1)
             except RedisError as exc:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker %s: heartbeat or maintenance failed: %s", d.worker.name, exc)
             except Exception:
@@ -493,6 +493,17 @@ class Housekeeper(threading.Thread):
             release_locks(d.scheduler)
         except RedisError as exc:
             logger.warning("worker %s: could not release its scheduler locks: %s", d.worker.name, exc)
+
+    def maintain(self, *, whole: bool) -> None:
+        """rq's maintenance of each queue, then the due retries. A pass after the drain's first stops
+        between those steps once the drain ends: a pass is a few dozen round trips, and the drain's end
+        waits for the housekeeper (another pass, this worker's next or another worker's, does the rest)."""
+        d = self.drain
+        steps = [partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues]
+        for step in [*steps, partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds)]:
+            if self.done.is_set() and not whole:
+                return
+            step()
 
     def beat(self) -> None:
         """One pipeline: the worker's heartbeat and every held batch's (rq's `maintain_heartbeats`, batched)."""
