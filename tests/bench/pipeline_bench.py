@@ -10,7 +10,11 @@ then for the full model and for the model cut to its first transformer layer (th
   drain's start to its return, vectors, ledger and counters included.
 
 ratio = pipeline chunks/s / bare chunks/s over the same texts; busy_fraction = the model's
-compute seconds (from the ledger) / the drain's wall seconds.
+compute seconds (from the ledger) / the drain's wall seconds; compute_vs_bare = those compute
+seconds / the bare seconds, so ratio = busy_fraction / compute_vs_bare. Each drain is timed `--repeats`
+times (3), with a bare run between every two: a single ratio over seconds-long runs moves by
+±15 % here with the machine's load. The run with the median ratio is reported in full, and every
+run's ratio is listed (`*_ratio_runs`).
 
 Then the fast regime again over more episodes (>= 16 batches), with Redis and MongoDB
 behind a TCP proxy that adds 0, 10, 40 and 80 ms to every round trip (`delay_proxy.py`),
@@ -140,14 +144,18 @@ def service_pids(settings: Settings) -> list[int]:
     return [s.pid for s in services_status(settings) if s.pid is not None]
 
 
-def measure(settings: Settings, model, chunks, episodes: list, label: str) -> dict:
+def measure(settings: Settings, model, chunks, episodes: list, label: str, repeats: int) -> list[dict]:
+    """`repeats` drains of one job, each between two bare runs (the one after a drain is the one before
+    the next), so the drift of this noisy machine shows and averages out."""
     spec = vector_spec(settings)
     unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
-    # Bare first and last around the pipeline, so drift of this noisy machine shows and averages out.
-    bare_a = run_bare(model, unique, settings)
-    pipe = run_pipeline(settings, episodes, label, services=service_pids(settings))
-    bare_b = run_bare(model, unique, settings)
-    return _compare(pipe, bare_a, bare_b, len(unique), len(chunks))
+    bare = [run_bare(model, unique, settings)]
+    runs = []
+    for n in range(repeats):
+        pipe = run_pipeline(settings, episodes, f"{label}{n}", services=service_pids(settings))
+        bare.append(run_bare(model, unique, settings))
+        runs.append(_compare(pipe, bare[-2], bare[-1], len(unique), len(chunks)))
+    return runs
 
 
 def _compare(pipe: dict, bare_a: float, bare_b: float, unique: int, chunks: int) -> dict:
@@ -162,12 +170,21 @@ def _compare(pipe: dict, bare_a: float, bare_b: float, unique: int, chunks: int)
         # The share of the drain's wall time the model was computing: measured on the same clock in
         # the same run, so the machine's load swings (which move `ratio`) barely touch it.
         "busy_fraction": pipe["compute_seconds"] / pipe["seconds"],
+        # The model's own seconds in the drain over its bare seconds: above 1, the model ran slower
+        # beside the drain's other work (its lanes, the services on the same cores) or the machine slowed.
+        "compute_vs_bare": pipe["compute_seconds"] / bare,
         **pipe,
     }
 
 
-def measure_wan(settings: Settings, model, chunks, episodes: list) -> dict[int, dict]:
-    """The fast regime behind the delay proxy at each round trip; bare runs between them."""
+def median_run(runs: list[dict]) -> dict:
+    """The run whose ratio is the median (the lower middle of an even count): the one reported in full."""
+    return sorted(runs, key=lambda r: r["ratio"])[(len(runs) - 1) // 2]
+
+
+def measure_wan(settings: Settings, model, chunks, episodes: list, repeats: int) -> dict[int, list[dict]]:
+    """The fast regime behind the delay proxy at each round trip, the round of them `repeats` times;
+    a bare run between every two drains."""
     spec = vector_spec(settings)
     unique = list({text_key(c.text, spec): c.text for c in chunks}.values())
     redis_port, mongo_port = free_port(), free_port()
@@ -176,18 +193,19 @@ def measure_wan(settings: Settings, model, chunks, episodes: list) -> dict[int, 
     routes = [f"{redis_port}:127.0.0.1:{settings.redis_url.rsplit(':', 1)[1].split('/')[0]}",
               f"{mongo_port}:127.0.0.1:{settings.mongo_uri.rsplit(':', 1)[1].split('/')[0]}"]
     bare = [run_bare(model, unique, settings)]
-    out: dict[int, dict] = {}
-    for rtt in WAN_RTTS_MS:
-        proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), "--rtt-ms",
-                                  str(rtt), *routes], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
-            pipe = run_pipeline(wan, episodes, f"wan{rtt}", services=[*service_pids(settings), proxy.pid])
-        finally:
-            proxy.terminate()
-            proxy.wait()
-        bare.append(run_bare(model, unique, settings))
-        out[rtt] = _compare(pipe, bare[-2], bare[-1], len(unique), len(chunks))
+    out: dict[int, list[dict]] = {rtt: [] for rtt in WAN_RTTS_MS}
+    for n in range(repeats):
+        for rtt in WAN_RTTS_MS:
+            proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), "--rtt-ms",
+                                      str(rtt), *routes], stdout=subprocess.PIPE, text=True)
+            try:
+                assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+                pipe = run_pipeline(wan, episodes, f"wan{rtt}_{n}", services=[*service_pids(settings), proxy.pid])
+            finally:
+                proxy.terminate()
+                proxy.wait()
+            bare.append(run_bare(model, unique, settings))
+            out[rtt].append(_compare(pipe, bare[-2], bare[-1], len(unique), len(chunks)))
     return out
 
 
@@ -210,6 +228,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder of transcripts (default: the vendored seenunseen corpus)")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--wan-batches", type=int, default=17, help="batches of the runs behind the proxy")
+    parser.add_argument("--repeats", type=int, default=3, help="drains of each kind; the median ratio's is reported")
     args = parser.parse_args()
 
     files = (sorted(args.data.glob("*.vtt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or 0))
@@ -225,18 +244,21 @@ def main() -> None:
                 settings.model_source(), revision=None, pool_instruction=spec.pool_instruction,
                 micro_batch_size=settings.micro_batch_size,
             )
-            full = measure(settings, embedder.model, chunks, episodes, "full")
+            full_runs = measure(settings, embedder.model, chunks, episodes, "full", args.repeats)
             # The fast regime: the same model object cut to its first transformer layer.
             encoder = embedder.model[0].auto_model.encoder
             encoder.layer = encoder.layer[:1]
-            fast = measure(settings, embedder.model, chunks, episodes, "fast")
+            fast_runs = measure(settings, embedder.model, chunks, episodes, "fast", args.repeats)
             serial = run_pipeline(settings, episodes, "serial", serial=True)
             wan_chunks, wan_episodes = chunks_for(settings, files, args.wan_batches * settings.batch_max_chunks)
-            wan = measure_wan(settings, embedder.model, wan_chunks, wan_episodes)
+            wan_runs = measure_wan(settings, embedder.model, wan_chunks, wan_episodes, args.repeats)
         finally:
             services_down(settings)
 
     unique = len({text_key(c.text, spec) for c in chunks})
+    full, fast = median_run(full_runs), median_run(fast_runs)
+    wan = {rtt: median_run(runs) for rtt, runs in wan_runs.items()}
+    every = [*full_runs, *fast_runs, *(r for runs in wan_runs.values() for r in runs)]
     print(json.dumps({
         "machine": f"{os.cpu_count()} CPUs, torch threads {embedder_module.torch.get_num_threads()}",
         "model": settings.model,
@@ -252,6 +274,10 @@ def main() -> None:
         "fast_encode_chunks_per_s": round(fast["encode_chunks_per_s"], 2),
         "fast_pipeline_chunks_per_s": round(fast["pipeline_chunks_per_s"], 2),
         "fast_ratio": round(fast["ratio"], 4),
+        "repeats": args.repeats,
+        "ratio_runs": [round(r["ratio"], 4) for r in full_runs],
+        "fast_ratio_runs": [round(r["ratio"], 4) for r in fast_runs],
+        "wan_ratio_runs": {f"{rtt}ms": [round(r["ratio"], 4) for r in runs] for rtt, runs in wan_runs.items()},
         "padding_fraction": round(1 - full["tokens"] / full["padded_tokens"], 4),
         "store_seconds_fraction": round(full["store_wait_seconds"] / full["seconds"], 4),
         "fast_store_seconds_fraction": round(fast["store_wait_seconds"] / fast["seconds"], 4),
@@ -262,15 +288,18 @@ def main() -> None:
         "busy_fraction": round(full["busy_fraction"], 4),
         "fast_busy_fraction": round(fast["busy_fraction"], 4),
         **{f"wan_busy_fraction_{rtt}ms": round(run["busy_fraction"], 4) for rtt, run in wan.items()},
+        "compute_vs_bare": round(full["compute_vs_bare"], 4),
+        "fast_compute_vs_bare": round(fast["compute_vs_bare"], 4),
+        "wan_compute_vs_bare": {f"{rtt}ms": round(run["compute_vs_bare"], 4) for rtt, run in wan.items()},
         "wan_batches": wan[0]["batches"],
         "wan_chunks": len(wan_chunks),
         "wan_round_trips_per_batch": {f"{rtt}ms": run["round_trips_per_batch"] for rtt, run in wan.items()},
         # CPU seconds redis-server, nx-27017 (and the proxy) took on the model's cores during the drain.
         "fast_services_cpu_seconds": round(fast["services_cpu_seconds"], 2),
         "wan_services_cpu_seconds": {f"{rtt}ms": round(run["services_cpu_seconds"], 2) for rtt, run in wan.items()},
-        "drain_tail_seconds_max": round(max(r["tail_seconds"] for r in (full, fast, *wan.values())), 3),
+        "drain_tail_seconds_max": round(max(r["tail_seconds"] for r in every), 3),
         "model_loads": embedder_module.load_count(),
-        "model_loads_during_runs": sum(r["model_loads_during_run"] for r in (full, fast, serial, *wan.values())),
+        "model_loads_during_runs": sum(r["model_loads_during_run"] for r in (*every, serial)),
         "dedupe_saved": len(chunks) - unique,
         "full": full,
         "fast": fast,
