@@ -23,6 +23,7 @@ from tests.conftest import run_cli as _cli
 from worker import embedder as embedder_module
 from worker.loop import run_worker
 from worker.store import from_bson_vector
+from worker.tasks import STATUS_SAVE_SECONDS, init_context
 
 
 def _ingest_and_drain(settings: Settings, redis: Redis, db: Database, paths) -> str:
@@ -153,3 +154,18 @@ def test_job_index_keeps_only_jobs_redis_still_holds(settings: Settings, redis: 
     assert [j.decode() for j in redis.zrange(JOBS_INDEX, 0, -1)] == [new.job_id]
     # Only the index forgets it: the older job is still found by its id.
     assert JobRecords(redis, db, settings.result_ttl).status(old.job_id).job_id == old.job_id
+
+
+def test_a_workers_status_copies_remember_only_recent_jobs(settings: Settings, redis: Redis, db: Database) -> None:
+    """A long-lived worker notes when it last copied each running job's status; notes past the copy
+    interval decide nothing and are dropped at the next copy."""
+    first, second = (ingest(settings, redis, db, parse_files([EXAMPLES / name])[0], kind="ingest").job_id
+                     for name in ("E01.vtt", "E05.vtt"))
+    ctx = init_context(settings, redis)
+    ctx.keep_status(first, ended=False)
+    assert set(ctx.status_saved) == {first}
+    ctx.status_saved[first] -= STATUS_SAVE_SECONDS  # as if copied one interval ago
+    ctx.keep_status(second, ended=False)
+    assert set(ctx.status_saved) == {second}
+    ctx.keep_status(second, ended=True)
+    assert ctx.status_saved == {}

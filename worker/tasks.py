@@ -75,6 +75,8 @@ class WorkerContext:
         now = time.monotonic()
         if not ended and now - self.status_saved.get(job_id, -math.inf) < STATUS_SAVE_SECONDS:
             return
+        # Entries past the interval decide nothing: dropped, a long-lived worker keeps only recent jobs.
+        self.status_saved = {j: t for j, t in self.status_saved.items() if now - t < STATUS_SAVE_SECONDS}
         if ended:
             self.status_saved.pop(job_id, None)
         else:
