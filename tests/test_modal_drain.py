@@ -127,8 +127,16 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
 
     # A CPU deployment: with a GPU asked for, the container would refuse to drain here.
     monkeypatch.setattr(modal_app, "MODAL", ModalSettings(gpu="cpu"))
-    # `.local()` runs both enter hooks (snap=True, then snap=False) before the method, as a container does.
-    summary = modal_app.GpuWorker().drain.local(120)
+    # `.local()` runs both enter hooks (snap=True, then snap=False) before the method, as a container does,
+    # but never the exit hook: the container is stopped here, so its record's heartbeat ends with the test.
+    started: list[Container] = []
+    start = Container.start
+    monkeypatch.setattr(Container, "start", lambda self, *args: (started.append(self), start(self, *args))[1])
+    try:
+        summary = modal_app.GpuWorker().drain.local(120)
+    finally:
+        for container in started:
+            container.stop()
     assert (summary["batches"], summary["chunks"], summary["failed"]) == (job.batches, job.chunks, 0)
     assert (summary["budget_s"], summary["retries_later"]) == (120, 0)
     doc = db.workers.find_one({"_id": summary["worker"]})
