@@ -13,7 +13,7 @@ ratio = pipeline chunks/s / bare chunks/s over the same texts; busy_fraction = t
 compute seconds (from the ledger) / the drain's wall seconds; compute_vs_bare = those compute
 seconds / the bare seconds, so ratio = busy_fraction / compute_vs_bare. Each drain is timed `--repeats`
 times (3), with a bare run between every two: a single ratio over seconds-long runs moves by
-±15 % here with the machine's load. The run with the median ratio is reported in full, and every
+±10 % here with the machine's load. The run with the median ratio is reported in full, and every
 run's ratio is listed (`*_ratio_runs`).
 
 Then the fast regime again over more episodes (>= 16 batches), with Redis and MongoDB
