@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from pymongo.database import Database
 from redis import Redis
+from rq import Queue
 from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -24,6 +25,7 @@ from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, taking_drain
 from tests.soak.harness import audit, counters_exact, wait_until
+from worker import housekeeping
 from worker.housekeeping import scheduler_for
 from worker.loop import drain, make_worker
 from worker.pipeline import Ahead, Held, Housekeeper, prepare
@@ -174,6 +176,31 @@ def test_a_maintenance_pass_after_the_first_stops_once_the_drain_ends(
     assert started.get_job_ids(cleanup=False) == [held.batch_id]
     housekeeper.maintain(whole=True)  # rq's abandoned-job cleanup: retried at once (no back-off here)
     assert started.get_job_ids(cleanup=False) == [] and held.batch_id in d.queues[0].job_ids
+
+
+def test_a_worker_killed_mid_maintenance_holds_the_queues_cleanup_no_longer_than_its_batches(
+    settings: Settings, redis: Redis, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rq's maintenance lock lasts 15 minutes: a worker killed during a pass kept every other worker from
+    recovering its batches that long. Ours lapses no later than the dead worker's batch registrations."""
+    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    d = taking_drain(settings, redis)
+    held = d.take()
+    assert isinstance(held, Held)
+    queue = d.queues[0]
+    started = queue.started_job_registry
+    redis.zadd(started.key, {f"{held.batch_id}:{held.execution.id}": time.time() - 60})  # its worker died
+    lock_ttl: list[int] = []
+
+    def cleaning(q: Queue) -> None:  # mid-pass: the lock a worker killed now would leave behind
+        lock_ttl.append(redis.ttl(q.registry_cleaning_key))
+        clean_registries(q)
+
+    monkeypatch.setattr(housekeeping, "clean_registries", cleaning)
+    housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl)
+    assert lock_ttl and 0 < lock_ttl[0] <= 3 * settings.heartbeat_interval
+    assert started.get_job_ids(cleanup=False) == [] and held.batch_id in queue.job_ids  # recovered
+    assert not redis.exists(queue.registry_cleaning_key)  # released at the end of the pass
 
 
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:

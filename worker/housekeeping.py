@@ -27,6 +27,12 @@ from producer.connections import run_script
 
 logger = logging.getLogger(__name__)
 
+# How long a queue's maintenance lock lasts: a pass takes well under a second per queue, even a WAN away.
+# rq's own lock lasts 899 s: a worker killed mid-pass (SIGKILL, a preempted container) held every other
+# worker off the queue's cleanup, and so off the recovery of its batches, for 15 minutes. This one lapses
+# no later than the dead worker's batch registrations (3 beats of 10 s).
+MAINTENANCE_LOCK_SECONDS = 30
+
 
 def load_job(queue: Queue, job_id: str, *, keep_seconds: int, raw: dict | None = None) -> Job | None:
     """The job, or None if its hash is gone or it is poison (then it is evicted).
@@ -96,10 +102,10 @@ def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Qu
 def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
     """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof.
 
-    The maintenance lock is released however the pass ends: left behind, it would block every
-    worker's cleanup (and the recovery of a killed worker's batches) for 15 minutes.
+    The maintenance lock (rq's key, so plain rq workers respect it) is released however the pass ends,
+    and lapses in MAINTENANCE_LOCK_SECONDS if this process dies mid-pass.
     """
-    if not queue.acquire_maintenance_lock():
+    if not queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
         return
     try:
         started = queue.started_job_registry
