@@ -28,7 +28,7 @@ from tests.soak.harness import audit, counters_exact, wait_until
 from worker import housekeeping
 from worker.housekeeping import scheduler_for
 from worker.loop import drain, make_worker
-from worker.pipeline import Ahead, Held, Housekeeper, prepare
+from worker.pipeline import Ahead, Drain, Held, Housekeeper, prepare
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
 
@@ -155,20 +155,25 @@ def test_a_take_clears_rqs_stuck_mark_of_the_batch(settings: Settings, redis: Re
     assert held.batch_id == first and intermediate.get_first_seen(first) is None  # type: ignore[union-attr]
 
 
+def _abandoned(settings: Settings, redis: Redis, db: Database) -> tuple[Drain, Held]:
+    """A batch taken by a drain whose worker then died: its registration as started has lapsed."""
+    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    d = taking_drain(settings, redis)
+    held = d.take()
+    assert isinstance(held, Held)
+    redis.zadd(d.queues[0].started_job_registry.key, {f"{held.batch_id}:{held.execution.id}": time.time() - 60})
+    return d, held
+
+
 def test_a_maintenance_pass_after_the_first_stops_once_the_drain_ends(
     settings: Settings, redis: Redis, db: Database
 ) -> None:
     """A pass is a few dozen round trips (seconds a WAN away): the drain's end waits for the housekeeper,
     so only a drain's first pass runs whole once the drain ends (a burst drain of an empty queue still
     recovers abandoned batches)."""
-    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
-    d = taking_drain(settings, redis)
+    d, held = _abandoned(settings, redis, db)
     d.scheduler = scheduler_for(d.queues, f"{d.worker.name}:scheduler")
-    held = d.take()
-    assert isinstance(held, Held)
     started = d.queues[0].started_job_registry
-    member = f"{held.batch_id}:{held.execution.id}"
-    redis.zadd(started.key, {member: time.time() - 60})  # its worker died: the heartbeat lapsed
     housekeeper = Housekeeper(d)
     housekeeper.done.set()
 
@@ -183,13 +188,9 @@ def test_a_worker_killed_mid_maintenance_holds_the_queues_cleanup_no_longer_than
 ) -> None:
     """rq's maintenance lock lasts 15 minutes: a worker killed during a pass kept every other worker from
     recovering its batches that long. Ours lapses no later than the dead worker's batch registrations."""
-    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
-    d = taking_drain(settings, redis)
-    held = d.take()
-    assert isinstance(held, Held)
+    d, held = _abandoned(settings, redis, db)
     queue = d.queues[0]
     started = queue.started_job_registry
-    redis.zadd(started.key, {f"{held.batch_id}:{held.execution.id}": time.time() - 60})  # its worker died
     lock_ttl: list[int] = []
 
     def cleaning(q: Queue) -> None:  # mid-pass: the lock a worker killed now would leave behind

@@ -131,7 +131,12 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
     # but never the exit hook: the container is stopped here, so its record's heartbeat ends with the test.
     started: list[Container] = []
     start = Container.start
-    monkeypatch.setattr(Container, "start", lambda self, *args: (started.append(self), start(self, *args))[1])
+
+    def starting(container: Container, *args: object) -> object:
+        started.append(container)
+        return start(container, *args)
+
+    monkeypatch.setattr(Container, "start", starting)
     try:
         summary = modal_app.GpuWorker().drain.local(120)
     finally:

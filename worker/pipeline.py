@@ -475,14 +475,13 @@ class Housekeeper(threading.Thread):
     def run(self) -> None:
         d, s = self.drain, self.drain.ctx.settings
         next_maintenance = 0.0
-        passes = 0
         while True:
             try:
                 self.beat()
                 if time.monotonic() >= next_maintenance:
+                    first = next_maintenance == 0.0
                     next_maintenance = time.monotonic() + s.maintenance_interval
-                    passes += 1
-                    self.maintain(whole=passes == 1)
+                    self.maintain(whole=first)
             except RedisError as exc:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker %s: heartbeat or maintenance failed: %s", d.worker.name, exc)
             except Exception:
@@ -499,8 +498,9 @@ class Housekeeper(threading.Thread):
         between those steps once the drain ends: a pass is a few dozen round trips, and the drain's end
         waits for the housekeeper (another pass, this worker's next or another worker's, does the rest)."""
         d = self.drain
-        steps = [partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues]
-        for step in [*steps, partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds)]:
+        steps = [*(partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues),
+                 partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds)]
+        for step in steps:
             if self.done.is_set() and not whole:
                 return
             step()
