@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP) redis-server
 
-# torch first and pinned: the CPU wheel on this machine, before anything could pull a CUDA build.
-$(STAMP): pyproject.toml
+# Every version from config/constraints.txt, the list the Modal image installs too. torch first: the CPU
+# wheel on this machine, before anything could pull a CUDA build.
+CONSTRAINTS := config/constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[local,dev]' torch==2.13.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[local,dev]'
 	touch $(STAMP)
 
 redis-server:
