@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconcile", action="store_true",
                    help="compare the billed figure with the Modal workspace's billing report (needs credentials)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = command("doctor", cmd_doctor, "check what a deploy depends on: Redis, MongoDB, the model, torch and the GPU")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
 
@@ -606,6 +609,18 @@ def cmd_costs(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{r.lost} {r.gpu} container(s) never recorded an exit: billed to their last heartbeat",
                       file=sys.stderr)
     return 0
+
+
+def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.doctor import failed, run_checks
+
+    checks = run_checks(settings)
+    if args.json:
+        _print_json([c.to_dict() for c in checks])
+    else:
+        for check in checks:
+            print(check.line())
+    return EXIT_ERROR if failed(checks) else 0
 
 
 def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:

@@ -19,6 +19,7 @@ from config.errors import ForeignJobError, QueueError
 from config.settings import Settings
 from producer.connections import open_connections, redis_client
 from producer.enqueue import ON_FAILURE, TASK, vector_spec
+from worker.doctor import refuse_eviction
 from worker.pipeline import REDIS_THREADS, DrainTally, run_drain
 from worker.tasks import WorkerContext, current_context, init_context
 
@@ -101,6 +102,7 @@ def make_worker(
     `name` (default: host and pid) is what the ledger records as each batch's `worker`.
     """
     redis = redis or redis_client(settings)
+    refuse_eviction(settings, redis)  # before the model loads: a Redis that may evict the queue loses work
     ctx = init_context(settings, redis)
     if name:
         ctx.name = name

@@ -1,0 +1,97 @@
+"""`podembed doctor` against the real local services, and the Redis eviction check that workers run at start.
+
+The eviction cases set `maxmemory-policy` on the suite's real Redis with CONFIG SET (and put it back);
+the CLI runs as a subprocess, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from redis import Redis
+
+from config.errors import ConfigError
+from config.settings import Settings
+from config.versions import CONSTRAINTS, drift, pinned
+from tests.conftest import run_cli
+from worker.doctor import Status, eviction_check, refuse_eviction, run_checks
+from worker.loop import make_worker
+
+
+@pytest.fixture
+def evicting(redis: Redis) -> Iterator[Redis]:
+    """The suite's Redis with an LRU policy, as several managed services default to."""
+    redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        yield redis
+    finally:
+        redis.config_set("maxmemory-policy", "noeviction")
+
+
+def test_doctor_reports_every_check_ok_on_the_local_services(settings: Settings, redis: Redis) -> None:
+    done = run_cli(settings, "doctor", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    assert {c["status"] for c in checks.values()} <= {"ok", "n/a"}
+    assert checks["redis maxmemory-policy"]["detail"] == "noeviction"
+    assert checks["bson vectors"]["status"] == "ok"
+    assert checks["packages"]["detail"] == "the versions of config/constraints.txt"
+    # nx-27017 is not Atlas: no search index to check, and that is not a failure.
+    assert checks["vector search index podembed_vectors"] == {"name": "vector search index podembed_vectors",
+                                                              "status": "n/a",
+                                                              "detail": "not Atlas: search runs the exact scan"}
+    assert checks["model dimension"]["detail"].startswith("384-d on cpu (float32)")
+    assert checks["device price"]["detail"] == "cpu: $0.047/h (PODEMBED_GPU_PRICES)"
+    # On this CPU machine CUDA is not there, which only a GPU container counts as a failure.
+    assert checks["cuda"]["status"] == "n/a"
+    cuda = {c.name: c for c in run_checks(settings, want_gpu=True)}["cuda"]
+    assert cuda.status is Status.FAIL and "torch.cuda.is_available()=False" in cuda.detail
+
+    human = run_cli(settings, "doctor")
+    assert human.returncode == 0, human.stdout
+    assert "ok    redis maxmemory-policy: noeviction" in human.stdout.splitlines()
+
+
+def test_doctor_and_work_refuse_a_redis_that_evicts(settings: Settings, evicting: Redis) -> None:
+    done = run_cli(settings, "doctor")
+    assert done.returncode == 1
+    [line] = [line for line in done.stdout.splitlines() if "maxmemory-policy" in line]
+    assert line.startswith("FAIL  redis maxmemory-policy: allkeys-lru at redis://127.0.0.1:")
+    assert "evicts queued batches and job records; set maxmemory-policy noeviction" in line
+
+    work = run_cli(settings, "work", "--burst")
+    assert work.returncode == 1
+    assert work.stderr.splitlines()[-1].startswith("podembed: Redis maxmemory-policy allkeys-lru at ")
+    # In-process too: a worker (local or a Modal container) refuses before it loads the model.
+    with pytest.raises(ConfigError, match="maxmemory-policy allkeys-lru .* PODEMBED_ALLOW_EVICTION=1"):
+        make_worker(settings, evicting)
+
+
+def test_eviction_allowed_by_setting_and_volatile_policies(settings: Settings, evicting: Redis) -> None:
+    allowed = Settings.from_env({"PODEMBED_ALLOW_EVICTION": "1"}, redis_url=settings.redis_url)
+    check = eviction_check(allowed, evicting)
+    assert check.status is Status.WARN and "allowed by PODEMBED_ALLOW_EVICTION" in check.detail
+    refuse_eviction(allowed, evicting)  # no error
+    evicting.config_set("maxmemory-policy", "volatile-ttl")
+    assert "heartbeats and producer keys (live work taken for dead)" in eviction_check(settings, evicting).detail
+
+
+def test_doctor_names_services_that_do_not_answer(settings: Settings) -> None:
+    away = settings.replace(redis_url="redis://127.0.0.1:1/0", mongo_uri="mongodb://127.0.0.1:1",
+                            first_contact_seconds=0.5)
+    checks = {c.name: c for c in run_checks(away)}
+    assert checks["redis"].status is Status.FAIL and "Redis at redis://127.0.0.1:1/0 is not reachable" in \
+        checks["redis"].detail
+    assert checks["mongodb"].status is Status.FAIL
+    assert "redis maxmemory-policy" not in checks
+
+
+def test_one_list_of_versions() -> None:
+    pins = pinned()
+    assert list(pins)[:1] == ["torch"] and pins["rq"].startswith("3.0.")
+    # The suite runs the pinned versions (make install: pip install -c config/constraints.txt).
+    assert drift(pins) == []
+    assert drift({"rq": "2.9.0"}) == [f"rq {pins['rq']} installed, 2.9.0 pinned"]
+    assert CONSTRAINTS.read_text().count("==") == len(pins)
