@@ -1,8 +1,10 @@
 """What embedding costs, from measurements: busy seconds (batch compute) against billed seconds.
 
 A GPU container is billed from its start to its exit: cold start, queue waits and the
-idle `scaledown_window` included. The ledger's `gpu_seconds` (busy) is only the compute,
-so $/1M chunks on busy seconds is the floor and on billed seconds what was paid.
+idle `scaledown_window` included, and for its reserved CPU cores and memory on top of the GPU.
+The ledger's `gpu_seconds` (busy) is only the compute at the GPU's price, so $/1M chunks on busy
+seconds is the floor and on billed seconds what was paid (at least: Modal bills the higher of
+the reserved and the used CPU and memory, https://modal.com/docs/guide/resources).
 The numbers come from MongoDB `workers` (one document per container, a small collection)
 and, for one job, from the ledger entries of its batches (read by `_id`).
 """
@@ -83,7 +85,7 @@ def measured_costs(db: Database, *, heartbeat_interval: float = 10.0, now: datet
             busy_seconds=sum(d["busy_seconds"] for d in group),
             billed_seconds=sum(d["billed_seconds"] for d in group),
             busy_usd=sum(d["busy_seconds"] * d["price_per_hour"] / 3600 for d in group),
-            billed_usd=sum(d["billed_seconds"] * d["price_per_hour"] / 3600 for d in group),
+            billed_usd=sum(d["billed_seconds"] * d["billed_price_per_hour"] / 3600 for d in group),
             lost=sum(1 for d in group if _lost(d, heartbeat_interval, now)),
         ))
     return rows
@@ -149,7 +151,7 @@ def job_cost(db: Database, job_id: str, batch_ids: list[str]) -> JobCost:
             per_worker[entry["worker"]] += entry["gpu_seconds"]
         workers = {d["_id"]: d for d in db.workers.find({"_id": {"$in": list(per_worker)}},
                                                         {"busy_seconds": 1, "billed_seconds": 1,
-                                                         "price_per_hour": 1})}
+                                                         "billed_price_per_hour": 1})}
     except PyMongoError as exc:
         raise StoreError(f"cannot read the cost of job {job_id}: {exc}") from exc
     billed = billed_usd = unaccounted = 0.0
@@ -160,7 +162,7 @@ def job_cost(db: Database, job_id: str, batch_ids: list[str]) -> JobCost:
             continue
         share = busy / w["busy_seconds"] * w["billed_seconds"]
         billed += share
-        billed_usd += share * w["price_per_hour"] / 3600
+        billed_usd += share * w["billed_price_per_hour"] / 3600
     return JobCost(
         job_id=job_id, batches=len(ledger), busy_seconds=sum(per_worker.values()),
         busy_usd=sum(e["cost_usd"] for e in ledger), billed_seconds=billed, billed_usd=billed_usd,
@@ -176,7 +178,7 @@ class Reconciliation:
     start: datetime  # the first container's start, rounded down to the hour (the report's resolution)
     end: datetime  # the last heartbeat or exit
     containers: int
-    our_billed_usd: float  # GPU (or CPU core) seconds at PODEMBED_GPU_PRICES; no memory, no other functions
+    our_billed_usd: float  # the containers' lives: GPU, reserved CPU cores and memory; no other functions
     modal_usd: float  # every resource of the app's objects in the report's hours
     modal_by_resource: dict[str, float]
 
@@ -192,7 +194,8 @@ class Reconciliation:
 def billed_window(db: Database) -> tuple[datetime, datetime, int, float]:
     """(first start, last heartbeat or exit, containers, our billed USD) over `workers`."""
     try:
-        docs = list(db.workers.find({}, {"started_at": 1, "updated_at": 1, "billed_seconds": 1, "price_per_hour": 1}))
+        docs = list(db.workers.find({}, {"started_at": 1, "updated_at": 1, "billed_seconds": 1,
+                                         "billed_price_per_hour": 1}))
     except PyMongoError as exc:
         raise StoreError(f"cannot read {db.name}.workers: {exc}") from exc
     if not docs:
@@ -200,7 +203,7 @@ def billed_window(db: Database) -> tuple[datetime, datetime, int, float]:
     # In UTC by `datetime.UTC`: modal refuses pymongo's own UTC tzinfo.
     start = min(d["started_at"] for d in docs).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     end = max(d["updated_at"] for d in docs).astimezone(UTC)
-    return start, end, len(docs), sum(d["billed_seconds"] * d["price_per_hour"] / 3600 for d in docs)
+    return start, end, len(docs), sum(d["billed_seconds"] * d["billed_price_per_hour"] / 3600 for d in docs)
 
 
 def reconcile(db: Database, app: str, report: Callable[[datetime, datetime], Iterable]) -> Reconciliation:
@@ -228,7 +231,21 @@ def modal_billing_report(start: datetime, end: datetime) -> list:
     try:
         return modal.Workspace.from_context().billing.report(start=start, end=end, resolution="h")
     except ModalError as exc:
-        raise PodembedError(
-            f"Modal's billing report is not available here ({type(exc).__name__}: {exc}); reconciling needs "
-            "credentials of the workspace (`modal token new`, or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)"
-        ) from exc
+        raise billing_refused(exc) from exc
+
+
+def billing_refused(exc: Exception) -> PodembedError:
+    """The one-line error for a billing report Modal refused: the plan, or the credentials."""
+    from modal.exception import AuthError, PermissionDeniedError
+
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, PermissionDeniedError):
+        # Modal's billing API reference does not name the plans it serves; it is reported as a Team and
+        # Enterprise feature (not confirmed from the stored docs).
+        return PodembedError(f"Modal refused this workspace's billing report ({reason}): it needs a Team or "
+                             "Enterprise plan; on other plans compare with the dashboard's usage page instead")
+    if isinstance(exc, AuthError):
+        return PodembedError(f"Modal refused the credentials ({reason}): `modal token new`, or MODAL_TOKEN_ID "
+                             "and MODAL_TOKEN_SECRET of the workspace")
+    return PodembedError(f"Modal's billing report is not available here ({reason}); reconciling needs "
+                         "credentials of the workspace and a Team or Enterprise plan")

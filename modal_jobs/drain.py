@@ -43,7 +43,11 @@ class WorkerRecord:
     device: str  # what torch reports (e.g. "NVIDIA A10G"), or "cpu"
     model: str
     model_revision: str | None
-    price_per_hour: float  # of `device`, from PODEMBED_GPU_PRICES
+    price_per_hour: float  # of `device`, from PODEMBED_GPU_PRICES: what busy seconds cost
+    # Of the container's life: its GPU (none for a CPU container) and its reserved CPU cores and memory, which
+    # Modal bills on top of the GPU (at least: it bills the higher of reservation and use).
+    billed_price_per_hour: float
+    snapshot: str  # what the deployment's memory snapshot holds the weights in: "cpu" or "gpu" memory
     torch_cuda: str | None  # the CUDA version torch was built with
     cuda_driver: str | None  # the NVIDIA driver's version
     weight_dtype: str
@@ -103,9 +107,12 @@ class Container:
     and `stop` when the container exits.
     """
 
-    def __init__(self, settings: Settings, *, gpu: str, started_at: datetime | None = None) -> None:
+    def __init__(self, settings: Settings, *, gpu: str, host_price_per_hour: float = 0.0, snapshot: str = "cpu",
+                 started_at: datetime | None = None) -> None:
         self.settings = settings
         self.gpu = gpu
+        self.host_price_per_hour = host_price_per_hour  # the reserved CPU cores and memory, USD per hour
+        self.snapshot = snapshot  # "gpu": the weights go onto the GPU before the snapshot
         self.started_at = started_at or utcnow()
         self._embedder: Embedder | None = None
         self._loaded_in = ""
@@ -127,13 +134,16 @@ class Container:
 
     def load_weights(self, task_id: str = "") -> None:
         """Load the model into CPU memory; `task_id` names the container doing it. Weights bound
-        for a GPU are cast to bf16 here, so the snapshot and the copy to the GPU are half as big."""
+        for a GPU are cast to bf16 here, so the snapshot and the copy to the GPU are half as big.
+        With a GPU memory snapshot they go onto the GPU too, and the snapshot holds them there."""
         s = self.settings
         began = time.perf_counter()
         self._embedder = get_embedder(s.model_source(), revision=s.model_revision,
                                       pool_instruction=s.pools_instruction(), device="cpu",
                                       micro_batch_size=s.micro_batch_size, max_forward_tokens=s.max_forward_tokens,
                                       dtype="bfloat16" if self.wants_gpu else "float32")
+        if self.snapshot == "gpu":
+            self._embedder = move_embedder(self._embedder, self._device())
         self._load_seconds = time.perf_counter() - began
         self._loaded_in = task_id
 
@@ -156,21 +166,19 @@ class Container:
         if from_snapshot:
             self.started_at = utcnow()
         cuda = cuda_report()
-        device = self.settings.device or ("cuda" if self.wants_gpu else "cpu")
-        if self.wants_gpu and not (cuda.available and device.startswith("cuda")):
-            # Draining on CPU would bill GPU hours for CPU speed, and the ledger would price it as CPU.
-            raise DeviceError(f"this container asked for a {self.gpu} GPU and refuses to drain on {device}: "
-                              f"{cuda.line()}")
+        device = self._device()
         began = time.perf_counter()
         embedder = move_embedder(loaded, device)
         to_device_seconds = time.perf_counter() - began
         ready_at = utcnow()
         self._worker, ctx = make_worker(self.settings.replace(device=device), name=task_id or None)
         self._db = ctx.store.db
+        price = self.settings.price_per_hour(embedder.device_name)
         self.record = WorkerRecord(
             worker=ctx.name, gpu=self.gpu, device=embedder.device_name, model=self.settings.model,
-            model_revision=self.settings.model_revision,
-            price_per_hour=self.settings.price_per_hour(embedder.device_name), torch_cuda=cuda.torch_cuda,
+            model_revision=self.settings.model_revision, price_per_hour=price,
+            billed_price_per_hour=(price if self.wants_gpu else 0.0) + self.host_price_per_hour,
+            snapshot=self.snapshot, torch_cuda=cuda.torch_cuda,
             cuda_driver=cuda.driver, weight_dtype=embedder.key.dtype, weight_bytes=weight_bytes(embedder),
             started_at=self.started_at, ready_at=ready_at,
             cold_start_seconds=(ready_at - self.started_at).total_seconds(), from_snapshot=from_snapshot,
@@ -179,8 +187,20 @@ class Container:
         self._save()
         threading.Thread(target=self._beat, name="worker-record", daemon=True).start()
         logger.info("worker %s ready on %s: cold start %.1fs (%s)", ctx.name, embedder.device_name,
-                    self.record.cold_start_seconds, "from snapshot" if from_snapshot else "no snapshot")
+                    self.record.cold_start_seconds,
+                    f"from a {self.snapshot} memory snapshot" if from_snapshot else "no snapshot")
         return self.record
+
+    def _device(self) -> str:
+        """The device to drain on; a GPU container without a usable GPU refuses (`DeviceError`)."""
+        device = self.settings.device or ("cuda" if self.wants_gpu else "cpu")
+        if self.wants_gpu:
+            cuda = cuda_report()
+            if not (cuda.available and device.startswith("cuda")):
+                # Draining on CPU would bill GPU hours for CPU speed, and the ledger would price it as CPU.
+                raise DeviceError(f"this container asked for a {self.gpu} GPU and refuses to drain on {device}: "
+                                  f"{cuda.line()}")
+        return device
 
     def drain(self, time_budget_s: float, spawn_id: str | None = None) -> DrainSummary:
         """Run batches until the queue is empty or `time_budget_s` is spent; `spawn_id` is the note

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from config.errors import ConfigError
-from modal_jobs.settings import PINNED_PACKAGES, PREFIX, ModalSettings, container_task_id
+from config.settings import Settings
+from config.versions import CONSTRAINTS, pinned
+from modal_jobs.settings import PREFIX, ModalSettings, container_task_id
 from tests.conftest import ROOT
 
 DEPRECATED = {"concurrency_limit", "allow_concurrent_inputs", "keep_warm", "container_idle_timeout"}
@@ -73,7 +75,8 @@ for owner, name in [(modal.App, "cls"), (modal.App, "function"), (modal, "enter"
                     (modal, "exit"), (modal, "asgi_app"), (modal, "concurrent")]:
     record(owner, name, True)
 for owner, name in [(modal.Volume, "from_name"), (modal.Secret, "from_name"), (modal.Image, "debian_slim"),
-                    (modal.Image, "pip_install"), (modal.Image, "env"), (modal.Image, "add_local_python_source")]:
+                    (modal.Image, "pip_install"), (modal.Image, "env"), (modal.Image, "add_local_python_source"),
+                    (modal.Image, "add_local_file")]:
     record(owner, name, False)
 
 import modal_jobs.app as m
@@ -87,6 +90,9 @@ OVERRIDES = {
     "PODEMBED_MODAL_NIGHTLY_CRON": "15 2 * * *",
     "PODEMBED_MODAL_SECRET_NAME": "podembed-staging",
     "PODEMBED_MODAL_LAUNCHER_PERIOD_S": "120",
+    # The deploying shell's model: the deployment serves it.
+    "PODEMBED_MODEL": "hkunlp/instructor-xl",
+    "PODEMBED_MODEL_REVISION": "ce48b213095e647a6c3536364b9fa00daf57f436",
 }
 
 
@@ -101,7 +107,7 @@ def _run(code: str, home: Path, extra: dict[str, str] | None = None) -> dict:
 def test_app_imports_offline_without_credentials(tmp_path: Path) -> None:
     result = _run(IMPORT, tmp_path)
     assert result["app"] == "podembed"
-    assert ModalSettings(**result["settings"]) == ModalSettings()
+    assert ModalSettings(**result["settings"]) == ModalSettings.from_env({})
     # Deploying needs neither the model stack nor a database client.
     assert result["heavy"] == []
     assert list(tmp_path.iterdir()) == []
@@ -128,6 +134,10 @@ def test_declared_gpu_class_matches_settings(recorded: dict) -> None:
         "env": {"HF_HUB_OFFLINE": "1"},
         "volumes": {expected.hf_cache_path: f"modal.Volume.from_name('{expected.volume_name}')"},
         "gpu": "L4",
+        # Reserved, and billed at least (README, "What the cost figures mean").
+        "cpu": expected.cpu,
+        "memory": expected.memory_mib,
+        # GPU memory snapshots are alpha: not asked for unless PODEMBED_MODAL_GPU_SNAPSHOT=1.
         "enable_memory_snapshot": True,
         "max_containers": 4,
         "min_containers": 0,
@@ -159,7 +169,10 @@ def test_declared_functions_volume_secret_and_image(recorded: dict) -> None:
     # The one function that may reach the hub: it runs on CPU, and commits the volume itself.
     assert "env" not in functions["download_weights"]
     assert functions["launcher"]["secrets"] == ["modal.Secret.from_name('podembed-staging')"]
-    assert not any("gpu" in kwargs for kwargs in functions.values())
+    # Only the preflight runs on the deployment's GPU, as the drains do; it reads the weights from the volume.
+    assert {name for name, kwargs in functions.items() if "gpu" in kwargs} == {"preflight"}
+    assert (functions["preflight"]["gpu"], functions["preflight"]["env"]) == ("L4", offline)
+    assert functions["preflight"]["volumes"] == weights
     [web] = _declared(recorded, "asgi_app")
     assert web["target"] == "web"
     assert [d["kwargs"] for d in _declared(recorded, "concurrent")] == [{"max_inputs": expected.web_max_inputs}]
@@ -175,15 +188,22 @@ def test_declared_functions_volume_secret_and_image(recorded: dict) -> None:
     [base] = _declared(recorded, "debian_slim")
     assert base["kwargs"] == {"python_version": expected.python_version}
     torch, packages = _declared(recorded, "pip_install")
-    # A CUDA 12 build of torch, from PyTorch's index, runs on the driver of Modal's hosts.
-    assert torch == {"call": "pip_install", "args": [f"torch=={expected.torch_version}"],
-                     "kwargs": {"index_url": "https://download.pytorch.org/whl/cu128"}}
-    assert packages["args"] == list(PINNED_PACKAGES)
+    # torch 2.13 has no CUDA 12.8 build: the CUDA 12.6 one, from PyTorch's index, runs on the driver of Modal's hosts.
+    pins = pinned()
+    assert torch == {"call": "pip_install", "args": [f"torch=={pins['torch']}"],
+                     "kwargs": {"index_url": "https://download.pytorch.org/whl/cu126"}}
+    # The image installs exactly the versions of config/constraints.txt, the versions the suite runs with.
+    assert [torch["args"][0], *packages["args"]] == [f"{name}=={pin}" for name, pin in pins.items()]
     [env] = _declared(recorded, "env")
     assert env["args"] == [{"HF_HOME": expected.hf_cache_path, "DISABLE_SAFETENSORS_CONVERSION": "1",
                             **expected.to_env()}]
+    # The model of the deploying shell is baked into the image: a new model is a new image and a new snapshot.
+    assert (env["args"][0]["PODEMBED_MODAL_MODEL"], env["args"][0]["PODEMBED_MODAL_MODEL_REVISION"]) == (
+        "hkunlp/instructor-xl", "ce48b213095e647a6c3536364b9fa00daf57f436")
     [sources] = _declared(recorded, "add_local_python_source")
     assert sources["args"] == ["config", "producer", "worker", "modal_jobs"]
+    [constraints] = _declared(recorded, "add_local_file")
+    assert constraints["args"] == [repr(CONSTRAINTS), "/root/config/constraints.txt"]
 
     used = {key for d in recorded["declared"] for key in d["kwargs"]}
     assert not used & DEPRECATED
@@ -192,7 +212,7 @@ def test_declared_functions_volume_secret_and_image(recorded: dict) -> None:
 def test_modal_settings_from_env_round_trip_and_errors() -> None:
     settings = ModalSettings.from_env({"PODEMBED_MODAL_MAX_CONTAINERS": " 3 ", "PODEMBED_MODAL_GPU": "",
                                        "PODEMBED_MODAL_TIMEOUT": "7200"})
-    assert (settings.max_containers, settings.gpu, settings.timeout) == (3, "A10G", 7200)
+    assert (settings.max_containers, settings.gpu, settings.timeout) == (3, "A10", 7200)
     assert ModalSettings.from_env(settings.to_env()) == settings
     assert all(key.startswith(PREFIX) for key in settings.to_env())
     with pytest.raises(ConfigError, match="PODEMBED_MODAL_MAX_CONTAINERS='ten' is not a valid int"):
@@ -205,3 +225,35 @@ def test_modal_settings_from_env_round_trip_and_errors() -> None:
         ModalSettings(min_containers=11)
     assert container_task_id({"MODAL_TASK_ID": "ta-01"}) == "ta-01"
     assert container_task_id({}) == ""
+    with pytest.raises(ConfigError, match="PODEMBED_MODAL_GPU_SNAPSHOT needs a GPU"):
+        ModalSettings(gpu="cpu", gpu_snapshot=True)
+
+
+def test_the_deploying_shells_model_is_baked_into_the_deployment() -> None:
+    shell = {"PODEMBED_MODEL": "hkunlp/instructor-xl", "PODEMBED_MODEL_REVISION": "abc123"}
+    deployed = ModalSettings.from_env(shell)
+    assert (deployed.model, deployed.model_revision) == ("hkunlp/instructor-xl", "abc123")
+    # In a container the image's variables give it back, whatever the secret names.
+    container = ModalSettings.from_env({**deployed.to_env(), "PODEMBED_MODEL": "intfloat/e5-large-v2"})
+    assert container == deployed
+    secret = Settings.from_env(shell)
+    assert deployed.deployed(secret) is secret
+    with pytest.raises(ConfigError, match=r"names PODEMBED_MODEL=hkunlp/instructor-xl \(revision def456\) but this "
+                                          r"deployment serves hkunlp/instructor-xl \(revision abc123\)"):
+        deployed.deployed(secret.replace(model_revision="def456"))
+
+
+def test_gpu_memory_snapshot_is_asked_for_only_when_set(tmp_path: Path) -> None:
+    declared = _run(RECORD, tmp_path, {**OVERRIDES, "PODEMBED_MODAL_GPU_SNAPSHOT": "1"})
+    [worker] = _declared(declared, "cls", "GpuWorker")
+    assert worker["kwargs"]["experimental_options"] == {"enable_gpu_snapshot": True}
+    assert ModalSettings(**declared["settings"]).snapshot == "gpu"
+
+
+def test_container_logs_reach_stderr() -> None:
+    """Modal shows a container's stderr (`modal app logs`); the project's INFO lines must reach it."""
+    code = ("import logging; from modal_jobs.settings import log_to_stderr; log_to_stderr(); "
+            "logging.getLogger('modal_jobs.weights').info('weights committed')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.rstrip().endswith("INFO modal_jobs.weights: weights committed")

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import torch
 from modal.billing import BillingReportItem
+from modal.exception import PermissionDeniedError
 from pymongo.database import Database
 from redis import Redis
 
 from config.errors import ConfigError, DeviceError
 from config.settings import Settings
-from modal_jobs.costs import measured_costs, reconcile
+from modal_jobs.costs import billing_refused, measured_costs, reconcile
 from modal_jobs.drain import Container
 from modal_jobs.settings import process_started_at
 from producer.enqueue import batch_queue, enqueue_episodes, ingest, parse_files, vector_spec
@@ -163,7 +164,7 @@ from config.settings import Settings
 from modal_jobs.drain import Container
 from modal_jobs.settings import process_started_at
 
-container = Container(Settings.from_env(), gpu="cpu", started_at=process_started_at())
+container = Container(Settings.from_env(), gpu="cpu", host_price_per_hour=0.047, started_at=process_started_at())
 container.load_weights("ta-doomed")
 container.start("ta-doomed")
 print("ready", flush=True)
@@ -218,7 +219,7 @@ def test_process_started_at_reads_the_kernel() -> None:
 def test_reconcile_with_the_billing_report(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
     _ingest(settings, redis, db, DATA / "E03.srt")
     doc = drain_container(settings, db, "ta-bill")
-    ours = doc["billed_seconds"] * 0.047 / 3600
+    ours = doc["billed_seconds"] * doc["billed_price_per_hour"] / 3600
     asked = []
 
     def report(start: datetime, end: datetime) -> list[BillingReportItem]:
@@ -246,5 +247,10 @@ def test_reconcile_with_the_billing_report(settings: Settings, redis: Redis, db:
     done = subprocess.run([sys.executable, "-m", "worker.cli", "costs", "--reconcile", "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
-    assert "Modal's billing report is not available here (AuthError" in done.stderr
-    assert "`modal token new`, or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET" in done.stderr
+    assert "podembed: Modal refused the credentials (AuthError: " in done.stderr
+    assert "`modal token new`, or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET of the workspace" in done.stderr
+    # A workspace whose plan has no billing report is told so, not sent after its credentials.
+    plan = billing_refused(PermissionDeniedError("billing reports are not enabled for this workspace"))
+    assert str(plan) == ("Modal refused this workspace's billing report (PermissionDeniedError: billing reports are "
+                         "not enabled for this workspace): it needs a Team or Enterprise plan; on other plans compare "
+                         "with the dashboard's usage page instead")

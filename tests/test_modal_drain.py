@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from pymongo.database import Database
 from redis import Redis
 
+from config.errors import ConfigError, PodembedError
 from config.settings import Settings
 from modal_jobs.costs import cost_table, job_cost, measured_costs
 from modal_jobs.drain import Container, utcnow
@@ -33,7 +34,8 @@ def _ingest(settings: Settings, redis: Redis, db: Database, path: Path) -> Enque
 
 def drain_container(settings: Settings, db: Database, task_id: str) -> dict:
     """A CPU container's whole life, one drain of the queue; its `workers` document."""
-    container = Container(settings, gpu="cpu")
+    host = ModalSettings(gpu="cpu").host_price_per_hour(settings)
+    container = Container(settings, gpu="cpu", host_price_per_hour=host)
     container.load_weights(task_id)
     container.start(task_id)
     container.drain(600)
@@ -80,6 +82,8 @@ def test_container_drains_a_real_job_and_records_its_worker(settings: Settings, 
     assert doc["billed_seconds"] == pytest.approx((doc["exited_at"] - doc["started_at"]).total_seconds(), abs=0.002)
     assert doc["billed_seconds"] >= summary.billed_seconds >= doc["cold_start_seconds"]
     assert doc["price_per_hour"] == settings.price_per_hour("cpu") == 0.047
+    # No host price given: a CPU container's life costs its reserved cores and memory only, none here.
+    assert (doc["billed_price_per_hour"], doc["snapshot"]) == (0.0, "cpu")
 
 
 def test_restored_container_starts_at_the_restore_without_a_second_load(
@@ -125,8 +129,9 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
     job = _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
     from modal_jobs import app as modal_app
 
-    # A CPU deployment: with a GPU asked for, the container would refuse to drain here.
-    monkeypatch.setattr(modal_app, "MODAL", ModalSettings(gpu="cpu"))
+    # A CPU deployment of the suite's model: with a GPU asked for, the container would refuse to drain here.
+    deployment = ModalSettings(gpu="cpu", model=settings.model)
+    monkeypatch.setattr(modal_app, "MODAL", deployment)
     # `.local()` runs both enter hooks (snap=True, then snap=False) before the method, as a container does,
     # but never the exit hook: the container is stopped here, so its record's heartbeat ends with the test.
     started: list[Container] = []
@@ -145,13 +150,45 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
     assert (summary["batches"], summary["chunks"], summary["failed"]) == (job.batches, job.chunks, 0)
     assert (summary["budget_s"], summary["retries_later"]) == (120, 0)
     doc = db.workers.find_one({"_id": summary["worker"]})
-    assert (doc["gpu"], doc["embedded"], doc["from_snapshot"]) == ("cpu", job.chunks, False)
+    assert (doc["gpu"], doc["embedded"], doc["from_snapshot"], doc["snapshot"]) == ("cpu", job.chunks, False, "cpu")
+    assert doc["billed_price_per_hour"] == pytest.approx(deployment.host_price_per_hour(settings))
+
+    # A secret that names another model than the deployment's: the container refuses, in one line.
+    monkeypatch.setenv("PODEMBED_MODEL", "hkunlp/instructor-xl")
+    with pytest.raises(ConfigError) as refused:
+        modal_app.GpuWorker().drain.local(120)
+    assert str(refused.value) == (
+        f"the secret 'podembed' names PODEMBED_MODEL=hkunlp/instructor-xl (revision None) but this deployment serves "
+        f"{settings.model} (revision None): deploy again from a shell with the secret's model and revision, or set "
+        "the secret back")
+    monkeypatch.delenv("PODEMBED_MODEL")
 
     client = TestClient(modal_app.web.local())
     assert client.get(f"/jobs/{job.job_id}").status_code == 401
     polled = client.get(f"/jobs/{job.job_id}", headers={"Authorization": "Bearer t0ken"})
     assert polled.status_code == 200
     assert (polled.json()["state"], polled.json()["chunks"]["embedded"]) == ("finished", job.chunks)
+
+
+@pytest.mark.filterwarnings("ignore:The .* function is executing locally")
+def test_preflight_function_runs_the_doctors_checks(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {"PODEMBED_REDIS_URL": settings.redis_url, "PODEMBED_MONGO_URI": settings.mongo_uri,
+                        "PODEMBED_MONGO_DB": settings.mongo_db}.items():
+        monkeypatch.setenv(name, value)
+    from modal_jobs import app as modal_app
+
+    monkeypatch.setattr(modal_app, "MODAL", ModalSettings(gpu="cpu", model=settings.model))
+    lines = modal_app.preflight.local().splitlines()
+    assert "ok    redis maxmemory-policy: noeviction" in lines
+    assert f"ok    deployment model: {settings.model} (revision None), weights snapshotted in cpu memory" in lines
+    redis.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        with pytest.raises(PodembedError, match=r"^preflight: 1 check\(s\) failed: redis maxmemory-policy$"):
+            modal_app.preflight.local()
+    finally:
+        redis.config_set("maxmemory-policy", "noeviction")
 
 
 def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Database) -> None:
@@ -161,11 +198,15 @@ def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Da
 
     [row] = measured_costs(db)
     price = settings.price_per_hour("cpu")
+    # Its life is billed for its reserved CPU cores and memory (Modal's rates), its batches at the CPU's price.
+    host = 2.0 * 0.047 + 8192 / 1024 * 0.008
+    assert worker["billed_price_per_hour"] == pytest.approx(host) == ModalSettings(gpu="cpu").host_price_per_hour(
+        settings)
     assert (row.gpu, row.device, row.model, row.containers, row.from_snapshot, row.lost) == (
         "cpu", "cpu", settings.model, 1, 0, 0)
     assert row.embedded == first.chunks + second.chunks == worker["embedded"]
     assert (row.busy_seconds, row.billed_seconds) == (worker["busy_seconds"], worker["billed_seconds"])
-    assert row.usd_per_million_billed == pytest.approx(worker["billed_seconds"] * price / 3600 / row.embedded * 1e6)
+    assert row.usd_per_million_billed == pytest.approx(worker["billed_seconds"] * host / 3600 / row.embedded * 1e6)
     assert row.usd_per_million_busy == pytest.approx(worker["busy_seconds"] * price / 3600 / row.embedded * 1e6)
     assert 0 < row.utilization < 1
     assert row.cold_start_median_s == worker["cold_start_seconds"]
@@ -183,7 +224,7 @@ def test_costs_from_measured_containers(settings: Settings, redis: Redis, db: Da
     # The container's billed time is shared between the two jobs in proportion to their compute.
     assert a.billed_seconds + b.billed_seconds == pytest.approx(worker["billed_seconds"])
     assert a.billed_seconds / b.billed_seconds == pytest.approx(a.busy_seconds / b.busy_seconds)
-    assert a.billed_usd == pytest.approx(a.billed_seconds * price / 3600)
+    assert a.billed_usd == pytest.approx(a.billed_seconds * host / 3600)
 
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
            "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}

@@ -150,7 +150,7 @@ def test_cli_launch(settings: Settings, redis: Redis, db: Database, tmp_path: Pa
     # No Modal credentials here: the plan is printed, then a clear error and exit code 1.
     spawned = _cli(settings, tmp_path, "launch")
     assert spawned.returncode == 1
-    assert "1 drain(s) of up to 600 s to spawn on A10G" in spawned.stdout
+    assert "1 drain(s) of up to 600 s to spawn on A10 " in spawned.stdout
     assert "cannot spawn a drain on the Modal app 'podembed' (AuthError" in spawned.stderr
     assert "modal deploy modal_jobs/app.py" in spawned.stderr
 

@@ -7,15 +7,18 @@ cannot be reached from here (HF_HUB_OFFLINE=1), as in a GPU container.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from config.errors import ConfigError
 from config.settings import Settings
+from modal_jobs.preflight import preflight_checks
 from modal_jobs.settings import ModalSettings
 from modal_jobs.weights import download_weights, weights_path
 from producer.enqueue import vector_spec
+from worker.doctor import Status
 
 REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
@@ -74,7 +77,7 @@ def test_app_container_settings_point_at_the_volume(
 ) -> None:
     from modal_jobs import app as modal_app
 
-    modal = ModalSettings(hf_cache_path=str(tmp_path))
+    modal = ModalSettings(hf_cache_path=str(tmp_path), model="hkunlp/instructor-xl", model_revision=REVISION)
     snapshot = _volume(settings, Path(modal.hub_cache))
     monkeypatch.setattr(modal_app, "MODAL", modal)
     monkeypatch.setenv("PODEMBED_MODEL", "hkunlp/instructor-xl")
@@ -83,5 +86,33 @@ def test_app_container_settings_point_at_the_volume(
     assert (container.model, container.model_revision, container.model_path) == (
         "hkunlp/instructor-xl", REVISION, str(snapshot))
     monkeypatch.setenv("PODEMBED_MODEL_REVISION", "0" * 40)
+    with pytest.raises(ConfigError, match="names PODEMBED_MODEL=hkunlp/instructor-xl .* but this deployment serves"):
+        modal_app.container_settings()
+    monkeypatch.setattr(modal_app, "MODAL", replace(modal, model_revision="0" * 40))
     with pytest.raises(ConfigError, match="download_weights"):
         modal_app.container_settings()
+
+
+def test_preflight_checks_the_deployment_with_the_weights_of_the_volume(settings: Settings, tmp_path: Path) -> None:
+    modal = ModalSettings(gpu="cpu", hf_cache_path=str(tmp_path), model="hkunlp/instructor-xl",
+                          model_revision=REVISION)
+    secret = settings.replace(model="hkunlp/instructor-xl", model_path=None, model_revision=REVISION)
+    missing = {c.name: c for c in preflight_checks(secret, modal)}
+    assert missing["model weights"].status is Status.FAIL
+    assert "run `modal run -m modal_jobs.app::download_weights` first" in missing["model weights"].detail
+    assert missing["redis maxmemory-policy"].status is Status.OK
+
+    snapshot = _volume(settings, Path(modal.hub_cache))
+    checks = preflight_checks(secret, modal)
+    assert {c.status for c in checks} <= {Status.OK, Status.NA}, [c.line() for c in checks]
+    found = {c.name: c for c in checks}
+    assert found["deployment model"].detail == f"hkunlp/instructor-xl (revision {REVISION}), weights snapshotted " \
+                                               "in cpu memory"
+    assert found["model weights"].detail.endswith(str(snapshot))
+    assert found["model dimension"].detail.startswith("384-d on cpu")
+
+    # A secret that names another model than the deployment's: nothing else is worth checking.
+    assert [c.line() for c in preflight_checks(settings, modal)] == [
+        f"FAIL  deployment model: the secret 'podembed' names PODEMBED_MODEL={settings.model} (revision None) but "
+        f"this deployment serves hkunlp/instructor-xl (revision {REVISION}): deploy again from a shell with the "
+        "secret's model and revision, or set the secret back"]

@@ -58,9 +58,11 @@ def failed(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.status is Status.FAIL]
 
 
-def run_checks(settings: Settings, *, want_gpu: bool = False) -> list[Check]:
-    """Every check, in the order a first deploy meets them. `want_gpu`: a GPU container, where no CUDA is a failure."""
-    return [*package_checks(), *redis_checks(settings), *mongo_checks(settings), *model_checks(settings),
+def run_checks(settings: Settings, *, want_gpu: bool = False,
+               model: Callable[[Settings], list[Check]] | None = None) -> list[Check]:
+    """Every check, in the order a first deploy meets them. `want_gpu`: a GPU container, where no CUDA is a
+    failure; `model`: the model's checks (default `model_checks`, a Modal container finds the weights first)."""
+    return [*package_checks(), *redis_checks(settings), *mongo_checks(settings), *(model or model_checks)(settings),
             *torch_checks(settings, want_gpu=want_gpu)]
 
 
