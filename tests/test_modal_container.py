@@ -63,6 +63,17 @@ def test_gpu_container_refuses_to_drain_on_cpu(
     assert db.workers.count_documents({}) == 0
 
 
+def test_gpu_memory_snapshot_puts_the_weights_on_the_gpu_before_the_snapshot(settings: Settings) -> None:
+    # With a GPU memory snapshot the weights go to the GPU in the snapshot hook: without CUDA that hook refuses,
+    # where a CPU memory snapshot loads on CPU and leaves the GPU to the restore.
+    cpu_snapshot = Container(settings, gpu="A10", snapshot="cpu")
+    cpu_snapshot.load_weights("ta-cpu-snapshot")
+    assert cpu_snapshot.weights.key.device == "cpu"
+    gpu_snapshot = Container(settings, gpu="A10", snapshot="gpu")
+    with pytest.raises(DeviceError, match="this container asked for a A10 GPU and refuses to drain on cuda"):
+        gpu_snapshot.load_weights("ta-gpu-snapshot")
+
+
 def test_nvidia_driver_version_from_proc(tmp_path: Path) -> None:
     proprietary = tmp_path / "proprietary"
     proprietary.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
