@@ -7,15 +7,17 @@ the CLI runs as a subprocess, as a user runs it.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 
 import pytest
+from packaging.requirements import Requirement
 from redis import Redis
 
 from config.errors import ConfigError
 from config.settings import Settings
 from config.versions import CONSTRAINTS, drift, pinned
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from worker.doctor import Status, eviction_check, refuse_eviction, run_checks
 from worker.loop import make_worker
 
@@ -91,7 +93,21 @@ def test_doctor_names_services_that_do_not_answer(settings: Settings) -> None:
 def test_one_list_of_versions() -> None:
     pins = pinned()
     assert list(pins)[:1] == ["torch"] and pins["rq"].startswith("3.0.")
-    # The suite runs the pinned versions (make install: pip install -c config/constraints.txt).
+    # The suite runs the pinned versions: make install installs with the file as pip constraints.
     assert drift(pins) == []
     assert drift({"rq": "2.9.0"}) == [f"rq {pins['rq']} installed, 2.9.0 pinned"]
     assert CONSTRAINTS.read_text().count("==") == len(pins)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "CONSTRAINTS := config/constraints.txt" in makefile
+    assert makefile.count("pip install -q -c $(CONSTRAINTS)") == 2 and "torch==" not in makefile
+
+
+def test_dependency_floors_admit_only_what_the_code_uses() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    # The worker calls rq 3.0's internals (Worker._finalize_failure, rq.scripts.RELEASE_LOCK_SCRIPT).
+    assert [v for v in ("2.4.0", "3.0.0", "3.0.9", "3.1.0", "4.0.0") if v in wanted["rq"]] == ["3.0.0", "3.0.9"]
+    for extra in ("modal", "dev"):
+        [modal] = [r for r in map(Requirement, project["optional-dependencies"][extra]) if r.name == "modal"]
+        # `env=` on functions and `Workspace.billing`.
+        assert "1.5.0" not in modal.specifier and "1.5.1" in modal.specifier

@@ -9,6 +9,7 @@ still receive (and validate) every argument.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,31 @@ def test_container_logs_reach_stderr() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.rstrip().endswith("INFO modal_jobs.weights: weights committed")
+
+
+def _runbook() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Runbook: a first deploy on a fresh Modal account")
+    return readme[start:readme.index("\n### ", start + 1)]
+
+
+def test_the_runbook_keeps_the_token_runs_the_preflight_first_and_names_the_plan() -> None:
+    runbook = _runbook()
+    shell = [line for block in re.findall(r"```sh\n(.*?)```", runbook, re.S) for line in block.splitlines()]
+    # Every variable a command reads was exported before it (a secret cannot be read back from Modal).
+    exported: set[str] = set()
+    for line in shell:
+        used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", line))
+        assert used <= exported, f"{line!r} reads {used - exported} before it is set"
+        if line.startswith("export "):
+            exported |= set(re.findall(r"([A-Z][A-Z0-9_]*)=", line))
+    written = next(i for i, line in enumerate(shell) if "> .podembed-api-token" in line)
+    assert all(i > written for i, line in enumerate(shell) if "cat .podembed-api-token" in line)
+    # The preflight runs before the first launch, and the logs are shown.
+    preflight = shell.index("modal run -m modal_jobs.app::preflight                  # the doctor's checks on the "
+                            "deployment's GPU")
+    assert preflight < next(i for i, line in enumerate(shell) if line.startswith("podembed launch"))
+    assert any(line.startswith("modal app logs podembed") for line in shell)
+    # The reconcile's plan is named; snapshots are not promised to all but the first container.
+    assert "Team and Enterprise plan" in runbook
+    assert "on every container but the first after a deploy" not in runbook

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -170,9 +172,19 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
     assert (polled.json()["state"], polled.json()["chunks"]["embedded"]) == ("finished", job.chunks)
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger as it was: a Modal entry point configures it, as in a container."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 @pytest.mark.filterwarnings("ignore:The .* function is executing locally")
 def test_preflight_function_runs_the_doctors_checks(
-    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    root_logging: None,
 ) -> None:
     for name, value in {"PODEMBED_REDIS_URL": settings.redis_url, "PODEMBED_MONGO_URI": settings.mongo_uri,
                         "PODEMBED_MONGO_DB": settings.mongo_db}.items():
@@ -183,6 +195,9 @@ def test_preflight_function_runs_the_doctors_checks(
     lines = modal_app.preflight.local().splitlines()
     assert "ok    redis maxmemory-policy: noeviction" in lines
     assert f"ok    deployment model: {settings.model} (revision None), weights snapshotted in cpu memory" in lines
+    # Each line is logged at INFO on stderr too, which is what `modal run` and `modal app logs` show.
+    logged = capsys.readouterr().err
+    assert "INFO modal_jobs.app: preflight ok    redis maxmemory-policy: noeviction" in logged
     redis.config_set("maxmemory-policy", "volatile-lru")
     try:
         with pytest.raises(PodembedError, match=r"^preflight: 1 check\(s\) failed: redis maxmemory-policy$"):
