@@ -18,7 +18,7 @@ from config.errors import ConfigError
 from config.settings import Settings
 from config.versions import CONSTRAINTS, drift, pinned
 from tests.conftest import ROOT, run_cli
-from worker.doctor import Status, eviction_check, refuse_eviction, run_checks
+from worker.doctor import Status, eviction_check, model_checks, refuse_eviction, run_checks
 from worker.loop import make_worker
 
 
@@ -88,6 +88,16 @@ def test_doctor_names_services_that_do_not_answer(settings: Settings) -> None:
         checks["redis"].detail
     assert checks["mongodb"].status is Status.FAIL
     assert "redis maxmemory-policy" not in checks
+
+
+def test_a_hub_model_not_downloaded_here_is_a_warning(settings: Settings) -> None:
+    # Enqueuing for Modal needs the tokenizer here, not the weights: those are in the volume (the preflight's check).
+    xl = settings.replace(model="hkunlp/instructor-xl", model_path=None, model_revision="0" * 40)
+    [weights, *_] = model_checks(xl)
+    assert weights.status is Status.WARN
+    assert weights.detail.startswith(f"hkunlp/instructor-xl at revision {'0' * 40} is not in this machine's hub cache")
+    [unpinned, *_] = model_checks(xl.replace(model_revision=None))
+    assert unpinned.status is Status.WARN and "Modal refuses it" in unpinned.detail
 
 
 def test_one_list_of_versions() -> None:

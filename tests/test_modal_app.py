@@ -276,8 +276,8 @@ def test_the_runbook_keeps_the_token_runs_the_preflight_first_and_names_the_plan
         assert used <= exported, f"{line!r} reads {used - exported} before it is set"
         if line.startswith("export "):
             exported |= set(re.findall(r"([A-Z][A-Z0-9_]*)=", line))
-    written = next(i for i, line in enumerate(shell) if "> .podembed-api-token" in line)
-    assert all(i > written for i, line in enumerate(shell) if "cat .podembed-api-token" in line)
+    written = next(i for i, line in enumerate(shell) if "> .podembed/api-token" in line)
+    assert all(i > written for i, line in enumerate(shell) if "cat .podembed/api-token" in line)
     # The preflight runs before the first launch, and the logs are shown.
     preflight = shell.index("modal run -m modal_jobs.app::preflight                  # the doctor's checks on the "
                             "deployment's GPU")

@@ -191,18 +191,18 @@ def _search_index_check(settings: Settings, db: Database) -> Check:
 
 
 def model_checks(settings: Settings) -> list[Check]:
+    """The weights at the pinned revision, the tokenizer, and one line embedded (its dimension)."""
     from producer.tokens import load_tokenizer
     from worker.embedder import get_embedder
 
-    try:
-        where = _weights(settings)
-    except PodembedError as exc:
-        return [Check("model weights", Status.FAIL, str(exc))]
-    checks = [Check("model weights", Status.OK, f"{settings.model} at revision {settings.model_revision} in {where}")]
+    weights = _weights_check(settings)
+    checks = [weights]
     try:
         tokenizer = load_tokenizer(settings)
         checks.append(Check("tokenizer", Status.OK, f"{tokenizer.count([SAMPLE])[0]} tokens in a sample line, "
                                                     f"max {tokenizer.max_seq_length} per text"))
+        if weights.status is not Status.OK:
+            return checks
         began = time.perf_counter()
         embedder = get_embedder(settings.model_source(), revision=settings.model_revision,
                                 pool_instruction=settings.pools_instruction(), device=settings.device,
@@ -220,26 +220,29 @@ def model_checks(settings: Settings) -> list[Check]:
     return checks
 
 
-def _weights(settings: Settings) -> str:
-    """Where the model loads from; `ConfigError` if its weights at the pinned revision are not here."""
+def _weights_check(settings: Settings) -> Check:
+    """Where the model loads from. A hub model not in this machine's cache is a warning here (a local
+    worker downloads it; Modal containers read it from the volume, which the preflight checks)."""
     from pathlib import Path
 
+    name = "model weights"
     if settings.model_path or settings.model == BUNDLED_MODEL:
         source = settings.model_source()
         if not Path(source).is_dir():
-            raise ConfigError(f"no model directory at {source}")
-        return source
+            return Check(name, Status.FAIL, f"no model directory at {source}")
+        return Check(name, Status.OK, f"{settings.model} in {source}")
     if not settings.model_revision:
-        raise ConfigError(f"PODEMBED_MODEL_REVISION must pin a commit of {settings.model}: it is part of every "
-                          "vector's key")
+        return Check(name, Status.WARN, f"PODEMBED_MODEL_REVISION does not pin a commit of {settings.model}: "
+                                        "Modal refuses it (it is part of every vector's key)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(settings.model, revision=settings.model_revision, local_files_only=True)
+        path = snapshot_download(settings.model, revision=settings.model_revision, local_files_only=True)
     except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
-        raise ConfigError(f"the weights of {settings.model} at revision {settings.model_revision} are not in the "
-                          f"hub cache ({type(exc).__name__})") from exc
+        return Check(name, Status.WARN, f"{settings.model} at revision {settings.model_revision} is not in this "
+                                        f"machine's hub cache ({type(exc).__name__}): a local worker downloads it")
+    return Check(name, Status.OK, f"{settings.model} at revision {settings.model_revision} in {path}")
 
 
 def torch_checks(settings: Settings, *, want_gpu: bool) -> list[Check]:
