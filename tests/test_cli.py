@@ -331,12 +331,12 @@ def test_the_small_things(settings: Settings, redis: Redis, db: Database, tmp_pa
 
     broken = tmp_path / "broken.json"
     broken.write_text('{"segments": [{"start": 0, "end": 1, "text": "unterminated}]}')
-    refused = _run(settings, "ingest", str(broken), str(DATA / "E03.txt"))
+    refused = _run(settings, "ingest", str(broken), str(DATA / "E03.txt"), "--podcast", SHOW)
     assert refused.returncode == 1
     assert f"podembed: refused {broken}: line 1: invalid JSON: Unterminated string starting at column 46\n" in (
         refused.stderr)
     # One episode, one batch: no `1 episodes`, `1 batches`.
-    assert ": 1 episode, 4 chunks (0 already embedded), 1 batch, " in refused.stdout
+    assert f": 1 episode of podcast {SHOW!r}, 4 chunks (0 already embedded), 1 batch, " in refused.stdout
     assert "\n1 file refused (see above)\n" in refused.stdout
 
     # The worker's state as rq's own `rq info` shows it, from its first beat.

@@ -250,8 +250,9 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
                      "tokens": job.tokens, "skipped": job.skipped, "resumed_from": job.resumed_from,
                      "refused": refused})
     else:
-        print(f"job {job.job_id}: {_count(job.episodes, 'episode')}, {_count(job.chunks, 'chunk')} ({job.skipped} "
-              f"already embedded), {_count(job.batches, 'batch')}, {_count(job.tokens, 'token')}")
+        of_podcast = "" if args.podcast is None else f" of podcast {args.podcast!r}"  # as given: --podcast assigns
+        print(f"job {job.job_id}: {_count(job.episodes, 'episode')}{of_podcast}, {_count(job.chunks, 'chunk')} "
+              f"({job.skipped} already embedded), {_count(job.batches, 'batch')}, {_count(job.tokens, 'token')}")
         if job.resumed_from:
             print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
         if refused:
