@@ -447,12 +447,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
-    from worker.catalog import Selection, export_vectors, require_stored
+    from worker.catalog import Selection, export_vectors
 
     selection = Selection(args.podcast, args.episode, args.model or settings.model)
-    db = reach_mongo(settings)
-    require_stored(db, args.podcast, args.episode)
-    result = export_vectors(db, selection, args.format, args.out, sys.stdout.buffer)
+    result = export_vectors(reach_mongo(settings), selection, args.format, args.out, sys.stdout.buffer)
     summary = (f"exported {_count(result.vectors, 'vector')} of {_count(result.episodes, 'episode')} of "
                f"{selection.describe()}"
                f"{f' to {result.out}' if result.out else ''}")
@@ -519,12 +517,12 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     else:
         queries = [args.query]
     db = mongo_database(settings)
-    if args.podcast is not None or args.episode is not None:
-        require_stored(db, args.podcast, args.episode)  # a typo is named before the model loads
     _without_progress_bars()
     searcher = Searcher(settings, db, model=args.model, instruction=args.instruction)
     hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
     results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
+    if not any(results) and (args.podcast is not None or args.episode is not None):
+        require_stored(db, args.podcast, args.episode)  # nothing found: a name that matches nothing is named
     if args.queries is not None:
         for query, hits in zip(queries, results, strict=True):
             print(json.dumps({"query": query, "engine": searcher.engine.name, "hybrid": hybrid,
