@@ -342,11 +342,13 @@ def test_the_small_things(settings: Settings, redis: Redis, db: Database, tmp_pa
     # The worker's state as rq's own `rq info` shows it, from its first beat.
     drain = taking_drain(settings, redis)
     drain.worker.register_birth()
-    Housekeeper(drain).beat()
-    info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", settings.redis_url, "-W", "-r"],
-                          capture_output=True, text=True, timeout=60)
-    (shown,) = [line for line in info.stdout.splitlines() if line.startswith(f"worker {drain.worker.name} ")]
-    assert f") idle {settings.queue_name}, " in shown, info.stdout
+    for state in ("idle", "busy"):  # the ingest above queued one batch: taken between the two beats
+        Housekeeper(drain).beat()
+        info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", settings.redis_url, "-W",
+                               "-r"], capture_output=True, text=True, timeout=60)
+        (shown,) = [line for line in info.stdout.splitlines() if line.startswith(f"worker {drain.worker.name} ")]
+        assert f") {state} {settings.queue_name}, " in shown, info.stdout
+        drain.take()
 
     # Mongo's wire protocol is not debug output of podembed: only -vv shows it.
     verbose = _run(settings, "jobs", "-v")
