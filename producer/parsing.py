@@ -149,7 +149,10 @@ def parse_json(text: str, name: str) -> list[Segment]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TranscriptFormatError(f"{name}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        # json's message ends where its position would go ("Unterminated string starting at"): give the column.
+        at = "" if exc.msg.endswith(" at") else " at"
+        raise TranscriptFormatError(f"{name}: line {exc.lineno}: invalid JSON: {exc.msg}{at} column {exc.colno}"
+                                    ) from None
     except (ValueError, RecursionError) as exc:
         # An integer of thousands of digits, or nesting deeper than the interpreter's recursion limit.
         raise TranscriptFormatError(f"{name}: invalid JSON: {exc}") from None

@@ -23,17 +23,30 @@ from producer.parsing import parse_bytes, parse_file, parse_whisper_segments
 MONGO = "mongo"
 
 
+@dataclass(frozen=True)
+class KnownNames:
+    """The podcasts and episode ids a source holds, read without parsing a transcript."""
+
+    podcasts: list[str]
+    episode_ids: list[str]
+
+
 class TranscriptSource(Protocol):
     key: str
     refused: list[str]
 
     def episodes(self, episode_ids: Collection[str] = ()) -> Iterator[Episode]: ...
 
+    def known(self) -> KnownNames: ...
+
 
 class DirectorySource:
     """Transcript files under a directory; a file in a subdirectory belongs to the podcast it names."""
 
     def __init__(self, root: Path) -> None:
+        if root.is_file():
+            raise ConfigError(f"--source {root} is a file: nightly and backfill read a directory of transcripts "
+                              "(podembed ingest FILE embeds one file)")
         if not root.is_dir():
             raise ConfigError(f"no such directory: {root}")
         self.root = root
@@ -58,6 +71,12 @@ class DirectorySource:
                 continue
             seen[episode.key] = path
             yield episode
+
+    def known(self) -> KnownNames:
+        """Podcasts are the names of the folders holding transcripts (not `ingest --podcast`'s), ids file stems."""
+        files = [path.relative_to(self.root) for path in transcript_files([self.root])]
+        return KnownNames(podcasts=sorted({f.parts[0] for f in files if len(f.parts) > 1}),
+                          episode_ids=sorted({f.stem for f in files}))
 
 
 class MongoSource:
@@ -84,6 +103,17 @@ class MongoSource:
                     self.refused.append(str(exc))
         except PyMongoError as exc:
             raise StoreError(f"cannot read {self.collection.full_name}: {exc}") from exc
+
+    def known(self) -> KnownNames:
+        """Read from the server without any transcript's text."""
+        try:
+            podcasts = self.collection.distinct("podcast")
+            # An episode's id is its `_id` where it names none.
+            ids = [doc.get("episode_id", doc["_id"]) for doc in self.collection.find({}, {"episode_id": 1})]
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read {self.collection.full_name}: {exc}") from exc
+        return KnownNames(podcasts=sorted(p for p in podcasts if isinstance(p, str)),
+                          episode_ids=sorted({str(i) for i in ids}))
 
 
 def open_source(name: str, db: Database) -> TranscriptSource:

@@ -71,7 +71,11 @@ def test_export_jsonl_and_parquet(settings: Settings, redis: Redis, db: Database
         assert np.array_equal(np.asarray(vector, dtype=np.float32), theirs[chunk_id])
 
     missing = _run(settings, "export", "--podcast", "No Such Show", "--out", str(tmp_path / "none.jsonl"))
-    assert missing.returncode == 1 and "no stored vectors of podcast 'No Such Show'" in missing.stderr
+    assert missing.returncode == 1
+    assert missing.stderr == "podembed: no podcast 'No Such Show' among the stored vectors (none is close)\n"
+    other = _run(settings, "export", "--podcast", SHOW, "--model", "another/model", "--out", str(tmp_path / "x.jsonl"))
+    assert other.returncode == 1 and other.stderr == (f"podembed: no stored vectors of podcast {SHOW!r} under "
+                                                      "another/model\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e01.parquet", "src"]  # no file, no leftover
     piped = _run(settings, "export", "--podcast", SHOW, "--format", "parquet")
     assert piped.returncode == 1 and "give --out FILE" in piped.stderr
@@ -93,7 +97,8 @@ def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redi
 
     done = _run(settings, "delete", "--podcast", SHOW, "--episode", "E01")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"deleted {len(ours)} vectors of 1 episodes of podcast {SHOW!r}; 1 watermark")
+    assert done.stdout.startswith(f"deleted {len(ours)} vectors of episode 'E01' of podcast {SHOW!r}; "
+                                  "1 watermark entry gone")
     assert db.embeddings.count_documents({}) == total - len(ours)
     assert _stored(db, podcast=SHOW, episode_id="E01") == {}
     assert _stored(db, podcast=OTHER).keys() == theirs.keys()  # the other show's E01 is untouched
@@ -104,6 +109,45 @@ def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redi
     run_worker(settings, burst=True, redis=redis)
     assert _stored(db, podcast=SHOW, episode_id="E01").keys() == ours.keys()
 
+    dry = _run(settings, "delete", "--podcast", SHOW, "--dry-run")
+    assert dry.stdout.startswith(f"would delete {len(_stored(db, podcast=SHOW))} vectors of 2 episodes (E01, E05) of "
+                                 f"podcast {SHOW!r}; 2 watermark entries would go")
     whole = _run(settings, "delete", "--podcast", SHOW, "--json")
     assert json.loads(whole.stdout)["episodes"] == ["E01", "E05"]
     assert db.embeddings.count_documents({"podcast": SHOW}) == 0 and db.embeddings.count_documents({}) == len(theirs)
+
+
+def test_a_selection_that_matches_nothing_names_the_closest(settings: Settings, redis: Redis, db: Database,
+                                                             tmp_path: Path) -> None:
+    _two_podcasts(settings, redis, db, tmp_path / "src")
+    total = db.embeddings.count_documents({})
+    for command, message in [
+        (("export", "--podcast", "The Seen and the Unsen"),
+         f"no podcast 'The Seen and the Unsen' among the stored vectors (closest: {SHOW!r})"),
+        (("export", "--podcast", SHOW.lower(), "--out", str(tmp_path / "x.jsonl")),
+         f"no podcast {SHOW.lower()!r} among the stored vectors (closest: {SHOW!r})"),
+        (("export", "--podcast", SHOW, "--episode", "E1"),
+         f"no episode 'E1' of podcast {SHOW!r} among the stored vectors (closest: 'E01')"),
+        (("delete", "--podcast", "Nope Show"), "no podcast 'Nope Show' among the stored vectors (none is close)"),
+        (("delete", "--podcast", "cooking weekly", "--dry-run"),
+         f"no podcast 'cooking weekly' among the stored vectors (closest: {OTHER!r})"),
+        (("delete", "--podcast", SHOW, "--episode", "E133", "--dry-run"),
+         f"no episode 'E133' of podcast {SHOW!r} among the stored vectors (none is close)"),
+    ]:
+        out = _run(settings, *command)
+        assert (out.returncode, out.stdout, out.stderr) == (1, "", f"podembed: {message}\n"), command
+    assert db.embeddings.count_documents({}) == total
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    named = _run(settings, "delete", "--podcast", SHOW, "--episode", "E05", "--dry-run")
+    assert named.returncode == 0 and named.stdout.startswith(
+        f"would delete {len(_stored(db, podcast=SHOW, episode_id='E05'))} vectors of episode 'E05' of podcast {SHOW!r}")
+
+
+def test_export_to_a_place_that_cannot_hold_a_file(settings: Settings, redis: Redis, db: Database,
+                                                    tmp_path: Path) -> None:
+    _two_podcasts(settings, redis, db, tmp_path)
+    for out in ("/nonexistent/dir/x.jsonl", "/proc/x.jsonl"):
+        shown = _run(settings, "export", "--podcast", SHOW, "--out", out)
+        assert shown.returncode == 1 and shown.stdout == "", out
+        assert shown.stderr == f"podembed: cannot write --out {out}: No such file or directory\n"

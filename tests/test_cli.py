@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from pymongo.database import Database
 from redis import Redis
 
@@ -20,12 +21,13 @@ from config.services import free_port
 from config.settings import Settings
 from producer import streaming
 from producer.enqueue import ingest, parse_files, vector_spec
-from producer.jobs import JobRecords
+from producer.jobs import JobRecords, NewJob
 from producer.operations import cancel
 from producer.streaming import chunk_episodes
-from tests.conftest import DATA, EXAMPLES, ROOT
+from tests.conftest import DATA, EXAMPLES, ROOT, taking_drain
 from tests.test_sources import SHOW, transcript_docs
 from worker.loop import drain, make_worker, run_worker
+from worker.pipeline import Housekeeper
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -170,9 +172,9 @@ def test_progress_within_a_batch_per_forward_pass(settings: Settings, redis: Red
 def test_version_and_verbose_after_the_subcommand(settings: Settings, redis: Redis, db: Database) -> None:
     version = _run(settings, "--version")
     assert version.returncode == 0 and version.stdout.startswith("podembed ")
-    after = _run(settings, "status", "nosuchjob", "-v")
+    after = _run(settings, "status", "nosuchjob", "-vv")  # -vv: pymongo's debug log too
     assert after.returncode == 2 and after.stderr.strip().endswith("podembed: no job with id 'nosuchjob'")
-    assert "DEBUG" in after.stderr
+    assert "DEBUG pymongo.command" in after.stderr
 
 
 def test_backfill_selection_errors(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
@@ -182,7 +184,8 @@ def test_backfill_selection_errors(settings: Settings, redis: Redis, db: Databas
     db.transcripts.insert_many(transcript_docs())
     some = _run(settings, "backfill", "--episodes", "E03", "E99", "--dry-run", "--json")
     assert some.returncode == 0 and json.loads(some.stdout)["episodes"] == 1
-    assert json.loads(some.stdout)["not_found"] == ["E99"] and "podembed: not found: E99" in some.stderr
+    assert json.loads(some.stdout)["not_found"] == ["E99"]
+    assert "podembed: no episode 'E99' among those selected from mongo (none is close)" in some.stderr
     none = _run(settings, "backfill", "--episodes", "E98", "E99", "--dry-run")
     assert none.returncode == 1
     assert "none of the 2 episodes given with --episodes was found in mongo" in none.stderr
@@ -242,6 +245,7 @@ def test_ingest_shows_progress_on_a_terminal(settings: Settings, redis: Redis, d
     text = shown.decode()
     # One line per window enqueued, redrawn in place; the last names the last file of all.
     assert f"\r[2/2] enqueued {EXAMPLES / 'E05.vtt'}\x1b[K" in text
+    assert "stderr shows `[n/total] enqueued FILE` each time a" in (ROOT / "README.md").read_text()  # as it says
     # Into a file or a pipe: no progress at all.
     quiet = _run(settings, "ingest", str(EXAMPLES / "E01.vtt"))
     assert quiet.returncode == 0 and quiet.stderr == ""
@@ -260,3 +264,109 @@ def test_a_file_with_an_unusual_number_of_chunks_is_named(settings: Settings, mo
     assert [r.getMessage() for r in caplog.records] == [
         f"{big} gave {counts[big]} chunks, an unusual number for one episode (over {min(counts.values())}): "
         "is it one transcript?"]
+
+
+def test_backfill_names_what_matched_nothing(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
+    empty = _run(settings, "backfill", "--dry-run")
+    assert empty.returncode == 1 and empty.stderr == (
+        "podembed: MongoDB `transcripts` holds no transcript: `ingest` embeds files without storing them there. "
+        "To embed files again, give their directory: backfill --source DIR\n")
+
+    db.transcripts.insert_many(transcript_docs())
+    typo = _run(settings, "backfill", "--podcast", SHOW.lower(), "--dry-run")
+    assert typo.returncode == 1 and typo.stderr == (
+        f"podembed: no podcast {SHOW.lower()!r} in MongoDB `transcripts` (closest: {SHOW!r})\n")
+
+    # A folder per podcast; the id of `E140.mp3.vtt` is `E140.mp3`.
+    (tmp_path / SHOW).mkdir()
+    (tmp_path / SHOW / "E140.mp3.vtt").write_bytes((EXAMPLES / "E05.vtt").read_bytes())
+    (tmp_path / SHOW / "E141.mp3.vtt").write_bytes((EXAMPLES / "E01.vtt").read_bytes())
+    source = str(tmp_path)
+    stem = _run(settings, "backfill", "--source", source, "--episodes", "E140", "--dry-run")
+    assert stem.returncode == 1
+    assert stem.stderr.splitlines() == [
+        f"podembed: no episode 'E140' among those selected from {source} (closest: 'E140.mp3')",
+        f"podembed: none of the 1 episode given with --episodes was found in {source}"]
+    folder = _run(settings, "backfill", "--source", source, "--podcast", "Nope Show", "--dry-run")
+    assert folder.returncode == 1 and folder.stderr == (
+        f"podembed: no podcast 'Nope Show' in {source}: with --source DIR, a podcast is a folder of it "
+        "(none is close)\n")
+    one = _run(settings, "backfill", "--source", source, "--podcast", SHOW, "--episodes", "E140.mp3", "--dry-run")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith(f"dry run, nothing enqueued: 1 episode of podcast {SHOW!r} (the folder "
+                                 f"{tmp_path / SHOW}), 11 chunks (0 already embedded, left out), 1 batch, ")
+    # The two meanings of --podcast, side by side in the help.
+    assert "ingest --podcast names the show instead" in " ".join(_run(settings, "backfill", "--help").stdout.split())
+    assert "backfill --podcast selects by it" in " ".join(_run(settings, "ingest", "--help").stdout.split())
+
+
+def test_bad_and_unknown_settings(settings: Settings, redis: Redis, db: Database) -> None:
+    gpu = _run(settings, "jobs", PODEMBED_DEVICE="gpu")
+    assert gpu.returncode == 1 and gpu.stderr == ("podembed: PODEMBED_DEVICE='gpu' is not a device: cpu, cuda, "
+                                                  "cuda:N or mps (unset: cuda where torch has it, else cpu)\n")
+    # A device torch cannot use here: `cuda` on a CPU build (the one pinned), a GPU beyond the last elsewhere.
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    out = _run(settings, "work", "--burst", PODEMBED_DEVICE=device)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].startswith(f"podembed: PODEMBED_DEVICE={device!r} is not usable here: ")
+
+    typo = _run(settings, "jobs", PODEMBED_BATCH_MAX_TOKEN="100", PODEMBED_MODAL_GPU="cpu")
+    assert typo.returncode == 0
+    warnings = [line.split(": ", 1)[1] for line in typo.stderr.splitlines()]
+    assert warnings == ["PODEMBED_BATCH_MAX_TOKEN is not a podembed setting and is ignored "
+                        "(did you mean PODEMBED_BATCH_MAX_TOKENS?)"]
+
+
+def test_the_small_things(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
+    nightly = _run(settings, "nightly", "--source", str(DATA / "E03.txt"))
+    assert nightly.returncode == 1 and nightly.stderr == (
+        f"podembed: --source {DATA / 'E03.txt'} is a file: nightly and backfill read a directory of transcripts "
+        "(podembed ingest FILE embeds one file)\n")
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("Not a transcript.\n")
+    md = _run(settings, "ingest", str(notes), str(DATA / "E03.txt"))
+    assert md.returncode == 1 and md.stderr == (f"podembed: not a transcript file: {notes} (podembed reads .json, "
+                                                ".srt, .txt, .vtt files)\n")
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"segments": [{"start": 0, "end": 1, "text": "unterminated}]}')
+    refused = _run(settings, "ingest", str(broken), str(DATA / "E03.txt"), "--podcast", SHOW)
+    assert refused.returncode == 1
+    assert f"podembed: refused {broken}: line 1: invalid JSON: Unterminated string starting at column 46\n" in (
+        refused.stderr)
+    # One episode, one batch: no `1 episodes`, `1 batches`.
+    assert f": 1 episode of podcast {SHOW!r}, 4 chunks (0 already embedded), 1 batch, " in refused.stdout
+    assert "\n1 file refused (see above)\n" in refused.stdout
+
+    # The worker's state as rq's own `rq info` shows it, from its first beat.
+    drain = taking_drain(settings, redis)
+    drain.worker.register_birth()
+    for state in ("idle", "busy"):  # the ingest above queued one batch: taken between the two beats
+        Housekeeper(drain).beat()
+        info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", settings.redis_url, "-W",
+                               "-r"], capture_output=True, text=True, timeout=60)
+        (shown,) = [line for line in info.stdout.splitlines() if line.startswith(f"worker {drain.worker.name} ")]
+        assert f") {state} {settings.queue_name}, " in shown, info.stdout
+        drain.take()
+
+    # Mongo's wire protocol is not debug output of podembed: only -vv shows it.
+    verbose = _run(settings, "jobs", "-v")
+    assert verbose.returncode == 0 and "pymongo" not in verbose.stderr
+    assert "pymongo.command" in _run(settings, "jobs", "-vv").stderr
+
+    # `jobs` keeps its columns for the longest state.
+    records = JobRecords(redis, db, settings.result_ttl)
+    records.create(NewJob(job_id="0123456789ab", kind="ingest", queue=settings.queue_name, model=settings.model,
+                          instruction=settings.instruction, vector_key=vector_spec(settings).key))
+    records.release_producer("0123456789ab")
+    header, *rows = _run(settings, "jobs").stdout.splitlines()
+    assert any(" interrupted " in row for row in rows)
+    assert {row.index(":") - len("2026-12-07T09") for row in rows} == {header.index("created")}
+
+    # `services down` stops only what `up` started: it says so of one it leaves running.
+    others = _run(settings, "services", "down", PODEMBED_DATA_DIR=str(tmp_path / "elsewhere")).stdout.splitlines()
+    assert others[0].startswith("redis") and others[0].endswith("up (not started by podembed), left running")
+    idle = _run(settings, "services", "status", PODEMBED_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                PODEMBED_DATA_DIR=str(tmp_path / "elsewhere"))
+    assert idle.stdout.splitlines()[0].endswith(" down")

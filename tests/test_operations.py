@@ -301,7 +301,7 @@ def test_cli_nightly_twice(settings: Settings, redis: Redis, db: Database, tmp_p
     doc = json.loads(second.stdout)
     assert (doc["job_id"], doc["episodes"], doc["chunks"], doc["unchanged"]) == (None, 0, 0, 1)
     human = _cli(settings, "nightly", "--source", str(folder))
-    assert human.stdout.startswith(f"nothing new in dir:{folder.resolve()} since the last run (1 episodes unchanged)")
+    assert human.stdout.startswith(f"nothing new in dir:{folder.resolve()} since the last run (1 episode unchanged)")
 
 
 def test_cli_backfill_dry_run(settings: Settings, redis: Redis, db: Database) -> None:

@@ -70,7 +70,7 @@ def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Datab
         assert all(h.podcast == PODCAST and h.text and h.end >= h.start for h in hits)
 
     one = run_cli(stored, "search", f"  {queries[0]}\t", "-k", "5", "--no-hybrid", "--json")
-    assert one.returncode == 0, one.stderr
+    assert (one.returncode, one.stderr) == (0, "")  # no "Loading weights" bar either
     doc = json.loads(one.stdout)
     assert (doc["engine"], doc["hybrid"], doc["vector_key"], doc["k"]) == ("exact", False, key, 5)
     assert [h["chunk_id"] for h in doc["hits"]] == [c for c, _ in expected[0]]
@@ -134,7 +134,15 @@ def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settin
 def test_search_refuses_bad_input_in_one_line(stored: Settings, tmp_path: Path) -> None:
     for args, message in [(("search", "   "), "podembed: empty query (query 1 of 1)\n"),
                           (("search", "farming", "-k", "0"), "podembed: k must be between 1 and 1000, got 0\n"),
-                          (("search",), "podembed: give one query, or --queries FILE, not both\n"),
+                          (("search",), 'podembed: no query: give one (podembed search "what to find"), or '
+                                        "--queries FILE\n"),
+                          (("search", "x", "--queries", str(tmp_path / "q.txt")),
+                           "podembed: give one query, or --queries FILE, not both\n"),
+                          (("search", "x", "--podcast", PODCAST.lower()), f"podembed: no podcast {PODCAST.lower()!r} "
+                                                                          f"among the stored vectors (closest: "
+                                                                          f"{PODCAST!r})\n"),
+                          (("search", "x", "--podcast", PODCAST, "--episode", "E5"), f"podembed: no episode 'E5' of "
+                           f"podcast {PODCAST!r} among the stored vectors (closest: 'E05')\n"),
                           (("search", "x", "--instruction", "Represent nothing:"), None)]:
         out = run_cli(stored, *args)
         assert out.returncode == 1, out.stdout

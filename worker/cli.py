@@ -19,7 +19,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError
+from config.closest import no_such
+from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError, SelectionError
 from config.settings import Settings, redact_url
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ EXIT_NOT_FOUND = 2
 EXIT_BROKEN_PIPE = 141
 # States after which a job's counts no longer change (but for batches running when it was cancelled).
 ENDED_STATES = ("finished", "partial", "failed", "cancelled")
+# The `jobs` table's state column: its longest state, `interrupted`.
+STATE_WIDTH = 11
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if args.command == "work" else
                         logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose < 2:  # pymongo logs every command and reply as JSON at DEBUG: `-vv` shows them
+        logging.getLogger("pymongo").setLevel(logging.WARNING)
     if not args.verbose:
         logging.getLogger("rq.worker").addFilter(_without_rq_traceback)
     try:
@@ -71,12 +76,13 @@ def _without_rq_traceback(record: logging.LogRecord) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="podembed", description="Batch embedding of podcast transcripts.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug logging on stderr (-vv: pymongo's too)")
     parser.add_argument("--version", action="version", version=f"podembed {_version()}")
     # `-v` after the subcommand too; SUPPRESS keeps one given before it.
     verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                         help="debug logging on stderr")
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="debug logging on stderr (-vv: pymongo's too)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[[Settings, argparse.Namespace], int], help_: str):
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ingest", cmd_ingest, "parse, chunk and enqueue transcript files; prints the job id")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="transcript files or directories")
-    p.add_argument("--podcast", help="name of the show; episodes are identified within it")
+    p.add_argument("--podcast", help="name of the show these files belong to; episodes are identified within "
+                                     "it (backfill --podcast selects by it)")
     p.add_argument("--episode-id", help="the episode's id, for a single file (default: the file name's stem)")
     p.add_argument("--instruction", help="instruction for this job (default: PODEMBED_INSTRUCTION)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -113,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="mongo", help="a directory of transcript files, or 'mongo' (default)")
     p.add_argument("--since", type=_date, help="published on or after this day (YYYY-MM-DD)")
     p.add_argument("--until", type=_date, help="published on or before this day (YYYY-MM-DD)")
-    p.add_argument("--podcast", help="only this show")
+    p.add_argument("--podcast", help="only this show: with --source DIR, the files in its folder of this name "
+                                     "(ingest --podcast names the show instead)")
     p.add_argument("--episodes", nargs="+", metavar="EPISODE_ID", help="only these episodes")
     p.add_argument("--model", help="embed with this model (default: PODEMBED_MODEL)")
     p.add_argument("--instruction", help="embed with this instruction (default: PODEMBED_INSTRUCTION)")
@@ -202,17 +210,22 @@ def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
         _print_json([asdict(state) for state in states])
         return 0
     for state in states:
-        print(state.line())
+        # `down` stops only what `up` started: one that still answers was started otherwise.
+        print(state.line() + (", left running" if args.action == "down" and state.answering else ""))
     return 0
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis
-    from producer.enqueue import ingest, stream_files, transcript_files
+    from producer.enqueue import TRANSCRIPT_SUFFIXES, ingest, stream_files, transcript_files
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise ConfigError(f"no such file or directory: {', '.join(missing)}")
+    unknown = [str(p) for p in args.paths if p.is_file() and p.suffix.lower() not in TRANSCRIPT_SUFFIXES]
+    if unknown:
+        raise ConfigError(f"not a transcript file: {', '.join(unknown)} (podembed reads "
+                          f"{', '.join(sorted(TRANSCRIPT_SUFFIXES))} files)")
     if args.episode_id is not None and (len(args.paths) != 1 or args.paths[0].is_dir() or not args.episode_id.strip()):
         raise ConfigError("--episode-id names the episode of a single file, not of several files or a directory")
     redis, db = reach_redis(settings), reach_mongo(settings)  # before a long parse, not after it
@@ -240,12 +253,13 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
                      "tokens": job.tokens, "skipped": job.skipped, "resumed_from": job.resumed_from,
                      "refused": refused})
     else:
-        print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks ({job.skipped} already embedded), "
-              f"{job.batches} batches, {job.tokens} tokens")
+        of_podcast = "" if args.podcast is None else f" of podcast {args.podcast!r}"  # as given: --podcast assigns
+        print(f"job {job.job_id}: {_count(job.episodes, 'episode')}{of_podcast}, {_count(job.chunks, 'chunk')} "
+              f"({job.skipped} already embedded), {_count(job.batches, 'batch')}, {_count(job.tokens, 'token')}")
         if job.resumed_from:
             print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
         if refused:
-            print(f"{len(refused)} file(s) refused (see above)")
+            print(f"{_count(len(refused), 'file')} refused (see above)")
     return EXIT_ERROR if refused else 0
 
 
@@ -255,6 +269,7 @@ def cmd_work(settings: Settings, args: argparse.Namespace) -> int:
 
     redis = reach_redis(settings)
     reach_mongo(settings).client.close()  # the worker opens its own; this one only checked it answers
+    _without_progress_bars()
     share = "strict priority" if settings.backfill_share is None else f"backfill share {settings.backfill_share}"
     print(f"worker on {redact_url(settings.redis_url)} queues {', '.join(settings.queue_names())} (in this order, "
           f"{share}), model {settings.model}", file=sys.stderr)
@@ -312,17 +327,17 @@ def cmd_nightly(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run.to_dict())
     elif run.job_id:
-        print(f"job {run.job_id}: {run.episodes} new or changed episodes ({run.unchanged} unchanged), "
-              f"{run.chunks} chunks, {run.batches} batches, {run.tokens} tokens")
+        print(f"job {run.job_id}: {_count(run.episodes, 'new or changed episode')} ({run.unchanged} unchanged), "
+              f"{_count(run.chunks, 'chunk')}, {_count(run.batches, 'batch')}, {_count(run.tokens, 'token')}")
     else:
-        print(f"nothing new in {run.source} since the last run ({run.unchanged} episodes unchanged)")
+        print(f"nothing new in {run.source} since the last run ({_count(run.unchanged, 'episode')} unchanged)")
     return EXIT_ERROR if run.refused else 0
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis, redis_client
     from producer.operations import backfill
-    from producer.sources import EpisodeFilter, open_source
+    from producer.sources import MONGO, EpisodeFilter, open_source
 
     if args.instruction is not None:
         settings = settings.replace(instruction=args.instruction)
@@ -332,22 +347,34 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     db = reach_mongo(settings)
     selection = EpisodeFilter(since=args.since, until=args.until, podcast=args.podcast,
                               episode_ids=frozenset(args.episodes or ()))
+    source = open_source(args.source, db)
+    known = source.known()
+    if not known.episode_ids and args.source == MONGO:
+        raise SelectionError("MongoDB `transcripts` holds no transcript: `ingest` embeds files without storing them "
+                             "there. To embed files again, give their directory: backfill --source DIR")
+    if args.podcast is not None and args.podcast not in known.podcasts:
+        where = ("in MongoDB `transcripts`" if args.source == MONGO else
+                 f"in {args.source}: with --source DIR, a podcast is a folder of it")
+        raise SelectionError(no_such("podcast", args.podcast, known.podcasts, where))
     # A dry run enqueues nothing: it needs no Redis.
     redis = redis_client(settings) if args.dry_run else reach_redis(settings)
-    run = backfill(settings, redis, db, open_source(args.source, db), selection, model=args.model,
-                   force=args.force, dry_run=args.dry_run)
+    run = backfill(settings, redis, db, source, selection, model=args.model, force=args.force, dry_run=args.dry_run)
     for message in run.refused:
         _error(f"refused {message}")
-    if run.not_found:
-        _error(f"not found: {', '.join(run.not_found)}")
-        if len(run.not_found) == len(selection.episode_ids):
-            raise PodembedError(f"none of the {len(run.not_found)} episodes given with --episodes was found "
-                                f"in {args.source}")
+    for episode_id in run.not_found:
+        _error(no_such("episode", episode_id, known.episode_ids, f"among those selected from {args.source}"))
+    if run.not_found and len(run.not_found) == len(selection.episode_ids):
+        raise SelectionError(f"none of the {_count(len(run.not_found), 'episode')} given with --episodes was found "
+                             f"in {args.source}")
     if args.json:
         _print_json(run.to_dict())
         return EXIT_ERROR if run.refused else 0
-    counts = (f"{run.episodes} episodes, {run.chunks} chunks ({run.already_embedded} already embedded, left out), "
-              f"{run.batches} batches, {run.tokens} tokens")
+    # --podcast selects a show of MongoDB `transcripts`, or a folder of --source DIR: the output says which.
+    of_podcast = "" if args.podcast is None else f" of podcast {args.podcast!r}" + (
+        "" if args.source == MONGO else f" (the folder {Path(args.source) / args.podcast})")
+    counts = (f"{_count(run.episodes, 'episode')}{of_podcast}, {_count(run.chunks, 'chunk')} "
+              f"({run.already_embedded} already embedded, left out), {_count(run.batches, 'batch')}, "
+              f"{_count(run.tokens, 'token')}")
     if run.estimate:
         e = run.estimate
         measured = (f"measured in the ledger on {e.device}" if e.estimate_from == "ledger" else
@@ -372,14 +399,14 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([s.to_dict() for s in statuses])
         return 0
-    print(f"{'job':<12}  {'kind':<8}  {'state':<9}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
+    print(f"{'job':<12}  {'kind':<8}  {'state':<{STATE_WIDTH}}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
           f"{'cancelled':>9}  {'cost':<9}  queue")
     for s in statuses:
         # Done is embedded or already there (skipped); failed and cancelled chunks are counted apart.
         done = f"{s.chunks.embedded + s.chunks.skipped}/{s.chunks.total}"
         cost = f"${s.cost_usd:.4f}"
-        print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<9}  {s.created_at:<25}  {done:>13}  {s.chunks.failed:>6}  "
-              f"{s.chunks.cancelled:>9}  {cost:<9}  {s.queue or '-'}")
+        print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<{STATE_WIDTH}}  {s.created_at:<25}  {done:>13}  "
+              f"{s.chunks.failed:>6}  {s.chunks.cancelled:>9}  {cost:<9}  {s.queue or '-'}")
     return 0
 
 
@@ -393,7 +420,7 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     elif result.state == "cancelled":
         print(f"job {result.job_id}: cancelled, nothing to retry")
     else:
-        print(f"job {result.job_id}: {len(result.requeued)} failed batches requeued; now {result.state}")
+        print(f"job {result.job_id}: {_count(len(result.requeued), 'failed batch')} requeued; now {result.state}")
     return 0
 
 
@@ -405,7 +432,7 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(asdict(result))
     else:
-        print(f"job {result.job_id}: {len(result.removed)} queued batches removed; now {result.state}")
+        print(f"job {result.job_id}: {_count(len(result.removed), 'queued batch')} removed; now {result.state}")
     return 0
 
 
@@ -427,7 +454,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
     selection = Selection(args.podcast, args.episode, args.model or settings.model)
     result = export_vectors(reach_mongo(settings), selection, args.format, args.out, sys.stdout.buffer)
-    summary = (f"exported {result.vectors} vectors of {result.episodes} episodes of {selection.describe()}"
+    summary = (f"exported {_count(result.vectors, 'vector')} of {_count(result.episodes, 'episode')} of "
+               f"{selection.describe()}"
                f"{f' to {result.out}' if result.out else ''}")
     if args.json and result.out:
         _print_json(asdict(result))
@@ -438,15 +466,20 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
-    from worker.catalog import Selection, delete_vectors
+    from worker.catalog import Selection, delete_vectors, require_stored
 
-    result = delete_vectors(reach_mongo(settings), Selection(args.podcast, args.episode), dry_run=args.dry_run)
+    db = reach_mongo(settings)
+    result = delete_vectors(db, Selection(args.podcast, args.episode), dry_run=args.dry_run)
+    if not result.episodes:  # nothing matched: say which name, and the closest stored ones
+        require_stored(db, args.podcast, args.episode)
     if args.json:
         _print_json(asdict(result))
     else:
         verb = "would delete" if result.dry_run else "deleted"
-        print(f"{verb} {result.vectors} vectors of {len(result.episodes)} episodes of podcast {result.podcast!r}; "
-              f"{result.watermark_entries} watermark entries {'would go' if result.dry_run else 'gone'} "
+        episodes = (f"episode {result.episodes[0]!r}" if len(result.episodes) == 1 else
+                    f"{_count(len(result.episodes), 'episode')} ({_listed(result.episodes)})")
+        print(f"{verb} {_count(result.vectors, 'vector')} of {episodes} of podcast {result.podcast!r}; "
+              f"{_count(result.watermark_entries, 'watermark entry')} {'would go' if result.dry_run else 'gone'} "
               "(the ledger keeps its batches)")
     return 0
 
@@ -472,9 +505,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import mongo_database
+    from worker.catalog import require_stored
     from worker.search import Searcher
 
-    if (args.query is None) == (args.queries is None):
+    if args.query is None and args.queries is None:
+        raise ConfigError("no query: give one (podembed search \"what to find\"), or --queries FILE")
+    if args.query is not None and args.queries is not None:
         raise ConfigError("give one query, or --queries FILE, not both")
     if args.queries is not None:
         try:
@@ -483,9 +519,13 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read --queries {args.queries}: {exc}") from None
     else:
         queries = [args.query]
-    searcher = Searcher(settings, mongo_database(settings), model=args.model, instruction=args.instruction)
+    db = mongo_database(settings)
+    _without_progress_bars()
+    searcher = Searcher(settings, db, model=args.model, instruction=args.instruction)
     hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
     results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
+    if not any(results) and (args.podcast is not None or args.episode is not None):
+        require_stored(db, args.podcast, args.episode)  # nothing found: a name that matches nothing is named
     if args.queries is not None:
         for query, hits in zip(queries, results, strict=True):
             print(json.dumps({"query": query, "engine": searcher.engine.name, "hybrid": hybrid,
@@ -650,6 +690,13 @@ def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:
     return status
 
 
+def _without_progress_bars() -> None:
+    """No "Loading weights" bar from transformers (nor download bars) over a command's output or a worker's log."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def _show_progress(done: int, total: int, what: str) -> None:
     """One line on a terminal's stderr, redrawn per file or episode: `[3/120] chunking E03.vtt`."""
     sys.stderr.write(f"\r[{done + 1}/{total}] {what}\x1b[K")
@@ -681,6 +728,21 @@ def _progress_line(status: JobStatus, done: int, rate: float) -> str:
     eta = str(timedelta(seconds=round(pending / rate))) if rate > 0 and pending else "-"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks  {rate:.1f} chunks/s  ETA {eta}  "
             f"${status.cost_usd:.4f}  {status.state}")
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 batch`, `2 batches`: a count and its noun, singular or plural."""
+    if n == 1:
+        return f"{n} {noun}"
+    if noun.endswith("y"):
+        return f"{n} {noun[:-1]}ies"
+    return f"{n} {noun}es" if noun.endswith(("ch", "s", "x")) else f"{n} {noun}s"
+
+
+def _listed(names: list[str], at_most: int = 10) -> str:
+    """Names, comma-separated, the first `at_most` of them."""
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
 
 
 def _date(text: str) -> date:

@@ -23,6 +23,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from config.errors import ConfigError, EmbeddingError
+from config.settings import PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def get_embedder(
     with _lock:
         embedder = _cache.get(key)
         if embedder is None:
+            _check_device(device)
             embedder = _cache[key] = Embedder(_load(key), key, micro_batch_size, max_forward_tokens)
         embedder.configure(micro_batch_size, max_forward_tokens)
         return embedder
@@ -257,6 +259,20 @@ def _load(key: ModelKey) -> SentenceTransformer:
     logger.info("loaded model %s on %s in %.1fs (pool instruction: %s)",
                 key.source, key.device, time.perf_counter() - began, key.pool_instruction)
     return model
+
+
+def _check_device(device: str) -> None:
+    """Refuse, naming the setting, a device this torch cannot use (`cuda` on a CPU build): torch's own
+    errors (an AssertionError, a RuntimeError) would come from deep inside the model's load."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and not (torch.cuda.is_available() and int(index or 0) < torch.cuda.device_count()):
+        why = cuda_report().line()
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        why = f"torch {torch.__version__} has no MPS here"
+    else:
+        return
+    raise ConfigError(f"{PREFIX}DEVICE={device!r} is not usable here: {why}; unset it to use cuda where torch has "
+                      "it, else cpu")
 
 
 def _default_dtype(device: str) -> str:

@@ -47,6 +47,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 from rq.utils import now
+from rq.worker import WorkerStatus
 
 from config.errors import DrainError
 from config.settings import Settings
@@ -509,9 +510,12 @@ class Housekeeper(threading.Thread):
         """One pipeline: the worker's heartbeat and every held batch's (rq's `maintain_heartbeats`, batched)."""
         d = self.drain
         worker = d.worker
+        held_now = d.snapshot()
         with d.redis.pipeline() as pipe:
             worker.heartbeat(worker.job_monitoring_interval + 60, pipeline=pipe)
-            for held in d.snapshot():
+            # rq's loop sets the state per job; the drain's lanes do not, so `rq info` would show `?`.
+            worker.set_state(WorkerStatus.BUSY if held_now else WorkerStatus.IDLE, pipeline=pipe)
+            for held in held_now:
                 ttl = worker.get_heartbeat_ttl(held.job)
                 held.execution.heartbeat(held.job.started_job_registry, ttl, pipeline=pipe)
                 held.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
