@@ -468,7 +468,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database
+    from producer.connections import reach_mongo
     from worker.search import Searcher
 
     if (args.query is None) == (args.queries is None):
@@ -480,7 +480,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read --queries {args.queries}: {exc}") from None
     else:
         queries = [args.query]
-    searcher = Searcher(settings, mongo_database(settings), model=args.model, instruction=args.instruction)
+    searcher = Searcher(settings, reach_mongo(settings), model=args.model, instruction=args.instruction)
     hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
     results = searcher.search(queries, args.k, podcast=args.podcast, episode_id=args.episode, hybrid=hybrid)
     if args.queries is not None:
@@ -504,13 +504,13 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database
+    from producer.connections import reach_mongo
     from producer.enqueue import vector_spec
     from worker.search import create_index, index_definition
 
     if args.model and args.model != settings.model:
         settings = settings.replace(model=args.model, model_path=None)
-    db = mongo_database(settings)
+    db = reach_mongo(settings)
     definition = index_definition(settings, db, vector_spec(settings, args.instruction))
     if args.print:
         _print_json(definition)
