@@ -32,6 +32,9 @@ from producer.models import BATCH_ID
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "podembed:job:"
+# States after which a job's counts no longer change (but for batches running when it was cancelled);
+# an `interrupted` job's change until what it enqueued has run (`JobStatus.ended`).
+ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 JOBS_INDEX = "podembed:jobs"
 # A producer refreshes its job's key at every window; one silent for this long has died.
 PRODUCER_TTL_SECONDS = 120
@@ -157,6 +160,12 @@ class JobStatus:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def ended(self) -> bool:
+        """Whether its counts no longer change: an ended state, or interrupted with nothing left queued or running."""
+        return self.state in ENDED_STATES or (self.state == "interrupted" and not self.batches.queued
+                                               and not self.batches.running)
+
 
 @dataclass(frozen=True)
 class NewJob:
@@ -268,17 +277,7 @@ class JobRecords:
 
     def producer_alive(self, job_id: str) -> bool:
         """Whether the process enqueueing the job may still be at work."""
-        owner = self.redis.get(self._producer_key(job_id))
-        if owner is None:
-            return False
-        host, _, pid = owner.decode().rpartition(":")
-        if host != socket.gethostname():
-            return True  # another machine's producer: only its key's expiry tells
-        try:
-            os.kill(int(pid), 0)
-        except (OSError, ValueError):
-            return False
-        return True
+        return _alive(self.redis.get(self._producer_key(job_id)))
 
     def has_batch(self, job_id: str, batch_id: str) -> bool:
         """Whether the job exists and enqueued a batch of this id."""
@@ -357,8 +356,8 @@ class JobRecords:
                 pipe.hgetall(keys[4])
                 pipe.hgetall(keys[7])
                 pipe.hvals(keys[8])
-                pipe.exists(self._producer_key(job_id))
-                record, done, running, failed, errors, cancelled, progress, producing = pipe.execute()
+                pipe.get(self._producer_key(job_id))
+                record, done, running, failed, errors, cancelled, progress, producer = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         if not record:
@@ -383,7 +382,7 @@ class JobRecords:
             job_id=job_id,
             kind=rec["kind"],
             state=_state(batches, cancelled=rec.get("cancelled") == "1", enqueue_done=enqueue_done,
-                         producing=bool(producing)),
+                         producing=_alive(producer)),
             created_at=rec["created_at"],
             finished_at=rec.get("finished_at") or None,
             model=rec["model"],
@@ -406,6 +405,18 @@ class JobRecords:
             self.db.jobs.replace_one({"_id": status.job_id}, {"_id": status.job_id, **status.to_dict()}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
+
+    def ended_status(self, job_id: str, down: QueueError) -> tuple[JobStatus, str]:
+        """With Redis away (`down`), the status MongoDB `jobs` kept if the job had ended (its counts no longer
+        change), and a note saying so; `down` again, naming the job's state, if it had not."""
+        try:
+            status = self.stored_status(job_id)
+        except JobNotFoundError:
+            raise down from None
+        if not status.ended:
+            raise QueueError(f"{down}; job {job_id} was {status.state} when last saved, and its live counters are "
+                             "in Redis") from None
+        return status, f"{down}: live counters unavailable; job {job_id} as MongoDB `jobs` kept it when it ended"
 
     def stored_status(self, job_id: str) -> JobStatus:
         """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
@@ -490,12 +501,27 @@ def _producer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _alive(producer: bytes | None) -> bool:
+    """Whether the producer named by a job's producer key (`_producer_name`) may still be at work: on this
+    machine its process tells at once (a Ctrl-C, a SIGKILL); on another, only the key's expiry does."""
+    if producer is None:
+        return False
+    host, _, pid = producer.decode().rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _state(batches: BatchCounts, *, cancelled: bool, enqueue_done: bool = True, producing: bool = False) -> str:
     if cancelled:
         return "cancelled"
     if not enqueue_done:
-        if not producing and batches.queued == batches.running == 0:
-            return "interrupted"  # its producer died: what it enqueued has run, the rest never will
+        if not producing:
+            return "interrupted"  # its producer stopped short: what it enqueued runs, the rest never will
         return "running" if batches.running or batches.finished or batches.failed else "queued"
     if batches.finished == batches.total:
         return "finished"

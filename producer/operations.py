@@ -77,7 +77,8 @@ class BackfillRun:
     dry_run: bool
     refused: list[str]
     estimate: Estimate | None = None
-    # The interrupted job of the same backfill that this run resumed (its episodes are left to it).
+    # The latest interrupted job of the same backfill that this run resumed (its episodes, and those of the
+    # runs it resumed, are left to them).
     resumed_from: str | None = None
     # Episode ids given to select by that no selected episode has.
     not_found: list[str] = field(default_factory=list)
@@ -132,8 +133,8 @@ def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSo
 
     job = enqueue_episodes(settings, redis, db, changed(), kind="nightly", spec=spec, run_key=f"nightly|{source.key}",
                            on_window=enqueued)
-    # A run that resumed a dead one leaves that run's episodes to its job.
-    marks.update({key: Mark(hashes[key], job.resumed_from) for key in job.resumed if key in hashes})
+    # A run that resumed dead ones leaves their episodes to their jobs.
+    marks.update({key: Mark(hashes[key], resumed_by) for key, resumed_by in job.resumed.items() if key in hashes})
     if hashes or watermark.legacy:
         watermark.save({**kept, **marks})
     logger.info("nightly %s: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,

@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError
+from config.errors import ConfigError, EnqueueInterrupted, JobNotFoundError, PodembedError, QueueError
 from config.settings import Settings, redact_url
 
 if TYPE_CHECKING:
@@ -31,8 +31,8 @@ EXIT_ERROR = 1
 EXIT_NOT_FOUND = 2
 # What a shell reports for a command ended by SIGPIPE: the reader of its output went away.
 EXIT_BROKEN_PIPE = 141
-# States after which a job's counts no longer change (but for batches running when it was cancelled).
-ENDED_STATES = ("finished", "partial", "failed", "cancelled")
+# What a shell reports for a command ended by Ctrl-C (SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,11 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobNotFoundError as exc:
         _error(str(exc))
         return EXIT_NOT_FOUND
+    except EnqueueInterrupted as exc:
+        _error(str(exc))
+        return EXIT_INTERRUPTED
     except PodembedError as exc:
         _error(str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `podembed jobs | head -3`: stop quietly, as Unix tools do; the interpreter's last flush
         # must not find the closed pipe either.
@@ -240,7 +243,8 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
         print(f"job {job.job_id}: {job.episodes} episodes, {job.chunks} chunks ({job.skipped} already embedded), "
               f"{job.batches} batches, {job.tokens} tokens")
         if job.resumed_from:
-            print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
+            print(f"resumed: the {len(job.resumed)} episodes that job(s) {' '.join(sorted(set(job.resumed.values())))} "
+                  "had enqueued are left to them")
         if refused:
             print(f"{len(refused)} file(s) refused (see above)")
     return EXIT_ERROR if refused else 0
@@ -626,7 +630,7 @@ def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:
             sys.stderr.write(_progress_line(status, done, rate) + "\n")
             shown = (done, status.state)
         sys.stderr.flush()
-        if status.state in ENDED_STATES:
+        if status.ended:
             break
         time.sleep(interval)
         status = records.status(job_id)
@@ -648,14 +652,8 @@ def _done(status: JobStatus) -> int:
 
 def _ended_status(records: JobRecords, job_id: str, down: QueueError) -> JobStatus:
     """With Redis away, the status MongoDB `jobs` kept, if the job had ended (its counts no longer change)."""
-    try:
-        status = records.stored_status(job_id)
-    except JobNotFoundError:
-        raise down from None
-    if status.state not in ENDED_STATES:
-        raise QueueError(f"{down}; job {job_id} was {status.state} when last saved, and its live counters are in "
-                         "Redis") from None
-    _error(f"{down}: live counters unavailable; job {job_id} as MongoDB `jobs` kept it when it ended")
+    status, note = records.ended_status(job_id, down)
+    _error(note)
     return status
 
 
