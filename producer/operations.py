@@ -181,17 +181,23 @@ def backfill(
 
 def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec: VectorSpec, *, force: bool,
              refused: list[str]) -> BackfillRun:
-    """What a backfill would enqueue, window by window as it would, with the estimate; nothing is written."""
+    """What a backfill would enqueue, window by window as it would, with the estimate; nothing is written.
+
+    Already embedded are the chunks whose vector is stored and those whose text has a vector under another
+    chunk (the worker reuses it): the model sees neither. The batches are those it would enqueue, the
+    latter's chunks included (each gets its own document).
+    """
     store = ChunkStore(db)
     run = BackfillRun(job_id=None, episodes=0, chunks=0, batches=0, tokens=0, already_embedded=0, model=spec.model,
                       force=force, dry_run=True, refused=refused)
     for window in chunk_windows(settings, episodes, spec):
         chunks = [c for chunked in window for c in chunked.chunks]
         todo = store.to_embed(chunks, spec, force=force)
+        reused = set() if force else store.text_stored(todo, spec)
         run.episodes += len(window)
-        run.chunks += len(todo)
-        run.already_embedded += len(chunks) - len(todo)
-        run.tokens += sum(c.n_tokens for c in todo)
+        run.chunks += len(todo) - len(reused)
+        run.already_embedded += len(chunks) - len(todo) + len(reused)
+        run.tokens += sum(c.n_tokens for c in todo if c.chunk_id not in reused)
         run.batches += len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
                                         max_chunks=settings.batch_max_chunks))
     run.estimate = estimate(settings, db, run.chunks, run.tokens, spec)

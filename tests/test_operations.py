@@ -320,6 +320,50 @@ def test_cli_backfill_dry_run(settings: Settings, redis: Redis, db: Database) ->
     assert bad.returncode == 2 and "'yesterday' is not a day (YYYY-MM-DD)" in bad.stderr
 
 
+def test_back_to_back_ingests_embed_each_text_once(settings: Settings, redis: Redis, db: Database,
+                                                   records: JobRecords) -> None:
+    # Three ingests of the same files before a worker runs: nothing is stored yet, so each queues every chunk,
+    # and a worker's batch of the second is looked up while the first one's are still on the model.
+    files = [str(EXAMPLES / "E01.vtt"), str(EXAMPLES / "E05.vtt")]
+    jobs = []
+    for _ in range(3):
+        out = _cli(settings, "ingest", *files, "--podcast", SHOW, "--json")
+        assert out.returncode == 0, out.stderr
+        jobs.append(json.loads(out.stdout))
+    assert [(j["skipped"], j["chunks"]) for j in jobs] == [(0, jobs[0]["chunks"])] * 3
+    run_worker(settings, burst=True, redis=redis)
+    # The ledger says what the model computed: every text once, all in the first job.
+    ledger = [sum(e["n_embedded"] for e in db.batches.find({"job_id": j["job_id"]})) for j in jobs]
+    assert ledger == [jobs[0]["chunks"], 0, 0]
+    for job in jobs[1:]:
+        status = records.status(job["job_id"])
+        assert (status.state, status.chunks.embedded, status.chunks.skipped) == ("finished", 0, job["chunks"])
+    assert db.embeddings.count_documents({}) == jobs[0]["chunks"]
+
+
+def test_backfill_dry_run_counts_texts_stored_under_other_chunks(settings: Settings, redis: Redis, db: Database,
+                                                                 records: JobRecords, tmp_path: Path) -> None:
+    # Ingested under one podcast name, backfilled from a folder naming another: other chunks, the same texts.
+    folder = tmp_path / "catalog" / "Another Name"
+    folder.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "E05.vtt", folder)
+    ingested = _cli(settings, "ingest", str(folder), "--podcast", SHOW, "--json")
+    assert ingested.returncode == 0, ingested.stderr
+    chunks = json.loads(ingested.stdout)["chunks"]
+    run_worker(settings, burst=True, redis=redis)
+
+    dry = _cli(settings, "backfill", "--source", str(tmp_path / "catalog"), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    doc = json.loads(dry.stdout)
+    assert (doc["episodes"], doc["already_embedded"], doc["chunks"], doc["tokens"]) == (1, chunks, 0, 0)
+    assert (doc["batches"], doc["est_gpu_seconds"]) == (1, 0)
+    real = _cli(settings, "backfill", "--source", str(tmp_path / "catalog"), "--json")
+    assert real.returncode == 0, real.stderr
+    run_worker(settings, burst=True, redis=redis)
+    status = records.status(json.loads(real.stdout)["job_id"])
+    assert (status.state, status.chunks.embedded, status.chunks.skipped) == ("finished", 0, doc["already_embedded"])
+
+
 def test_cli_jobs_cancel_retry_and_unknown_ids(settings: Settings, redis: Redis, db: Database) -> None:
     jobs = []
     for path in (DATA / "E03.txt", EXAMPLES / "E05.vtt"):
