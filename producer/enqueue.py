@@ -231,7 +231,7 @@ class JobStream:
         batches = pack_batches(job_id, todo, self.spec, max_tokens=self.settings.batch_max_tokens,
                                max_chunks=self.settings.batch_max_chunks, force=self.force,
                                first_index=self.job.batches)
-        counts = Window(batch_ids=[b.batch_id for b in batches], chunks=len(chunks), skipped=skipped,
+        counts = Window(batches={b.batch_id: len(b.chunks) for b in batches}, chunks=len(chunks), skipped=skipped,
                         episode_keys=[chunked.episode.key for chunked in window])
         try:
             with self.redis.pipeline(transaction=True) as pipe:

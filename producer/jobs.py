@@ -60,8 +60,8 @@ _ENQUEUE_DONE = """
 redis.call('HSET', KEYS[1], 'enqueue_done', '1')
 """ + _BATCH_ENDED
 
-# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress (they expire
-# together). ARGV: batch_id,
+# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress, sizes (they
+# expire together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
@@ -182,7 +182,8 @@ class NewJob:
 class Window:
     """What one window of a streaming enqueue adds to its job."""
 
-    batch_ids: list[str]
+    # Its batches, in order: batch id -> the chunks it carries.
+    batches: dict[str, int]
     chunks: int
     skipped: int
     episode_keys: list[str]
@@ -199,7 +200,7 @@ class JobRecords:
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
         return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
-                base + ":episodes", base + ":cancelled", base + ":progress"]
+                base + ":episodes", base + ":cancelled", base + ":progress", base + ":sizes"]
 
     @staticmethod
     def _producer_key(job_id: str) -> str:
@@ -246,13 +247,14 @@ class JobRecords:
     def add_window(self, job_id: str, window: Window, pipe: Pipeline) -> None:
         """Add the window's counts to `pipe`, the transaction that also enqueues its batches, so
         a window is on the queue and counted whole or not at all."""
-        hash_key, *_, batches_key, episodes_key, _, _ = self._keys(job_id)
+        hash_key, *_, batches_key, episodes_key, _, _, sizes_key = self._keys(job_id)
         pipe.hincrby(hash_key, "chunks_total", window.chunks)
         pipe.hincrby(hash_key, "skipped", window.skipped)
-        pipe.hincrby(hash_key, "batches_total", len(window.batch_ids))
+        pipe.hincrby(hash_key, "batches_total", len(window.batches))
         pipe.hincrby(hash_key, "episodes", len(window.episode_keys))
-        if window.batch_ids:
-            pipe.rpush(batches_key, *window.batch_ids)
+        if window.batches:
+            pipe.rpush(batches_key, *window.batches)
+            pipe.hset(sizes_key, mapping=window.batches)
         if window.episode_keys:
             pipe.sadd(episodes_key, *window.episode_keys)
         pipe.set(self._producer_key(job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
@@ -319,6 +321,40 @@ class JobRecords:
 
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
+
+    def open_batches(self, job_id: str) -> list[str]:
+        """The job's batches not counted finished, failed or cancelled: queued, running, or gone from rq."""
+        _, done, _, failed, _, batches, _, cancelled, *_ = self._keys(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.lrange(batches, 0, -1)
+            pipe.smembers(done)
+            pipe.hkeys(failed)
+            pipe.hkeys(cancelled)
+            listed, *counted = pipe.execute()
+        ended = set().union(*counted)
+        return [b.decode() for b in listed if b not in ended]
+
+    def batch_chunks(self, job_id: str, batch_ids: list[str]) -> dict[str, int]:
+        """How many chunks each of these batches carries (0 for a job enqueued before podembed kept it)."""
+        if not batch_ids:
+            return {}
+        sizes = self.redis.hmget(self._keys(job_id)[9], batch_ids)
+        return {b: int(n or 0) for b, n in zip(batch_ids, sizes, strict=True)}
+
+    def open_jobs(self) -> list[str]:
+        """The jobs Redis still holds with batches not counted finished, failed or cancelled."""
+        job_ids = [j.decode() for j in self.redis.zrange(JOBS_INDEX, 0, -1)]
+        with self.redis.pipeline() as pipe:
+            for job_id in job_ids:
+                hash_key, done, _, failed, _, _, _, cancelled, *_ = self._keys(job_id)
+                pipe.hget(hash_key, "batches_total")
+                pipe.scard(done)
+                pipe.hlen(failed)
+                pipe.hlen(cancelled)
+            answers = pipe.execute()
+        rows = [answers[i : i + 4] for i in range(0, len(answers), 4)]
+        return [job_id for job_id, (total, *counted) in zip(job_ids, rows, strict=True)
+                if total is not None and int(total) > sum(counted)]
 
     def count_finished(
         self, pipe: Pipeline, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float,

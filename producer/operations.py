@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Ledger batches a throughput estimate averages over: recent enough to follow the hardware.
 THROUGHPUT_WINDOW = 500
+# Why a batch whose rq job is gone (rq-dashboard's Delete, `Job.delete()`) is counted failed.
+DELETED_REASON = "deleted outside podembed"
 
 
 @dataclass
@@ -94,6 +96,8 @@ class RetryResult:
     job_id: str
     state: str
     requeued: list[str] = field(default_factory=list)
+    # Failed batches deleted outside podembed: their chunk ids went with them, so they cannot be requeued.
+    deleted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -232,6 +236,8 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     registry = batch_queue(settings, redis, status.kind, name=status.queue).failed_job_registry
     requeued: list[str] = []
     try:
+        fail_deleted_batches(records, job_id)
+        deleted = [b for b, reason in records.status(job_id).errors.items() if reason == DELETED_REASON]
         failed = [b for b in records.batch_ids(job_id) if b in registry]
         jobs = [j for j in Job.fetch_many(failed, connection=redis, serializer=JSONSerializer) if j is not None]
         # Counted failed no more first: a requeue that fails halfway is still in RQ's registry for a rerun.
@@ -247,7 +253,7 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     status = records.status(job_id)
     records.save(status)
     logger.info("job %s: requeued %d failed batches", job_id, len(requeued))
-    return RetryResult(job_id=job_id, state=status.state, requeued=requeued)
+    return RetryResult(job_id=job_id, state=status.state, requeued=requeued, deleted=deleted)
 
 
 def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> CancelResult:
@@ -273,6 +279,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
                 # Counted at once: a cancel that stops halfway leaves nothing removed uncounted.
                 removed[batch_id] = int(batch.meta.get("n_chunks", 0))
                 records.count_cancelled(job_id, {batch_id: removed[batch_id]})
+        fail_deleted_batches(records, job_id)  # never coming either: the counts add up at once
     except RedisError as exc:
         raise QueueError(f"cannot remove batches of job {job_id} from the queue: {exc}") from exc
     status = records.status(job_id)
@@ -280,6 +287,27 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     records.save(status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))
     return CancelResult(job_id=job_id, state=status.state, removed=list(removed))
+
+
+def fail_deleted_batches(records: JobRecords, job_id: str) -> list[str]:
+    """Count failed, with DELETED_REASON, the job's open batches whose rq job is gone, and return them.
+
+    rq-dashboard's Delete (`Job.delete()`) takes a batch off its queue and registries with its hash: no
+    worker will run it, and its job would wait for it for ever. A batch deleted while a worker runs it is
+    counted finished when it ends after all, as its finish replaces the failure.
+    """
+    open_batches = records.open_batches(job_id)
+    with records.redis.pipeline(transaction=False) as pipe:
+        for batch_id in open_batches:
+            pipe.exists(Job.key_for(batch_id))
+        there = pipe.execute()
+    gone = [b for b, exists in zip(open_batches, there, strict=True) if not exists]
+    for batch_id, n_chunks in records.batch_chunks(job_id, gone).items():
+        records.mark_failed(job_id, batch_id, n_chunks, DELETED_REASON)
+        logger.warning("job %s batch %s: %s (its rq job is gone); counted failed", job_id, batch_id, DELETED_REASON)
+    if gone:
+        records.save(records.status(job_id))
+    return gone
 
 
 def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[str | None, float | None]:

@@ -109,7 +109,7 @@ def test_post_poll_list_and_finish_a_job(
 
     # Nothing failed, nothing queued: retry and cancel change nothing.
     assert client.post(f"/jobs/{job['job_id']}/retry").json() == {"job_id": job["job_id"], "state": "finished",
-                                                                    "requeued": []}
+                                                                    "requeued": [], "deleted": []}
     assert client.post(f"/jobs/{job['job_id']}/cancel").json() == {"job_id": job["job_id"], "state": "finished",
                                                                      "removed": []}
 
@@ -121,7 +121,8 @@ def test_cancel_then_retry_over_http(client: httpx.Client, redis: Redis) -> None
     assert client.post(f"/jobs/{job_id}/cancel").json()["removed"] == []
     assert client.get(f"/jobs/{job_id}").json()["state"] == "cancelled"
     retried = client.post(f"/jobs/{job_id}/retry")  # never retried, like the CLI: nothing to requeue
-    assert (retried.status_code, retried.json()) == (200, {"job_id": job_id, "state": "cancelled", "requeued": []})
+    assert (retried.status_code, retried.json()) == (200, {"job_id": job_id, "state": "cancelled", "requeued": [],
+                                                           "deleted": []})
 
 
 def test_refused_input_creates_no_job(client: httpx.Client, redis: Redis) -> None:

@@ -208,7 +208,7 @@ def test_retry_exits_zero_on_finished_and_cancelled_jobs(settings: Settings, red
     one, two = _run(settings, "retry", finished), _run(settings, "retry", cancelled, "--json")
     assert (one.returncode, two.returncode) == (0, 0), two.stderr
     assert one.stdout.strip() == f"job {finished}: 0 failed batches requeued; now finished"
-    assert json.loads(two.stdout) == {"job_id": cancelled, "state": "cancelled", "requeued": []}
+    assert json.loads(two.stdout) == {"job_id": cancelled, "state": "cancelled", "requeued": [], "deleted": []}
 
 
 def test_services_status_says_who_started_them(settings: Settings, tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from pymongo.database import Database
 from redis import Redis
+from rq.job import Job
 from rq.registry import CanceledJobRegistry
+from rq.serializers import JSONSerializer
 
 from config.errors import QueueError
 from config.settings import Settings
@@ -289,6 +291,44 @@ def test_cancel_and_retry_leave_a_finished_job_alone(
     assert records.status(job.job_id).state == "finished"
 
 
+def test_a_batch_deleted_with_rqs_api_fails_and_its_job_ends(settings: Settings, redis: Redis, db: Database,
+                                                            records: JobRecords) -> None:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=SHOW)
+    job = ingest(settings.replace(batch_max_chunks=3), redis, db, episodes, kind="ingest")
+    deleted = records.batch_ids(job.job_id)[1]
+    Job.fetch(deleted, connection=redis, serializer=JSONSerializer).delete()  # rq-dashboard's Delete button
+    run_worker(settings, burst=True, redis=redis)  # its housekeeper's first pass finds the batch gone
+    status = records.status(job.job_id)
+    c, b = status.chunks, status.batches
+    assert (status.state, b.total, b.finished, b.failed, b.queued, b.running) == ("partial", 4, 3, 1, 0, 0)
+    assert (c.total, c.embedded, c.failed, c.pending) == (11, 8, 3, 0)
+    assert status.errors == {deleted: "deleted outside podembed"}
+    assert db.jobs.find_one({"_id": job.job_id})["state"] == "partial"
+
+    retried = _cli(settings, "retry", job.job_id)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines() == [
+        f"job {job.job_id}: 0 failed batches requeued; now partial",
+        "1 failed batch(es) deleted outside podembed cannot be requeued (their chunk ids went with them): run the "
+        "same ingest, nightly or backfill again to embed what they held"]
+    again = json.loads(_cli(settings, "retry", job.job_id, "--json").stdout)
+    assert (again["requeued"], again["deleted"], again["state"]) == ([], [deleted], "partial")
+
+
+def test_cancel_counts_a_deleted_batch_failed_at_once(settings: Settings, redis: Redis, db: Database,
+                                                      records: JobRecords) -> None:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=SHOW)
+    job = ingest(settings.replace(batch_max_chunks=3), redis, db, episodes, kind="ingest")
+    deleted = records.batch_ids(job.job_id)[0]
+    Job.fetch(deleted, connection=redis, serializer=JSONSerializer).delete()
+    cancelled = _cli(settings, "cancel", job.job_id)
+    assert cancelled.stdout == f"job {job.job_id}: 3 queued batches removed; now cancelled\n", cancelled.stderr
+    status = records.status(job.job_id)
+    c, b = status.chunks, status.batches
+    assert (b.total, b.cancelled, b.failed, b.queued) == (4, 3, 1, 0)
+    assert (c.total, c.cancelled, c.failed, c.pending) == (11, 8, 3, 0)
+
+
 def test_cli_nightly_twice(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
     folder = _source_dir(tmp_path, DATA / "E03.txt")
     first = _cli(settings, "nightly", "--source", str(folder), "--json")
@@ -380,7 +420,7 @@ def test_cli_jobs_cancel_retry_and_unknown_ids(settings: Settings, redis: Redis,
                                             "removed": [f"{jobs[1]}-00000"]}
     assert _cli(settings, "cancel", jobs[1]).stdout.strip() == f"job {jobs[1]}: 0 queued batches removed; now cancelled"
     retried = _cli(settings, "retry", jobs[0], "--json")
-    assert json.loads(retried.stdout) == {"job_id": jobs[0], "state": "queued", "requeued": []}
+    assert json.loads(retried.stdout) == {"job_id": jobs[0], "state": "queued", "requeued": [], "deleted": []}
 
     for command in (["retry", "nosuchjob"], ["cancel", "nosuchjob"], ["status", "nosuchjob", "--watch"]):
         out = _cli(settings, *command)

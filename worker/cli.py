@@ -395,6 +395,9 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         print(f"job {result.job_id}: cancelled, nothing to retry")
     else:
         print(f"job {result.job_id}: {len(result.requeued)} failed batches requeued; now {result.state}")
+        if result.deleted:
+            print(f"{len(result.deleted)} failed batch(es) deleted outside podembed cannot be requeued (their chunk "
+                  "ids went with them): run the same ingest, nightly or backfill again to embed what they held")
     return 0
 
 

@@ -55,7 +55,14 @@ from rq.utils import now
 from config.errors import DrainError
 from config.settings import Settings
 from producer.models import BatchTicket
-from worker.housekeeping import enqueue_due_retries, load_job, maintain, release_locks, scheduler_for
+from worker.housekeeping import (
+    enqueue_due_retries,
+    fail_deleted_batches_of_open_jobs,
+    load_job,
+    maintain,
+    release_locks,
+    scheduler_for,
+)
 from worker.priority import Idle, PriorityTake
 from worker.store import to_bson_vector
 from worker.tasks import (
@@ -503,7 +510,7 @@ class StoreLane(Lane):
 
 
 class Housekeeper(threading.Thread):
-    """Beats for every held batch and the worker; rq's maintenance and due retries between beats.
+    """Beats for every held batch and the worker; rq's maintenance, due retries and deleted batches between beats.
     Releases the scheduler's locks when the drain ends."""
 
     def __init__(self, drain: Drain) -> None:
@@ -538,7 +545,8 @@ class Housekeeper(threading.Thread):
         waits for the housekeeper (another pass, this worker's next or another worker's, does the rest)."""
         d = self.drain
         steps = [*(partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues),
-                 partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds)]
+                 partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds),
+                 partial(fail_deleted_batches_of_open_jobs, d.ctx.records)]
         for step in steps:
             if self.done.is_set() and not whole:
                 return
