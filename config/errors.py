@@ -39,6 +39,10 @@ class QueueError(PodembedError):
     """Redis refused or could not be reached."""
 
 
+class EnqueueInterrupted(PodembedError):
+    """A producer was stopped (Ctrl-C) before its job was wholly enqueued: the job is `interrupted`."""
+
+
 class ForeignJobError(PodembedError):
     """A queued job names a function or callback that is not podembed's (someone else wrote it)."""
 

@@ -69,6 +69,8 @@ MAX_INSTRUCTION_CHARS = 1000
 
 # Checked by our own dependency, so a missing header is a 401 with our message, not FastAPI's 403.
 BEARER = HTTPBearer(auto_error=False)
+# The header that carries what `podembed status` says on stderr beside the document (Redis down, say).
+NOTE_HEADER = "X-Podembed-Note"
 
 
 class TranscriptIn(BaseModel):
@@ -109,6 +111,7 @@ class SearchResults(BaseModel):
     hybrid: bool = Field(description="whether the vector ranking was fused with BM25's (scores are then fused ones)")
     model: str
     vector_key: str
+    k: int
     hits: list[SearchHit]
 
 
@@ -164,9 +167,15 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         return records.recent(limit)
 
     @jobs.get("/{job_id}", response_model=JobStatus, responses={404: {"description": "no job with this id"}})
-    def get_job(job_id: str) -> JobStatus:
-        """The job's status document."""
-        return records.status(job_id)
+    def get_job(job_id: str, response: Response) -> JobStatus:
+        """The job's status document; with Redis down, the copy MongoDB kept of a job that had ended (the
+        `X-Podembed-Note` header says so), as `podembed status` shows it."""
+        try:
+            return records.status(job_id)
+        except QueueError as down:
+            status, note = records.ended_status(job_id, down)
+            response.headers[NOTE_HEADER] = redact_url(note)
+            return status
 
     @jobs.post("/{job_id}/retry", response_model=RetryResult)
     def retry_job(job_id: str) -> RetryResult:
@@ -197,7 +206,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
             hybrid = searcher[0].hybrid if hybrid is None else hybrid
             hits = searcher[0].search([q], k, podcast=podcast, episode_id=episode, hybrid=hybrid)[0]
         return SearchResults(query=q, engine=searcher[0].engine.name, hybrid=hybrid, model=searcher[0].spec.model,
-                             vector_key=searcher[0].spec.key, hits=[SearchHit(**h.to_dict()) for h in hits])
+                             vector_key=searcher[0].spec.key, k=k, hits=[SearchHit(**h.to_dict()) for h in hits])
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,7 +3,8 @@
 The producer writes each chunk once, keyed by its id, with unordered bulk upserts; a batch
 on the queue then carries only chunk ids (tens of bytes each), and the worker reads one
 batch's chunks back in one query. The producer also asks which chunks already have their
-vector under a vector key, so that they are never queued.
+vector under a vector key, so that they are never queued, and (for a backfill's dry run) which
+chunks' texts have one anywhere in the corpus.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from config.errors import PayloadError, StoreError
-from producer.models import Chunk, VectorSpec
+from producer.models import Chunk, VectorSpec, text_key
 
 # `$in` lists of ids stay well under MongoDB's 16 MB command size.
 ID_SLICE = 1000
@@ -71,6 +72,20 @@ class ChunkStore:
         except PyMongoError as exc:
             raise StoreError(f"cannot read {self.db.name}.embeddings: {exc}") from exc
         return done
+
+
+    def text_stored(self, chunks: Sequence[Chunk], spec: VectorSpec) -> set[str]:
+        """Ids of the chunks whose text has a vector under `spec` anywhere in the corpus (the worker reuses it)."""
+        keys = {c.chunk_id: text_key(c.text, spec) for c in chunks}
+        wanted = sorted(set(keys.values()))
+        found: set[str] = set()
+        try:
+            for start in range(0, len(wanted), ID_SLICE):
+                found.update(doc["text_key"] for doc in self.db.embeddings.find(
+                    {"text_key": {"$in": wanted[start : start + ID_SLICE]}}, {"text_key": 1}))
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read {self.db.name}.embeddings: {exc}") from exc
+        return {chunk_id for chunk_id, key in keys.items() if key in found}
 
 
 def _chunk_doc(chunk: Chunk) -> dict:

@@ -19,7 +19,7 @@ from rq import Callback, Queue, Retry
 from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
-from config.errors import JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
+from config.errors import EnqueueInterrupted, JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
 from producer.chunkstore import ChunkStore
 from producer.connections import check_mongo
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # What a directory scan picks up; other files can still be named one by one.
 TRANSCRIPT_SUFFIXES = {".vtt", ".srt", ".json", ".txt"}
 
-# A command that can be resumed keeps the id of its job here until the job is wholly enqueued.
+# A command that can be resumed keeps here, until a run of it is wholly enqueued, the ids of the jobs of its
+# runs that stopped short and of the one running now (oldest first, separated by spaces).
 RUN_PREFIX = "podembed:run:"
 
 # The worker's job function, by dotted path: the producer never imports torch.
@@ -52,10 +53,10 @@ class EnqueuedJob:
     tokens: int
     # Chunks whose vector was already stored: counted done, never queued.
     skipped: int = 0
-    # The interrupted job of the same command this run resumed, and the keys of the episodes it had
-    # enqueued (left to it).
+    # The latest interrupted job of the same command this run resumed, and the keys of the episodes that
+    # it and the runs it resumed had enqueued, each with its job (left to them).
     resumed_from: str | None = None
-    resumed: set[str] = field(default_factory=set, repr=False)
+    resumed: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def batch_queue(settings: Settings, redis: Redis, kind: str = "ingest", *, name: str | None = None) -> Queue:
@@ -166,33 +167,39 @@ class JobStream:
         self.force = force
         self.job = EnqueuedJob(job_id=None, episodes=0, chunks=0, batches=0, tokens=0)
         self.run_key: str | None = None
+        # The jobs of the earlier runs of the same command that stopped short, oldest first.
+        self.stopped_short: list[str] = []
 
-    def resume(self, run_key: str) -> set[str]:
-        """Keys of the episodes that the interrupted job of the same command (if any) enqueued.
+    def resume(self, run_key: str) -> dict[str, str]:
+        """The episodes that the interrupted runs of the same command (if any) enqueued, each with its job.
 
-        The new job leaves them to that job, whose batches are on the queue or done; the
-        interrupted job ends `interrupted` once they have run.
+        The new job leaves them to those jobs, whose batches are on the queue or done: however many
+        runs in a row stopped short, each episode is enqueued by one of them or by this one.
         """
         # Under this job's vector key: the same command under another model is another run.
         self.run_key = RUN_PREFIX + hashlib.sha256(f"{run_key}|{self.spec.key}".encode()).hexdigest()[:32]
         try:
             prior = self.redis.get(self.run_key)
             if prior is None:
-                return set()
-            prior_id = prior.decode()
-            if self.records.producer_alive(prior_id):
-                raise PodembedError(f"job {prior_id} is still being enqueued for the same selection by another "
+                return {}
+            chain = prior.decode().split()
+            latest = chain[-1]
+            if self.records.producer_alive(latest):
+                raise PodembedError(f"job {latest} is still being enqueued for the same selection by another "
                                     "process: wait for it, or cancel it")
             try:
-                if self.records.status(prior_id).enqueue_done:
-                    return set()
+                if self.records.status(latest).enqueue_done:
+                    return {}
             except JobNotFoundError:
-                return set()
-            self.records.release_producer(prior_id)  # known dead: its job shows `interrupted` from now on
-            self.job.resumed_from, self.job.resumed = prior_id, self.records.enqueued_episodes(prior_id)
+                return {}
+            self.records.release_producer(latest)  # known dead: its job shows `interrupted` from now on
+            for job_id in chain:
+                self.job.resumed.update(dict.fromkeys(self.records.enqueued_episodes(job_id), job_id))
         except RedisError as exc:
             raise QueueError(f"cannot read the state of earlier runs from Redis: {exc}") from exc
-        logger.info("resuming job %s: its %d enqueued episodes are left to it", prior_id, len(self.job.resumed))
+        self.stopped_short, self.job.resumed_from = chain, latest
+        logger.info("resuming jobs %s: their %d enqueued episodes are left to them", " ".join(chain),
+                    len(self.job.resumed))
         return self.job.resumed
 
     def open(self) -> str:
@@ -204,7 +211,7 @@ class JobStream:
                                        instruction=self.spec.instruction, vector_key=self.spec.key))
             if self.run_key is not None:
                 try:
-                    self.redis.set(self.run_key, job_id, ex=self.settings.result_ttl)
+                    self.redis.set(self.run_key, " ".join([*self.stopped_short, job_id]), ex=self.settings.result_ttl)
                 except RedisError as exc:
                     raise QueueError(f"cannot record job {job_id} in Redis: {exc}") from exc
             self.job.job_id = job_id
@@ -224,7 +231,7 @@ class JobStream:
         batches = pack_batches(job_id, todo, self.spec, max_tokens=self.settings.batch_max_tokens,
                                max_chunks=self.settings.batch_max_chunks, force=self.force,
                                first_index=self.job.batches)
-        counts = Window(batch_ids=[b.batch_id for b in batches], chunks=len(chunks), skipped=skipped,
+        counts = Window(batches={b.batch_id: len(b.chunks) for b in batches}, chunks=len(chunks), skipped=skipped,
                         episode_keys=[chunked.episode.key for chunked in window])
         try:
             with self.redis.pipeline(transaction=True) as pipe:
@@ -249,6 +256,13 @@ class JobStream:
         """Leave the job `interrupted` now (this process stops short): the same command resumes it."""
         if self.job.job_id is not None:
             self.records.release_producer(self.job.job_id)
+
+    def interrupted(self) -> EnqueueInterrupted:
+        """The error of a run stopped by Ctrl-C after its job was recorded: what it enqueued, and how to go on."""
+        job = self.job
+        return EnqueueInterrupted(f"job {job.job_id} interrupted: {job.episodes} episodes ({job.chunks} chunks) were "
+                                  "enqueued and still run; run the same command again to enqueue the rest (it "
+                                  "resumes: no chunk is queued twice)")
 
     def close(self) -> EnqueuedJob:
         """Mark the job wholly enqueued (a job with no chunks was never recorded)."""
@@ -277,7 +291,7 @@ def enqueue_episodes(
     Chunking (this thread and its pool) and storing (a lane of its own) overlap by one window.
     """
     stream = JobStream(settings, redis, db, kind=kind, spec=spec, force=force)
-    taken = stream.resume(run_key) if run_key is not None else set()
+    taken = stream.resume(run_key) if run_key is not None else {}
     todo = (e for e in episodes if e.key not in taken)
     try:
         with StoreLane(stream, on_window) as lane:
@@ -285,6 +299,11 @@ def enqueue_episodes(
                 if not lane.put(window):
                     logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
                     break
+    except KeyboardInterrupt:
+        stream.abandon()
+        if stream.job.job_id is None:
+            raise
+        raise stream.interrupted() from None
     except BaseException:
         stream.abandon()
         raise

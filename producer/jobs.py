@@ -32,6 +32,9 @@ from producer.models import BATCH_ID
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "podembed:job:"
+# States after which a job's counts no longer change (but for batches running when it was cancelled);
+# an `interrupted` job's change until what it enqueued has run (`JobStatus.ended`).
+ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 JOBS_INDEX = "podembed:jobs"
 # A producer refreshes its job's key at every window; one silent for this long has died.
 PRODUCER_TTL_SECONDS = 120
@@ -57,8 +60,8 @@ _ENQUEUE_DONE = """
 redis.call('HSET', KEYS[1], 'enqueue_done', '1')
 """ + _BATCH_ENDED
 
-# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress (they expire
-# together). ARGV: batch_id,
+# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress, sizes (they
+# expire together). ARGV: batch_id,
 # embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
 # after its count, say a crash or a MongoDB error came between) still leaves the running set.
 _FINISH_BATCH = """
@@ -157,6 +160,12 @@ class JobStatus:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def ended(self) -> bool:
+        """Whether its counts no longer change: an ended state, or interrupted with nothing left queued or running."""
+        return self.state in ENDED_STATES or (self.state == "interrupted" and not self.batches.queued
+                                               and not self.batches.running)
+
 
 @dataclass(frozen=True)
 class NewJob:
@@ -173,7 +182,8 @@ class NewJob:
 class Window:
     """What one window of a streaming enqueue adds to its job."""
 
-    batch_ids: list[str]
+    # Its batches, in order: batch id -> the chunks it carries.
+    batches: dict[str, int]
     chunks: int
     skipped: int
     episode_keys: list[str]
@@ -190,7 +200,7 @@ class JobRecords:
     def _keys(self, job_id: str) -> list[str]:
         base = KEY_PREFIX + job_id
         return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
-                base + ":episodes", base + ":cancelled", base + ":progress"]
+                base + ":episodes", base + ":cancelled", base + ":progress", base + ":sizes"]
 
     @staticmethod
     def _producer_key(job_id: str) -> str:
@@ -237,13 +247,14 @@ class JobRecords:
     def add_window(self, job_id: str, window: Window, pipe: Pipeline) -> None:
         """Add the window's counts to `pipe`, the transaction that also enqueues its batches, so
         a window is on the queue and counted whole or not at all."""
-        hash_key, *_, batches_key, episodes_key, _, _ = self._keys(job_id)
+        hash_key, *_, batches_key, episodes_key, _, _, sizes_key = self._keys(job_id)
         pipe.hincrby(hash_key, "chunks_total", window.chunks)
         pipe.hincrby(hash_key, "skipped", window.skipped)
-        pipe.hincrby(hash_key, "batches_total", len(window.batch_ids))
+        pipe.hincrby(hash_key, "batches_total", len(window.batches))
         pipe.hincrby(hash_key, "episodes", len(window.episode_keys))
-        if window.batch_ids:
-            pipe.rpush(batches_key, *window.batch_ids)
+        if window.batches:
+            pipe.rpush(batches_key, *window.batches)
+            pipe.hset(sizes_key, mapping=window.batches)
         if window.episode_keys:
             pipe.sadd(episodes_key, *window.episode_keys)
         pipe.set(self._producer_key(job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
@@ -268,17 +279,7 @@ class JobRecords:
 
     def producer_alive(self, job_id: str) -> bool:
         """Whether the process enqueueing the job may still be at work."""
-        owner = self.redis.get(self._producer_key(job_id))
-        if owner is None:
-            return False
-        host, _, pid = owner.decode().rpartition(":")
-        if host != socket.gethostname():
-            return True  # another machine's producer: only its key's expiry tells
-        try:
-            os.kill(int(pid), 0)
-        except (OSError, ValueError):
-            return False
-        return True
+        return _alive(self.redis.get(self._producer_key(job_id)))
 
     def has_batch(self, job_id: str, batch_id: str) -> bool:
         """Whether the job exists and enqueued a batch of this id."""
@@ -321,6 +322,40 @@ class JobRecords:
     def batch_ids(self, job_id: str) -> list[str]:
         return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
 
+    def open_batches(self, job_id: str) -> list[str]:
+        """The job's batches not counted finished, failed or cancelled: queued, running, or gone from rq."""
+        _, done, _, failed, _, batches, _, cancelled, *_ = self._keys(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.lrange(batches, 0, -1)
+            pipe.smembers(done)
+            pipe.hkeys(failed)
+            pipe.hkeys(cancelled)
+            listed, *counted = pipe.execute()
+        ended = set().union(*counted)
+        return [b.decode() for b in listed if b not in ended]
+
+    def batch_chunks(self, job_id: str, batch_ids: list[str]) -> dict[str, int]:
+        """How many chunks each of these batches carries (0 for a job enqueued before podembed kept it)."""
+        if not batch_ids:
+            return {}
+        sizes = self.redis.hmget(self._keys(job_id)[9], batch_ids)
+        return {b: int(n or 0) for b, n in zip(batch_ids, sizes, strict=True)}
+
+    def open_jobs(self) -> list[str]:
+        """The jobs Redis still holds with batches not counted finished, failed or cancelled."""
+        job_ids = [j.decode() for j in self.redis.zrange(JOBS_INDEX, 0, -1)]
+        with self.redis.pipeline() as pipe:
+            for job_id in job_ids:
+                hash_key, done, _, failed, _, _, _, cancelled, *_ = self._keys(job_id)
+                pipe.hget(hash_key, "batches_total")
+                pipe.scard(done)
+                pipe.hlen(failed)
+                pipe.hlen(cancelled)
+            answers = pipe.execute()
+        rows = [answers[i : i + 4] for i in range(0, len(answers), 4)]
+        return [job_id for job_id, (total, *counted) in zip(job_ids, rows, strict=True)
+                if total is not None and int(total) > sum(counted)]
+
     def count_finished(
         self, pipe: Pipeline, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float,
         cost_usd: float, device: str,
@@ -357,8 +392,8 @@ class JobRecords:
                 pipe.hgetall(keys[4])
                 pipe.hgetall(keys[7])
                 pipe.hvals(keys[8])
-                pipe.exists(self._producer_key(job_id))
-                record, done, running, failed, errors, cancelled, progress, producing = pipe.execute()
+                pipe.get(self._producer_key(job_id))
+                record, done, running, failed, errors, cancelled, progress, producer = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         if not record:
@@ -383,7 +418,7 @@ class JobRecords:
             job_id=job_id,
             kind=rec["kind"],
             state=_state(batches, cancelled=rec.get("cancelled") == "1", enqueue_done=enqueue_done,
-                         producing=bool(producing)),
+                         producing=_alive(producer)),
             created_at=rec["created_at"],
             finished_at=rec.get("finished_at") or None,
             model=rec["model"],
@@ -406,6 +441,18 @@ class JobRecords:
             self.db.jobs.replace_one({"_id": status.job_id}, {"_id": status.job_id, **status.to_dict()}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot save job {status.job_id} to MongoDB: {exc}") from exc
+
+    def ended_status(self, job_id: str, down: QueueError) -> tuple[JobStatus, str]:
+        """With Redis away (`down`), the status MongoDB `jobs` kept if the job had ended (its counts no longer
+        change), and a note saying so; `down` again, naming the job's state, if it had not."""
+        try:
+            status = self.stored_status(job_id)
+        except JobNotFoundError:
+            raise down from None
+        if not status.ended:
+            raise QueueError(f"{down}; job {job_id} was {status.state} when last saved, and its live counters are "
+                             "in Redis") from None
+        return status, f"{down}: live counters unavailable; job {job_id} as MongoDB `jobs` kept it when it ended"
 
     def stored_status(self, job_id: str) -> JobStatus:
         """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
@@ -490,12 +537,27 @@ def _producer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _alive(producer: bytes | None) -> bool:
+    """Whether the producer named by a job's producer key (`_producer_name`) may still be at work: on this
+    machine its process tells at once (a Ctrl-C, a SIGKILL); on another, only the key's expiry does."""
+    if producer is None:
+        return False
+    host, _, pid = producer.decode().rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _state(batches: BatchCounts, *, cancelled: bool, enqueue_done: bool = True, producing: bool = False) -> str:
     if cancelled:
         return "cancelled"
     if not enqueue_done:
-        if not producing and batches.queued == batches.running == 0:
-            return "interrupted"  # its producer died: what it enqueued has run, the rest never will
+        if not producing:
+            return "interrupted"  # its producer stopped short: what it enqueued runs, the rest never will
         return "running" if batches.running or batches.finished or batches.failed else "queued"
     if batches.finished == batches.total:
         return "finished"

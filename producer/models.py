@@ -32,6 +32,11 @@ def episode_key(podcast: str | None, episode_id: str) -> str:
     return f"{podcast_key(podcast)}/{episode_id}"
 
 
+def text_key(text: str, spec: VectorSpec) -> str:
+    """Equal text under an equal vector key gives an equal vector: the corpus-wide dedupe key."""
+    return hashlib.sha256(f"{spec.key}\x00{text}".encode()).hexdigest()
+
+
 def embedding_id(chunk_id: str, vector_key: str) -> str:
     """`_id` of a chunk's vector document: one per chunk and vector key."""
     return f"{chunk_id}|{vector_key}"

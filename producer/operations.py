@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Ledger batches a throughput estimate averages over: recent enough to follow the hardware.
 THROUGHPUT_WINDOW = 500
+# Why a batch whose rq job is gone (rq-dashboard's Delete, `Job.delete()`) is counted failed.
+DELETED_REASON = "deleted outside podembed"
 
 
 @dataclass
@@ -77,7 +79,8 @@ class BackfillRun:
     dry_run: bool
     refused: list[str]
     estimate: Estimate | None = None
-    # The interrupted job of the same backfill that this run resumed (its episodes are left to it).
+    # The latest interrupted job of the same backfill that this run resumed (its episodes, and those of the
+    # runs it resumed, are left to them).
     resumed_from: str | None = None
     # Episode ids given to select by that no selected episode has.
     not_found: list[str] = field(default_factory=list)
@@ -93,6 +96,8 @@ class RetryResult:
     job_id: str
     state: str
     requeued: list[str] = field(default_factory=list)
+    # Failed batches deleted outside podembed: their chunk ids went with them, so they cannot be requeued.
+    deleted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -132,8 +137,8 @@ def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSo
 
     job = enqueue_episodes(settings, redis, db, changed(), kind="nightly", spec=spec, run_key=f"nightly|{source.key}",
                            on_window=enqueued)
-    # A run that resumed a dead one leaves that run's episodes to its job.
-    marks.update({key: Mark(hashes[key], job.resumed_from) for key in job.resumed if key in hashes})
+    # A run that resumed dead ones leaves their episodes to their jobs.
+    marks.update({key: Mark(hashes[key], resumed_by) for key, resumed_by in job.resumed.items() if key in hashes})
     if hashes or watermark.legacy:
         watermark.save({**kept, **marks})
     logger.info("nightly %s: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,
@@ -180,17 +185,23 @@ def backfill(
 
 def _dry_run(settings: Settings, db: Database, episodes: Iterable[Episode], spec: VectorSpec, *, force: bool,
              refused: list[str]) -> BackfillRun:
-    """What a backfill would enqueue, window by window as it would, with the estimate; nothing is written."""
+    """What a backfill would enqueue, window by window as it would, with the estimate; nothing is written.
+
+    Already embedded are the chunks whose vector is stored and those whose text has a vector under another
+    chunk (the worker reuses it): the model sees neither. The batches are those it would enqueue, the
+    latter's chunks included (each gets its own document).
+    """
     store = ChunkStore(db)
     run = BackfillRun(job_id=None, episodes=0, chunks=0, batches=0, tokens=0, already_embedded=0, model=spec.model,
                       force=force, dry_run=True, refused=refused)
     for window in chunk_windows(settings, episodes, spec):
         chunks = [c for chunked in window for c in chunked.chunks]
         todo = store.to_embed(chunks, spec, force=force)
+        reused = set() if force else store.text_stored(todo, spec)
         run.episodes += len(window)
-        run.chunks += len(todo)
-        run.already_embedded += len(chunks) - len(todo)
-        run.tokens += sum(c.n_tokens for c in todo)
+        run.chunks += len(todo) - len(reused)
+        run.already_embedded += len(chunks) - len(todo) + len(reused)
+        run.tokens += sum(c.n_tokens for c in todo if c.chunk_id not in reused)
         run.batches += len(pack_batches("dry-run", todo, spec, max_tokens=settings.batch_max_tokens,
                                         max_chunks=settings.batch_max_chunks))
     run.estimate = estimate(settings, db, run.chunks, run.tokens, spec)
@@ -225,6 +236,8 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     registry = batch_queue(settings, redis, status.kind, name=status.queue).failed_job_registry
     requeued: list[str] = []
     try:
+        fail_deleted_batches(records, job_id)
+        deleted = [b for b, reason in records.status(job_id).errors.items() if reason == DELETED_REASON]
         failed = [b for b in records.batch_ids(job_id) if b in registry]
         jobs = [j for j in Job.fetch_many(failed, connection=redis, serializer=JSONSerializer) if j is not None]
         # Counted failed no more first: a requeue that fails halfway is still in RQ's registry for a rerun.
@@ -240,7 +253,7 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     status = records.status(job_id)
     records.save(status)
     logger.info("job %s: requeued %d failed batches", job_id, len(requeued))
-    return RetryResult(job_id=job_id, state=status.state, requeued=requeued)
+    return RetryResult(job_id=job_id, state=status.state, requeued=requeued, deleted=deleted)
 
 
 def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> CancelResult:
@@ -266,6 +279,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
                 # Counted at once: a cancel that stops halfway leaves nothing removed uncounted.
                 removed[batch_id] = int(batch.meta.get("n_chunks", 0))
                 records.count_cancelled(job_id, {batch_id: removed[batch_id]})
+        fail_deleted_batches(records, job_id)  # never coming either: the counts add up at once
     except RedisError as exc:
         raise QueueError(f"cannot remove batches of job {job_id} from the queue: {exc}") from exc
     status = records.status(job_id)
@@ -273,6 +287,27 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     records.save(status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))
     return CancelResult(job_id=job_id, state=status.state, removed=list(removed))
+
+
+def fail_deleted_batches(records: JobRecords, job_id: str) -> list[str]:
+    """Count failed, with DELETED_REASON, the job's open batches whose rq job is gone, and return them.
+
+    rq-dashboard's Delete (`Job.delete()`) takes a batch off its queue and registries with its hash: no
+    worker will run it, and its job would wait for it for ever. A batch deleted while a worker runs it is
+    counted finished when it ends after all, as its finish replaces the failure.
+    """
+    open_batches = records.open_batches(job_id)
+    with records.redis.pipeline(transaction=False) as pipe:
+        for batch_id in open_batches:
+            pipe.exists(Job.key_for(batch_id))
+        there = pipe.execute()
+    gone = [b for b, exists in zip(open_batches, there, strict=True) if not exists]
+    for batch_id, n_chunks in records.batch_chunks(job_id, gone).items():
+        records.mark_failed(job_id, batch_id, n_chunks, DELETED_REASON)
+        logger.warning("job %s batch %s: %s (its rq job is gone); counted failed", job_id, batch_id, DELETED_REASON)
+    if gone:
+        records.save(records.status(job_id))
+    return gone
 
 
 def _measured_throughput(db: Database, model: str, device: str | None) -> tuple[str | None, float | None]:

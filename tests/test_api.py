@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -19,8 +21,9 @@ from redis import Redis
 from config.services import free_port
 from config.settings import Settings
 from producer.api import create_app
+from producer.enqueue import ingest, parse_files
 from producer.jobs import JOBS_INDEX, JobRecords
-from tests.conftest import DATA, EXAMPLES, ROOT
+from tests.conftest import DATA, EXAMPLES, ROOT, run_cli
 from worker.loop import run_worker
 
 TOKEN = "test-token-0123456789"
@@ -36,17 +39,26 @@ def api_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def base_url(api_settings: Settings, redis: Redis, db: Database) -> Iterator[str]:
+    with _serving(api_settings) as url:
+        yield url
+
+
+@contextmanager
+def _serving(settings: Settings) -> Iterator[str]:
+    """The API of `settings` on a spare port, in this process."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(api_settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -109,7 +121,7 @@ def test_post_poll_list_and_finish_a_job(
 
     # Nothing failed, nothing queued: retry and cancel change nothing.
     assert client.post(f"/jobs/{job['job_id']}/retry").json() == {"job_id": job["job_id"], "state": "finished",
-                                                                    "requeued": []}
+                                                                    "requeued": [], "deleted": []}
     assert client.post(f"/jobs/{job['job_id']}/cancel").json() == {"job_id": job["job_id"], "state": "finished",
                                                                      "removed": []}
 
@@ -121,7 +133,8 @@ def test_cancel_then_retry_over_http(client: httpx.Client, redis: Redis) -> None
     assert client.post(f"/jobs/{job_id}/cancel").json()["removed"] == []
     assert client.get(f"/jobs/{job_id}").json()["state"] == "cancelled"
     retried = client.post(f"/jobs/{job_id}/retry")  # never retried, like the CLI: nothing to requeue
-    assert (retried.status_code, retried.json()) == (200, {"job_id": job_id, "state": "cancelled", "requeued": []})
+    assert (retried.status_code, retried.json()) == (200, {"job_id": job_id, "state": "cancelled", "requeued": [],
+                                                           "deleted": []})
 
 
 def test_refused_input_creates_no_job(client: httpx.Client, redis: Redis) -> None:
@@ -138,6 +151,27 @@ def test_refused_input_creates_no_job(client: httpx.Client, redis: Redis) -> Non
     assert client.post("/jobs", json={"transcripts": []}).status_code == 422
     assert client.post("/jobs", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 422
     assert redis.zcard(JOBS_INDEX) == 1
+
+
+def test_an_ended_job_with_redis_down_is_mongodbs_copy_as_status_shows_it(
+    api_settings: Settings, redis: Redis, db: Database
+) -> None:
+    done = ingest(api_settings, redis, db, parse_files([DATA / "E03.txt"])[0], kind="ingest").job_id
+    run_worker(api_settings, burst=True, redis=redis)
+    records = JobRecords(redis, db, api_settings.result_ttl)
+    queued = ingest(api_settings, redis, db, parse_files([EXAMPLES / "E05.vtt"])[0], kind="ingest").job_id
+    records.save(records.status(queued))
+    down = api_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with _serving(down) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        served = http.get(f"/jobs/{done}")
+        running = http.get(f"/jobs/{queued}")
+    shown = run_cli(down, "status", done, "--json")
+    assert (served.status_code, shown.returncode) == (200, 0), served.text
+    assert served.json() == json.loads(shown.stdout) and served.json()["chunks"]["embedded"] == 4
+    note = f": live counters unavailable; job {done} as MongoDB `jobs` kept it when it ended"
+    assert served.headers["x-podembed-note"].endswith(note) and shown.stderr.strip().endswith(note)
+    assert running.status_code == 503
+    assert f"job {queued} was queued when last saved, and its live counters are in Redis" in running.json()["detail"]
 
 
 def test_unknown_job_id_is_404(client: httpx.Client) -> None:

@@ -109,6 +109,18 @@ def test_services_down_are_one_line(settings: Settings, redis: Redis, db: Databa
         "MongoDB at mongodb+srv://u:***@db.example.net/ is not reachable (no answer within 5 s)")
 
 
+def test_search_and_index_with_mongodb_down_are_one_line(settings: Settings) -> None:
+    # They read MongoDB only, and used to wait for the client's long server selection (2 minutes).
+    port = free_port()
+    for command in (["search", "bees", "-k", "1"], ["index", "--print"], ["index"]):
+        # The subprocess' own limit (120 s) only catches a hang; the command gives up after 1 s.
+        out = _run(settings, *command, PODEMBED_MONGO_URI=f"mongodb://127.0.0.1:{port}",
+                   PODEMBED_FIRST_CONTACT_SECONDS="1")
+        assert (out.returncode, out.stdout) == (1, ""), command
+        assert out.stderr.splitlines() == [f"podembed: MongoDB at mongodb://127.0.0.1:{port} is not reachable "
+                                           "(is it running? podembed services up)"], command
+
+
 def test_ctrl_c_while_waiting_for_mongodb_is_clean(settings: Settings) -> None:
     env = _env(settings, PODEMBED_MONGO_URI=f"mongodb://127.0.0.1:{free_port()}", PODEMBED_FIRST_CONTACT_SECONDS="60")
     for command in (["jobs"], ["ingest", str(DATA / "E03.txt")]):
@@ -199,7 +211,7 @@ def test_retry_exits_zero_on_finished_and_cancelled_jobs(settings: Settings, red
     one, two = _run(settings, "retry", finished), _run(settings, "retry", cancelled, "--json")
     assert (one.returncode, two.returncode) == (0, 0), two.stderr
     assert one.stdout.strip() == f"job {finished}: 0 failed batches requeued; now finished"
-    assert json.loads(two.stdout) == {"job_id": cancelled, "state": "cancelled", "requeued": []}
+    assert json.loads(two.stdout) == {"job_id": cancelled, "state": "cancelled", "requeued": [], "deleted": []}
 
 
 def test_services_status_says_who_started_them(settings: Settings, tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from pymongo.database import Database
 from redis import Redis
-from rq import Queue
+from rq import Queue, Worker
+from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
@@ -153,6 +154,27 @@ def test_a_take_clears_rqs_stuck_mark_of_the_batch(settings: Settings, redis: Re
     assert intermediate.set_first_seen(first)  # as a maintenance pass during an earlier take would
     held = d.take()
     assert held.batch_id == first and intermediate.get_first_seen(first) is None  # type: ignore[union-attr]
+
+
+def test_rq_reads_back_the_batch_a_worker_runs_with_the_json_serializer(
+    settings: Settings, redis: Redis, db: Database
+) -> None:
+    """What rq-dashboard's Workers page shows of a worker's current batch (`serialize_current_job`). Our
+    worker records it as rq does: read with the JSON serializer, it is the batch. rq-dashboard 0.9.0 reads
+    workers with `Worker.all(connection=...)`, no serializer, even under `--json`: rq then unpickles the
+    JSON batch and raises, which is the 500 its Workers page answers while a batch runs."""
+    _ingest(settings, redis, db, EXAMPLES / "E05.vtt")
+    d = taking_drain(settings, redis)
+    d.worker.register_birth()
+    held = d.take()
+    assert isinstance(held, Held)
+    [worker] = Worker.all(connection=redis, serializer=JSONSerializer)
+    current = worker.get_current_job()
+    assert current is not None and current.id == held.batch_id
+    assert current.get_call_string().startswith("worker.tasks.embed_batch({'job_id': ")
+    [as_the_dashboard_reads_it] = Worker.all(connection=redis)
+    with pytest.raises(DeserializationError):
+        as_the_dashboard_reads_it.get_current_job().get_call_string()  # type: ignore[union-attr]
 
 
 def _abandoned(settings: Settings, redis: Redis, db: Database) -> tuple[Drain, Held]:

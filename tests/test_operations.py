@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from pymongo.database import Database
 from redis import Redis
+from rq.job import Job
 from rq.registry import CanceledJobRegistry
+from rq.serializers import JSONSerializer
 
 from config.errors import QueueError
 from config.settings import Settings
@@ -289,6 +291,44 @@ def test_cancel_and_retry_leave_a_finished_job_alone(
     assert records.status(job.job_id).state == "finished"
 
 
+def test_a_batch_deleted_with_rqs_api_fails_and_its_job_ends(settings: Settings, redis: Redis, db: Database,
+                                                            records: JobRecords) -> None:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=SHOW)
+    job = ingest(settings.replace(batch_max_chunks=3), redis, db, episodes, kind="ingest")
+    deleted = records.batch_ids(job.job_id)[1]
+    Job.fetch(deleted, connection=redis, serializer=JSONSerializer).delete()  # rq-dashboard's Delete button
+    run_worker(settings, burst=True, redis=redis)  # its housekeeper's first pass finds the batch gone
+    status = records.status(job.job_id)
+    c, b = status.chunks, status.batches
+    assert (status.state, b.total, b.finished, b.failed, b.queued, b.running) == ("partial", 4, 3, 1, 0, 0)
+    assert (c.total, c.embedded, c.failed, c.pending) == (11, 8, 3, 0)
+    assert status.errors == {deleted: "deleted outside podembed"}
+    assert db.jobs.find_one({"_id": job.job_id})["state"] == "partial"
+
+    retried = _cli(settings, "retry", job.job_id)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines() == [
+        f"job {job.job_id}: 0 failed batches requeued; now partial",
+        "1 failed batch(es) deleted outside podembed cannot be requeued (their chunk ids went with them): run the "
+        "same ingest, nightly or backfill again to embed what they held"]
+    again = json.loads(_cli(settings, "retry", job.job_id, "--json").stdout)
+    assert (again["requeued"], again["deleted"], again["state"]) == ([], [deleted], "partial")
+
+
+def test_cancel_counts_a_deleted_batch_failed_at_once(settings: Settings, redis: Redis, db: Database,
+                                                      records: JobRecords) -> None:
+    episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=SHOW)
+    job = ingest(settings.replace(batch_max_chunks=3), redis, db, episodes, kind="ingest")
+    deleted = records.batch_ids(job.job_id)[0]
+    Job.fetch(deleted, connection=redis, serializer=JSONSerializer).delete()
+    cancelled = _cli(settings, "cancel", job.job_id)
+    assert cancelled.stdout == f"job {job.job_id}: 3 queued batches removed; now cancelled\n", cancelled.stderr
+    status = records.status(job.job_id)
+    c, b = status.chunks, status.batches
+    assert (b.total, b.cancelled, b.failed, b.queued) == (4, 3, 1, 0)
+    assert (c.total, c.cancelled, c.failed, c.pending) == (11, 8, 3, 0)
+
+
 def test_cli_nightly_twice(settings: Settings, redis: Redis, db: Database, tmp_path: Path) -> None:
     folder = _source_dir(tmp_path, DATA / "E03.txt")
     first = _cli(settings, "nightly", "--source", str(folder), "--json")
@@ -320,6 +360,50 @@ def test_cli_backfill_dry_run(settings: Settings, redis: Redis, db: Database) ->
     assert bad.returncode == 2 and "'yesterday' is not a day (YYYY-MM-DD)" in bad.stderr
 
 
+def test_back_to_back_ingests_embed_each_text_once(settings: Settings, redis: Redis, db: Database,
+                                                   records: JobRecords) -> None:
+    # Three ingests of the same files before a worker runs: nothing is stored yet, so each queues every chunk,
+    # and a worker's batch of the second is looked up while the first one's are still on the model.
+    files = [str(EXAMPLES / "E01.vtt"), str(EXAMPLES / "E05.vtt")]
+    jobs = []
+    for _ in range(3):
+        out = _cli(settings, "ingest", *files, "--podcast", SHOW, "--json")
+        assert out.returncode == 0, out.stderr
+        jobs.append(json.loads(out.stdout))
+    assert [(j["skipped"], j["chunks"]) for j in jobs] == [(0, jobs[0]["chunks"])] * 3
+    run_worker(settings, burst=True, redis=redis)
+    # The ledger says what the model computed: every text once, all in the first job.
+    ledger = [sum(e["n_embedded"] for e in db.batches.find({"job_id": j["job_id"]})) for j in jobs]
+    assert ledger == [jobs[0]["chunks"], 0, 0]
+    for job in jobs[1:]:
+        status = records.status(job["job_id"])
+        assert (status.state, status.chunks.embedded, status.chunks.skipped) == ("finished", 0, job["chunks"])
+    assert db.embeddings.count_documents({}) == jobs[0]["chunks"]
+
+
+def test_backfill_dry_run_counts_texts_stored_under_other_chunks(settings: Settings, redis: Redis, db: Database,
+                                                                 records: JobRecords, tmp_path: Path) -> None:
+    # Ingested under one podcast name, backfilled from a folder naming another: other chunks, the same texts.
+    folder = tmp_path / "catalog" / "Another Name"
+    folder.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "E05.vtt", folder)
+    ingested = _cli(settings, "ingest", str(folder), "--podcast", SHOW, "--json")
+    assert ingested.returncode == 0, ingested.stderr
+    chunks = json.loads(ingested.stdout)["chunks"]
+    run_worker(settings, burst=True, redis=redis)
+
+    dry = _cli(settings, "backfill", "--source", str(tmp_path / "catalog"), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    doc = json.loads(dry.stdout)
+    assert (doc["episodes"], doc["already_embedded"], doc["chunks"], doc["tokens"]) == (1, chunks, 0, 0)
+    assert (doc["batches"], doc["est_gpu_seconds"]) == (1, 0)
+    real = _cli(settings, "backfill", "--source", str(tmp_path / "catalog"), "--json")
+    assert real.returncode == 0, real.stderr
+    run_worker(settings, burst=True, redis=redis)
+    status = records.status(json.loads(real.stdout)["job_id"])
+    assert (status.state, status.chunks.embedded, status.chunks.skipped) == ("finished", 0, doc["already_embedded"])
+
+
 def test_cli_jobs_cancel_retry_and_unknown_ids(settings: Settings, redis: Redis, db: Database) -> None:
     jobs = []
     for path in (DATA / "E03.txt", EXAMPLES / "E05.vtt"):
@@ -336,7 +420,7 @@ def test_cli_jobs_cancel_retry_and_unknown_ids(settings: Settings, redis: Redis,
                                             "removed": [f"{jobs[1]}-00000"]}
     assert _cli(settings, "cancel", jobs[1]).stdout.strip() == f"job {jobs[1]}: 0 queued batches removed; now cancelled"
     retried = _cli(settings, "retry", jobs[0], "--json")
-    assert json.loads(retried.stdout) == {"job_id": jobs[0], "state": "queued", "requeued": []}
+    assert json.loads(retried.stdout) == {"job_id": jobs[0], "state": "queued", "requeued": [], "deleted": []}
 
     for command in (["retry", "nosuchjob"], ["cancel", "nosuchjob"], ["status", "nosuchjob", "--watch"]):
         out = _cli(settings, *command)

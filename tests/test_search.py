@@ -241,6 +241,12 @@ def test_http_search_behind_the_token(
     assert (doc["query"], doc["engine"], doc["vector_key"]) == (query, "exact", vector_spec(api_settings).key)
     assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in expected]
     assert doc["hybrid"] is False
+    # What `podembed search --json` prints: the same fields, `k` too, and the same hits.
+    shown = run_cli(api_settings, "search", query, "-k", "3", "--no-hybrid", "--json")
+    assert shown.returncode == 0, shown.stderr
+    cli = json.loads(shown.stdout)
+    assert list(doc) == list(cli) and doc["k"] == cli["k"] == 3
+    assert [h["chunk_id"] for h in doc["hits"]] == [h["chunk_id"] for h in cli["hits"]]
     fused = client.get("/search", params={"q": query, "k": 3}).json()
     assert fused["hybrid"] is True
     assert [h["chunk_id"] for h in fused["hits"]] == [h.chunk_id for h in Searcher(api_settings, db).search(

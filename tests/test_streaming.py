@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ from producer.jobs import JOBS_INDEX, JobRecords
 from producer.models import BatchTicket, Episode
 from producer.operations import cancel
 from producer.streaming import chunk_episodes, chunk_stream
+from tests.bench.corpus import seenunseen_vtt
 from tests.conftest import DATA, EXAMPLES, ROOT
-from tests.soak.harness import audit, run_cli, wait_until, worker_env
+from tests.soak.harness import audit, run_cli, wait_until, wait_until_value, worker_env
 from worker.loop import run_worker
 
 SHOW = "The Seen and the Unseen"
@@ -151,7 +153,8 @@ def test_killed_producer_resumes_and_nothing_is_embedded_twice(settings: Setting
         producer.wait()
     [first_id] = [j.decode() for j in redis.zrange(JOBS_INDEX, 0, -1)]
     first = records.status(first_id)
-    assert (first.enqueue_done, first.state) == (False, "queued")
+    # Its process is gone: `interrupted` at once, though what it enqueued is still queued.
+    assert (first.enqueue_done, first.state, first.batches.queued) == (False, "interrupted", first.batches.total)
 
     stalled.unlink()
     shutil.copy(DATA / "E06.vtt", stalled)  # the pipe's episode, now readable
@@ -171,6 +174,57 @@ def test_killed_producer_resumes_and_nothing_is_embedded_twice(settings: Setting
     # No chunk went through the model twice: the ledgers of both jobs add up to each chunk once.
     ledger = list(db.batches.find({"batch_id": {"$in": batch_ids}}))
     assert len(ledger) == len(batch_ids) and sum(e["n_embedded"] for e in ledger) == len(chunk_ids)
+
+
+def test_two_ctrl_cs_then_a_full_run_queue_every_chunk_once(settings: Settings, redis: Redis, db: Database,
+                                                              tmp_path: Path) -> None:
+    # Six real episodes; the third and fifth are pipes nobody writes to yet, where a run blocks: the first
+    # run is stopped on the third, the second (which resumes the first) on the fifth, the third runs through.
+    episodes = seenunseen_vtt()[:6]
+    paths = [tmp_path / e.name for e in episodes]
+    for path, episode in zip(paths, episodes, strict=True):
+        if path in (paths[2], paths[4]):
+            os.mkfifo(path)
+        else:
+            shutil.copy(episode, path)
+    env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db, enqueue_window_chunks=10,
+                     producer_processes=1)
+    command = [sys.executable, "-m", "worker.cli", "ingest", *map(str, paths), "--podcast", SHOW, "--json"]
+    records = JobRecords(redis, db, settings.result_ttl)
+    stopped: list[str] = []
+    for pipe in (paths[2], paths[4]):
+        producer = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        try:
+            job_id = wait_until_value(lambda: next((j.decode() for j in redis.zrange(JOBS_INDEX, 0, -1)
+                                                    if j.decode() not in stopped), None), timeout=60, what="a job")
+            wait_until(lambda j=job_id: records.status(j).episodes == 2, timeout=60, what="two episodes enqueued")
+        finally:
+            producer.send_signal(signal.SIGINT)  # Ctrl-C while it waits on the pipe
+            out, err = producer.communicate(timeout=60)
+        assert (producer.returncode, out) == (130, ""), err
+        status = records.status(job_id)  # at once, its batches still on the queue
+        assert err.splitlines() == [f"podembed: job {job_id} interrupted: 2 episodes ({status.chunks.total} chunks) "
+                                    "were enqueued and still run; run the same command again to enqueue the rest (it "
+                                    "resumes: no chunk is queued twice)"]
+        assert (status.state, status.enqueue_done, status.batches.queued) == ("interrupted", False,
+                                                                             status.batches.total)
+        stopped.append(job_id)
+        pipe.unlink()
+        shutil.copy(episodes[paths.index(pipe)], pipe)
+
+    full = run_cli(env, "ingest", *map(str, paths), "--podcast", SHOW, "--json")
+    assert full.returncode == 0, full.stderr
+    last = json.loads(full.stdout)
+    assert (last["episodes"], last["resumed_from"]) == (2, stopped[1])
+    queued: Counter[str] = Counter()
+    for job_id in [*stopped, last["job_id"]]:
+        for batch in Job.fetch_many(records.batch_ids(job_id), connection=redis, serializer=JSONSerializer):
+            queued.update(batch.args[0]["chunk_ids"])
+    parsed, _ = parse_files(paths, podcast=SHOW)
+    chunk_ids = [c.chunk_id for c in chunk_episodes(settings, parsed, vector_spec(settings))]
+    assert sorted(queued) == sorted(chunk_ids) and max(queued.values()) == 1
+    assert [records.status(j).episodes for j in [*stopped, last["job_id"]]] == [2, 2, 2]
 
 
 def test_cancel_while_enqueueing_stops_the_producer(settings: Settings, redis: Redis, db: Database) -> None:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config.closest import no_such
-from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError, SelectionError
+from config.errors import (
+    ConfigError,
+    EnqueueInterrupted,
+    JobNotFoundError,
+    PodembedError,
+    QueueError,
+    SelectionError,
+)
 from config.settings import Settings, redact_url
 
 if TYPE_CHECKING:
@@ -32,8 +39,8 @@ EXIT_ERROR = 1
 EXIT_NOT_FOUND = 2
 # What a shell reports for a command ended by SIGPIPE: the reader of its output went away.
 EXIT_BROKEN_PIPE = 141
-# States after which a job's counts no longer change (but for batches running when it was cancelled).
-ENDED_STATES = ("finished", "partial", "failed", "cancelled")
+# What a shell reports for a command ended by Ctrl-C (SIGINT).
+EXIT_INTERRUPTED = 130
 # The `jobs` table's state column: its longest state, `interrupted`.
 STATE_WIDTH = 11
 
@@ -55,11 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobNotFoundError as exc:
         _error(str(exc))
         return EXIT_NOT_FOUND
+    except EnqueueInterrupted as exc:
+        _error(str(exc))
+        return EXIT_INTERRUPTED
     except PodembedError as exc:
         _error(str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `podembed jobs | head -3`: stop quietly, as Unix tools do; the interpreter's last flush
         # must not find the closed pipe either.
@@ -257,7 +267,9 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
         print(f"job {job.job_id}: {_count(job.episodes, 'episode')}{of_podcast}, {_count(job.chunks, 'chunk')} "
               f"({job.skipped} already embedded), {_count(job.batches, 'batch')}, {_count(job.tokens, 'token')}")
         if job.resumed_from:
-            print(f"resumed: the {len(job.resumed)} episodes that job {job.resumed_from} had enqueued are left to it")
+            resumed_jobs = " ".join(sorted(set(job.resumed.values())))
+            print(f"resumed: the {_count(len(job.resumed), 'episode')} that job(s) {resumed_jobs} had enqueued are "
+                  "left to them")
         if refused:
             print(f"{_count(len(refused), 'file')} refused (see above)")
     return EXIT_ERROR if refused else 0
@@ -421,6 +433,9 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         print(f"job {result.job_id}: cancelled, nothing to retry")
     else:
         print(f"job {result.job_id}: {_count(len(result.requeued), 'failed batch')} requeued; now {result.state}")
+        if result.deleted:
+            print(f"{_count(len(result.deleted), 'failed batch')} deleted outside podembed cannot be requeued (their "
+                  "chunk ids went with them): run the same ingest, nightly or backfill again to embed what they held")
     return 0
 
 
@@ -504,7 +519,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database
+    from producer.connections import reach_mongo
     from worker.catalog import require_stored
     from worker.search import Searcher
 
@@ -519,7 +534,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read --queries {args.queries}: {exc}") from None
     else:
         queries = [args.query]
-    db = mongo_database(settings)
+    db = reach_mongo(settings)
     _without_progress_bars()
     searcher = Searcher(settings, db, model=args.model, instruction=args.instruction)
     hybrid = searcher.hybrid if args.hybrid is None else args.hybrid
@@ -547,13 +562,13 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from producer.connections import mongo_database
+    from producer.connections import reach_mongo
     from producer.enqueue import vector_spec
     from worker.search import create_index, index_definition
 
     if args.model and args.model != settings.model:
         settings = settings.replace(model=args.model, model_path=None)
-    db = mongo_database(settings)
+    db = reach_mongo(settings)
     definition = index_definition(settings, db, vector_spec(settings, args.instruction))
     if args.print:
         _print_json(definition)
@@ -681,7 +696,7 @@ def _watch(records: JobRecords, job_id: str, interval: float) -> JobStatus:
             sys.stderr.write(_progress_line(status, done, rate) + "\n")
             shown = (done, status.state)
         sys.stderr.flush()
-        if status.state in ENDED_STATES:
+        if status.ended:
             break
         time.sleep(interval)
         status = records.status(job_id)
@@ -710,14 +725,8 @@ def _done(status: JobStatus) -> int:
 
 def _ended_status(records: JobRecords, job_id: str, down: QueueError) -> JobStatus:
     """With Redis away, the status MongoDB `jobs` kept, if the job had ended (its counts no longer change)."""
-    try:
-        status = records.stored_status(job_id)
-    except JobNotFoundError:
-        raise down from None
-    if status.state not in ENDED_STATES:
-        raise QueueError(f"{down}; job {job_id} was {status.state} when last saved, and its live counters are in "
-                         "Redis") from None
-    _error(f"{down}: live counters unavailable; job {job_id} as MongoDB `jobs` kept it when it ended")
+    status, note = records.ended_status(job_id, down)
+    _error(note)
     return status
 
 

@@ -1,5 +1,5 @@
 """What a draining worker does besides batches: rq's registry maintenance, moving due retries onto
-the queue, and taking poison jobs out of the way.
+the queue, taking poison jobs out of the way, and counting failed the batches deleted outside podembed.
 
 A poison job is a job hash rq cannot load (bad dates, missing fields, an unknown status).
 rq raises on it wherever it meets it: at dequeue, in the intermediate queue, in the scheduled
@@ -24,6 +24,8 @@ from rq.scripts import RELEASE_LOCK_SCRIPT
 from rq.worker_registration import clean_worker_registry
 
 from producer.connections import run_script
+from producer.jobs import JobRecords
+from producer.operations import fail_deleted_batches
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 # worker off the queue's cleanup, and so off the recovery of its batches, for 15 minutes. This one lapses
 # no later than the dead worker's batch registrations (3 beats of 10 s).
 MAINTENANCE_LOCK_SECONDS = 30
+# One worker of the fleet at a time, at most this often, looks for batches deleted outside podembed.
+DELETED_CHECK_SECONDS = 60
+DELETED_CHECK_LOCK = "podembed:housekeeping:deleted-batches"
 
 
 def load_job(queue: Queue, job_id: str, *, keep_seconds: int, raw: dict | None = None) -> Job | None:
@@ -117,6 +122,15 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
                 what=f"queue {queue.name}: intermediate queue cleanup", keep_seconds=keep_seconds)
     finally:
         queue.release_maintenance_lock()
+
+
+def fail_deleted_batches_of_open_jobs(records: JobRecords) -> None:
+    """Count failed the batches of every open job whose rq job was deleted (rq-dashboard's Delete), so the
+    job ends and its counts add up; at most once per DELETED_CHECK_SECONDS over all workers."""
+    if not records.redis.set(DELETED_CHECK_LOCK, 1, nx=True, ex=DELETED_CHECK_SECONDS):
+        return
+    for job_id in records.open_jobs():
+        fail_deleted_batches(records, job_id)
 
 
 # rq reads the due retries and removes them in two steps: two threads of one worker (the fetch lane

@@ -7,10 +7,12 @@ Three lanes, each a thread with one job, hand batches over through bounded queue
         -> store  (vectors, ledger, job counters, rq's finish)
 
 While batch N is on the model, batch N+1 is already fetched and looked up and batch N-1 is
-being written. The fetch lane keeps `settings.prefetch_batches` full batches of work ahead of the
-model, in at most `prefetch_batches + 1` batches (`Ahead`); the store lane holds one more. A
-housekeeper thread beats for every batch held (prefetched ones too), runs rq's maintenance and
-moves due retries onto the queue.
+being written. A batch looked up before the vectors of the batches ahead of it were stored reuses
+them from the embed lane (`Computed`): a text is embedded once even in back-to-back jobs. The fetch
+lane keeps `settings.prefetch_batches` full batches of work ahead of the model, in at most
+`prefetch_batches + 1` batches (`Ahead`); the store lane holds one more. A housekeeper thread
+beats for every batch held (prefetched ones too), runs rq's maintenance and moves due retries onto
+the queue.
 
 The fetch lane takes from the queues in priority order (`worker.priority`): ingest, nightly,
 backfill. It takes only when there is room ahead of the model, so once a higher batch is queued, a
@@ -34,12 +36,14 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Any
 
+from bson.binary import Binary
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue
@@ -52,8 +56,16 @@ from rq.worker import WorkerStatus
 from config.errors import DrainError
 from config.settings import Settings
 from producer.models import BatchTicket
-from worker.housekeeping import enqueue_due_retries, load_job, maintain, release_locks, scheduler_for
+from worker.housekeeping import (
+    enqueue_due_retries,
+    fail_deleted_batches_of_open_jobs,
+    load_job,
+    maintain,
+    release_locks,
+    scheduler_for,
+)
 from worker.priority import Idle, PriorityTake
+from worker.store import to_bson_vector
 from worker.tasks import (
     BatchResult,
     ComputedBatch,
@@ -61,6 +73,7 @@ from worker.tasks import (
     WorkerContext,
     compute_batch,
     prepare_batch,
+    reuse_vectors,
     store_batch,
 )
 
@@ -423,6 +436,32 @@ class FetchLane(Lane):
             _put(self.outbox, held, d)
 
 
+class Computed:
+    """The vectors of the batches the embed lane computed last, by text key.
+
+    A batch's lookup in MongoDB misses the vectors of the batches ahead of it that were not stored
+    yet: at most the one being stored, the one waiting for the store lane, the one on the model, and
+    the `prefetch_batches` others fetched ahead (`Ahead` holds `prefetch_batches + 1` with it). So
+    the last `prefetch_batches + 3` computed batches hold every vector its lookup could miss.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        # Per batch: its id, and its vectors by text key.
+        self.batches: deque[tuple[str, dict[str, Binary]]] = deque(maxlen=settings.prefetch_batches + 3)
+
+    def add(self, computed: ComputedBatch) -> None:
+        groups = computed.prepared.groups
+        self.batches.append((computed.prepared.batch.batch_id, {
+            key: to_bson_vector(vector) for (key, _), vector in zip(groups, computed.vectors, strict=True)}))
+
+    def reuse(self, prepared: PreparedBatch, dim: int) -> PreparedBatch:
+        """The batch reusing what was computed for its texts; not what an earlier run of the same batch
+        computed, so that a batch run again counts its chunks embedded, as the MongoDB lookup does."""
+        vectors = {key: vector for batch_id, found in self.batches if batch_id != prepared.batch.batch_id
+                   for key, vector in found.items()}
+        return reuse_vectors(prepared, vectors, dim=dim)
+
+
 class EmbedLane(Lane):
     """Runs the model on one batch at a time; makes room ahead of it as it takes a batch."""
 
@@ -430,6 +469,7 @@ class EmbedLane(Lane):
         super().__init__("embed", drain, outbox)
         self.inbox = inbox
         self.ahead = ahead
+        self.computed = Computed(drain.ctx.settings)
 
     def work(self) -> None:
         d = self.drain
@@ -441,10 +481,16 @@ class EmbedLane(Lane):
                 continue
             assert held.prepared is not None
             prepared = held.prepared
-            computed = self.attempt(held, lambda p=prepared: compute_batch(d.ctx, p))
+            computed = self.attempt(held, lambda p=prepared: self.compute(p))
             if computed is not None:
                 held.computed = computed  # type: ignore[assignment]
                 _put(self.outbox, held, d)
+
+    def compute(self, prepared: PreparedBatch) -> ComputedBatch:
+        ctx = self.drain.ctx
+        computed = compute_batch(ctx, self.computed.reuse(prepared, ctx.embedder(prepared.batch.spec).dim))
+        self.computed.add(computed)
+        return computed
 
 
 class StoreLane(Lane):
@@ -465,7 +511,7 @@ class StoreLane(Lane):
 
 
 class Housekeeper(threading.Thread):
-    """Beats for every held batch and the worker; rq's maintenance and due retries between beats.
+    """Beats for every held batch and the worker; rq's maintenance, due retries and deleted batches between beats.
     Releases the scheduler's locks when the drain ends."""
 
     def __init__(self, drain: Drain) -> None:
@@ -500,7 +546,8 @@ class Housekeeper(threading.Thread):
         waits for the housekeeper (another pass, this worker's next or another worker's, does the rest)."""
         d = self.drain
         steps = [*(partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues),
-                 partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds)]
+                 partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds),
+                 partial(fail_deleted_batches_of_open_jobs, d.ctx.records)]
         for step in steps:
             if self.done.is_set() and not whole:
                 return

@@ -7,7 +7,6 @@ Vector Search indexes, and what nx-27017 stores quickly).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -19,11 +18,6 @@ from pymongo.errors import PyMongoError
 
 from config.errors import StoreError
 from producer.models import Chunk, VectorSpec
-
-
-def text_key(text: str, spec: VectorSpec) -> str:
-    """Equal text under an equal vector key gives an equal vector: the corpus-wide dedupe key."""
-    return hashlib.sha256(f"{spec.key}\x00{text}".encode()).hexdigest()
 
 
 def to_bson_vector(vector: np.ndarray) -> Binary:

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -28,9 +28,9 @@ from producer.chunkstore import ChunkStore
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import vector_spec
 from producer.jobs import ALREADY_COUNTED, COUNTED, JobRecords
-from producer.models import Batch, BatchTicket, Chunk, VectorSpec
+from producer.models import Batch, BatchTicket, Chunk, VectorSpec, text_key
 from worker.embedder import Embedder, EncodeStats, get_embedder
-from worker.store import LedgerEntry, VectorStore, text_key, to_bson_vector, vector_doc
+from worker.store import LedgerEntry, VectorStore, to_bson_vector, vector_doc
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,20 @@ def prepare_batch(ctx: WorkerContext, ticket: BatchTicket, claimed: object) -> P
                                      batch_id=batch.batch_id, embedded_at=now))
     return PreparedBatch(batch=batch, started_at=started_at, began=began, groups=list(to_embed.items()),
                          reused=reused, skipped=skipped, store_wait=store_wait, counted=counted)
+
+
+def reuse_vectors(prepared: PreparedBatch, vectors: dict[str, Binary], *, dim: int) -> PreparedBatch:
+    """The batch with its texts that have a vector in `vectors` (text key -> vector) reusing it, counted skipped,
+    as if its lookup had found them stored; a forced batch embeds every text again."""
+    batch = prepared.batch
+    found = [(key, chunks) for key, chunks in prepared.groups if key in vectors]
+    if batch.force or not found:
+        return prepared
+    now = datetime.now(UTC)
+    reused = [vector_doc(chunk, batch.spec, key, vectors[key], dim=dim, job_id=batch.job_id, batch_id=batch.batch_id,
+                         embedded_at=now) for key, chunks in found for chunk in chunks]
+    return replace(prepared, groups=[g for g in prepared.groups if g[0] not in vectors],
+                   reused=prepared.reused + reused, skipped=prepared.skipped + len(reused))
 
 
 def compute_batch(ctx: WorkerContext, prepared: PreparedBatch) -> ComputedBatch:

@@ -53,11 +53,11 @@ from config.services import free_port, on_spare_ports, services_down, services_s
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import enqueue_episodes, parse_files, vector_spec  # noqa: E402
+from producer.models import text_key  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from worker import embedder as embedder_module  # noqa: E402
 from worker.loop import drain, make_worker  # noqa: E402
-from worker.store import text_key  # noqa: E402
 
 WAN_RTTS_MS = (0, 10, 40, 80)
 
