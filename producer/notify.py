@@ -136,7 +136,7 @@ def deliver(settings: Settings, records: JobRecords, job_id: str) -> bool:
             _record(records, hash_key, {"notify_error": error}, attempt)
             continue
         error = None
-        _record(records, hash_key, {"notify_state": "sent", "notify_error": ""}, attempt)
+        _record(records, hash_key, {"notify_state": "sent"}, attempt, clear_error=True)
         logger.info("job %s: its end (%s) was sent to %s", job_id, status.state, redact_url(url))
         break
     if error is not None:
@@ -162,12 +162,15 @@ def _post(settings: Settings, url: str, body: bytes) -> None:
         raise NotifyError(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
 
 
-def _record(records: JobRecords, hash_key: str, fields: dict[str, str], attempt: int | None) -> None:
+def _record(records: JobRecords, hash_key: str, fields: dict[str, str], attempt: int | None, *,
+            clear_error: bool = False) -> None:
     try:
         with records.redis.pipeline() as pipe:
             pipe.hset(hash_key, mapping=fields)
             if attempt is not None:
                 pipe.hset(hash_key, "notify_attempts", attempt)
+            if clear_error:
+                pipe.hdel(hash_key, "notify_error")
             pipe.execute()
     except RedisError as exc:
         logger.warning("notify: cannot record the delivery in %s: %s", hash_key, exc)
