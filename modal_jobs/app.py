@@ -37,7 +37,9 @@ image = (
         "DISABLE_SAFETENSORS_CONVERSION": "1",
         **MODAL.to_env(),
     })
-    .add_local_python_source("config", "producer", "worker", "modal_jobs")
+    # The dashboard's page, script and stylesheet (producer/static) travel with the code.
+    .add_local_python_source("config", "producer", "worker", "modal_jobs",
+                             ignore=~modal.FilePatternMatcher("**/*.py", "**/static/*"))
 )
 weights = modal.Volume.from_name(MODAL.volume_name, create_if_missing=True)
 # PODEMBED_MODEL: the model is fixed for a deployment, and the snapshot holds it.

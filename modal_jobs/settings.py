@@ -28,6 +28,8 @@ PINNED_PACKAGES = (
     "redis==8.1.0",
     "pymongo==4.20.1",  # with dnspython: `mongodb+srv://` URIs resolve
     "fastapi==0.165.0",
+    "prometheus-client==0.26.0",  # /metrics of the web endpoint
+    "swagger-ui-bundle-v2==5.31.0",  # its /docs, offline
 )
 
 
