@@ -125,30 +125,38 @@ def deliver(settings: Settings, records: JobRecords, job_id: str) -> bool:
         return False
     url = url.decode()
     body = json.dumps({k: v for k, v in status.to_dict().items() if k != "notify"}).encode()
-    error: str | None = None
-    for attempt, pause in enumerate((0, *settings.notify_retry_intervals), start=1):
-        time.sleep(pause)
-        try:
-            _post(settings, url, body)
-        except NotifyError as exc:
-            error = str(exc)
-            logger.warning("job %s: notify attempt %d to %s failed: %s", job_id, attempt, redact_url(url), error)
-            _record(records, hash_key, {"notify_error": error}, attempt)
-            continue
-        error = None
-        _record(records, hash_key, {"notify_state": "sent"}, attempt, clear_error=True)
+    # Without the secret nothing can be signed: no attempt is worth making.
+    error = _attempts(settings, records, hash_key, url, body) if settings.notify_secret else (
+        "PODEMBED_NOTIFY_SECRET is not set on the process that ended the job: nothing was sent")
+    if error is None:
+        _record(records, hash_key, {"notify_state": "sent"}, clear_error=True)
         logger.info("job %s: its end (%s) was sent to %s", job_id, status.state, redact_url(url))
-        break
-    if error is not None:
-        _record(records, hash_key, {"notify_state": "failed"}, None)
+    else:
+        _record(records, hash_key, {"notify_state": "failed", "notify_error": error})
         logger.error("job %s: its end was not delivered to %s: %s", job_id, redact_url(url), error)
     records.save(records.status(job_id))
     return True
 
 
+def _attempts(settings: Settings, records: JobRecords, hash_key: str, url: str, body: bytes) -> str | None:
+    """POST until one is taken or the retries are spent; the last error, or None once sent."""
+    error = None
+    for attempt, pause in enumerate((0, *settings.notify_retry_intervals), start=1):
+        time.sleep(pause)
+        try:
+            _post(settings, url, body)
+            error = None
+        except NotifyError as exc:
+            error = str(exc)
+            logger.warning("%s: notify attempt %d to %s failed: %s", hash_key, attempt, redact_url(url), error)
+        _record(records, hash_key, {"notify_attempts": str(attempt), "notify_error": error or ""})
+        if error is None:
+            return None
+    return error
+
+
 def _post(settings: Settings, url: str, body: bytes) -> None:
-    if not settings.notify_secret:
-        raise NotifyError("PODEMBED_NOTIFY_SECRET is not set on the process that ended the job: nothing was sent")
+    assert settings.notify_secret is not None
     check_url(url, allow_private=settings.notify_allow_private)  # the name may resolve elsewhere by now
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", SIGNATURE_HEADER: sign(body, settings.notify_secret),
@@ -162,13 +170,10 @@ def _post(settings: Settings, url: str, body: bytes) -> None:
         raise NotifyError(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
 
 
-def _record(records: JobRecords, hash_key: str, fields: dict[str, str], attempt: int | None, *,
-            clear_error: bool = False) -> None:
+def _record(records: JobRecords, hash_key: str, fields: dict[str, str], *, clear_error: bool = False) -> None:
     try:
         with records.redis.pipeline() as pipe:
             pipe.hset(hash_key, mapping=fields)
-            if attempt is not None:
-                pipe.hset(hash_key, "notify_attempts", attempt)
             if clear_error:
                 pipe.hdel(hash_key, "notify_error")
             pipe.execute()

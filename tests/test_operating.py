@@ -166,3 +166,17 @@ def test_metrics_match_status_and_costs(settings: Settings, redis: Redis, db) ->
 
     public = TestClient(create_app(settings.replace(api_token=TOKEN, metrics_public=True)))
     assert scrape(public, token=None)[("podembed_jobs", (("state", "finished"),))] == 1
+
+
+def test_a_process_without_the_secret_sends_nothing_and_says_so(settings: Settings, redis: Redis, db) -> None:  # noqa: ANN001
+    server = Receiver(fail_first=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"PODEMBED_NOTIFY_SECRET": SECRET, "PODEMBED_NOTIFY_ALLOW_PRIVATE": "1"}
+    job = ingest(settings, str(DATA / "E03.srt"), "--notify", server.url, **env)
+    assert run_cli(settings, "cancel", job).returncode == 0  # this process has no secret
+    server.shutdown()
+    server.server_close()
+    assert server.posts == []
+    notify = status(settings, job)["notify"]
+    assert (notify["state"], notify["attempts"]) == ("failed", 0)
+    assert notify["error"].startswith("PODEMBED_NOTIFY_SECRET is not set on the process that ended the job")
