@@ -88,7 +88,7 @@ def ingest(settings: Settings, *paths: Path, podcast: str) -> str:
     return json.loads(out.stdout)["job_id"]
 
 
-def test_dashboard_shows_a_job_to_its_end_and_cancels_a_queued_one(
+def test_dashboard_shows_a_job_to_its_end_cancels_a_queued_one_and_retries_a_failed_one(
     settings: Settings, server: Server, browser: Browser, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     elsewhere: list[str] = []
@@ -131,6 +131,21 @@ def test_dashboard_shows_a_job_to_its_end_and_cancels_a_queued_one(
     queued_row.locator('button[data-action="cancel"]').click()
     expect(queued_row).to_have_attribute("data-state", "cancelled", timeout=10_000)
     assert json.loads(run_cli(settings, "status", queued, "--json").stdout)["state"] == "cancelled"
+
+    # A batch the model refuses (a text over the forward-pass cap) fails for good: its error line shows,
+    # and its retry button puts it back on the queue.
+    failing = ingest(settings, Path(__file__).parent / "data" / "E06.vtt", podcast="Too Long")
+    refused = run_cli(settings, "work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")
+    assert refused.returncode == 0, refused.stderr
+    failed_row = page.locator("#failed tbody tr").filter(has_text=failing)
+    expect(failed_row).to_contain_text("EmbeddingError", timeout=10_000)
+    expect(page.locator(f'#jobs tr[data-job="{failing}"]')).to_have_attribute("data-state", "failed")
+    failed_row.locator('button[data-action="retry"]').click()
+    expect(page.locator(f'#jobs tr[data-job="{failing}"]')).to_have_attribute("data-state", "queued",
+                                                                             timeout=10_000)
+    assert json.loads(run_cli(settings, "status", failing, "--json").stdout)["batches"]["queued"] == 1
+    run_cli(settings, "work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")  # failed again: the picture shows it
+    expect(failed_row).to_contain_text("EmbeddingError", timeout=10_000)
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=shot, full_page=True)

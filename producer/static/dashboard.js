@@ -81,8 +81,9 @@ function jobRow(job, now) {
   const buttons = el("td");
   if (job.batches.failed && job.state !== "cancelled") buttons.append(action(job.job_id, "retry"));
   if (!ENDED.has(job.state)) buttons.append(action(job.job_id, "cancel"));
-  const eta = ENDED.has(job.state) ? "-" : rate > 0 ? seconds(c.pending / rate) : "-";
-  const tr = row([job.job_id, job.kind, job.state, progress, rate === null ? "-" : rate.toFixed(1), eta,
+  const ended = ENDED.has(job.state);
+  const eta = !ended && rate > 0 ? seconds(c.pending / rate) : "-";
+  const tr = row([job.job_id, job.kind, job.state, progress, ended || rate === null ? "-" : rate.toFixed(1), eta,
                   cell(el("span", `$${job.cost_usd.toFixed(6)}`, {class: "cost"})), buttons]);
   tr.setAttribute("data-job", job.job_id);
   tr.setAttribute("data-state", job.state);
