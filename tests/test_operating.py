@@ -180,3 +180,21 @@ def test_a_process_without_the_secret_sends_nothing_and_says_so(settings: Settin
     notify = status(settings, job)["notify"]
     assert (notify["state"], notify["attempts"]) == ("failed", 0)
     assert notify["error"].startswith("PODEMBED_NOTIFY_SECRET is not set on the process that ended the job")
+
+
+def test_post_jobs_takes_a_notify_url_and_refuses_a_private_one(settings: Settings, redis: Redis, db) -> None:  # noqa: ANN001
+    body = {"transcripts": [{"name": "E03.srt", "content": (DATA / "E03.srt").read_text()}],
+            "notify": "http://127.0.0.1:9/hook"}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    strict = TestClient(create_app(settings.replace(api_token=TOKEN, notify_secret=SECRET)))
+    refused = strict.post("/jobs", json=body, headers=headers)
+    assert refused.status_code == 422
+    assert "resolves to 127.0.0.1, not a public address" in refused.json()["detail"]
+    assert db.jobs.count_documents({}) == 0
+
+    lenient = TestClient(create_app(settings.replace(api_token=TOKEN, notify_secret=SECRET,
+                                                     notify_allow_private=True)))
+    created = lenient.post("/jobs", json=body, headers=headers)
+    assert created.status_code == 202, created.text
+    job = lenient.get(f"/jobs/{created.json()['job_id']}", headers=headers).json()
+    assert job["notify"] == {"url": "http://127.0.0.1:9/hook", "state": "waiting", "attempts": 0, "error": None}

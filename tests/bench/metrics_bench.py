@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--ledger", type=int, default=10_000, help="ledger entries")
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed at each size")
     args = parser.parse_args()
+    # Stopped (`timeout`, Ctrl-C): the services it started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory() as tmp:
         settings = on_spare_ports(Settings.from_env(), Path(tmp)).replace(mongo_db="metrics_bench")
         services_up(settings)
