@@ -1,7 +1,7 @@
 """The browser's side of `podembed serve`: the dashboard at `/`, its data at `/fleet`, `/metrics`, and `/docs`.
 
 The dashboard is one HTML page and one script (`producer/static/`), served with a Content-Security-Policy
-that allows nothing but this server: it reads `/fleet` and the same `/jobs` routes the CLI's commands
+that allows nothing but this server: it reads `/fleet`, `/fleet/ledger` and the same `/jobs` routes the CLI's commands
 mirror, with the token the person types once (kept in the tab's sessionStorage, sent as a bearer header,
 never in a URL). The page and its script hold no data, so they need no token; `/fleet` does, and so does
 `/metrics` unless `PODEMBED_METRICS_PUBLIC=1`. `/docs` is Swagger UI from the `swagger-ui-bundle-v2`
@@ -47,7 +47,7 @@ def add_browser_routes(app: FastAPI, settings: Settings, records: JobRecords, au
 
     @app.get("/fleet", tags=["operating"], dependencies=guarded, responses=unauthorized)
     def read_fleet() -> dict:
-        """Queues, workers, and chunks/s and $/h over the last 24 h from the ledger: the dashboard's data."""
+        """Queues and workers now: the dashboard's data besides the jobs."""
         now = datetime.now(UTC)
         workers = fleet.read_workers(settings, records.redis, records.db, now)
         return {
@@ -55,8 +55,13 @@ def add_browser_routes(app: FastAPI, settings: Settings, records: JobRecords, au
             "queues": [asdict(q) for q in fleet.read_queues(settings, records.redis, now)],
             "workers": [asdict(w) for w in workers.live],
             "workers_lost": workers.lost,
-            "ledger": fleet.ledger_series(records.db, now),
         }
+
+    @app.get("/fleet/ledger", tags=["operating"], dependencies=guarded, responses=unauthorized)
+    def read_ledger() -> list[dict]:
+        """Chunks/s and $/h of compute per 15 minutes over the last 24 h, oldest first, from the ledger
+        (the latest 20,000 batches at most)."""
+        return fleet.ledger_series(records.db, datetime.now(UTC))
 
     @app.get("/metrics", tags=["operating"], dependencies=[] if settings.metrics_public else guarded,
              responses=unauthorized, response_class=Response)

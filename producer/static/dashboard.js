@@ -2,10 +2,13 @@
 // sent as a bearer header, never in a URL), and redraws every REFRESH_MS.
 "use strict";
 const REFRESH_MS = 2000;
+// The 24 h chart is read again after this, or as soon as a job's counts moved (new batches in the ledger).
+const CHART_MS = 60000;
 const TOKEN_KEY = "podembed-token";
 const ENDED = new Set(["finished", "partial", "failed", "cancelled"]);
 const seen = new Map();  // job id -> {done, at}: chunks/s between two refreshes
 let timer = null;
+let chart = {at: 0, progress: null};
 
 function el(tag, text, attrs) {
   const node = document.createElement(tag);
@@ -124,12 +127,16 @@ async function refresh() {
   try {
     const [fleet, jobs] = await Promise.all([api("/fleet"), api("/jobs?limit=20")]);
     const now = Date.now();
+    const progress = jobs.map(j => `${j.job_id}:${j.chunks.embedded + j.chunks.skipped + j.chunks.failed}`).join();
+    if (now - chart.at > CHART_MS || progress !== chart.progress) {
+      drawChart(await api("/fleet/ledger"));
+      chart = {at: now, progress};
+    }
     document.getElementById("login").hidden = true;
     document.getElementById("data").hidden = false;
     fill("queues", fleet.queues.map(q => row([q.queue, q.batches.queued, seconds(q.oldest_age_seconds),
                                               q.batches.scheduled, q.batches.started, q.batches.failed])));
     fill("jobs", jobs.map(j => jobRow(j, now)));
-    drawChart(fleet.ledger);
     fill("workers", fleet.workers.map(w => row([w.name, w.device, w.state,
       w.billed_seconds ? `${seconds(w.busy_seconds)} / ${seconds(w.billed_seconds)}` : "-",
       w.last_heartbeat || "-", w.current_batch || "-"])));
