@@ -7,6 +7,7 @@ import hmac
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from config.settings import Settings
+from producer import notify
 from producer.api import create_app
+from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, run_cli
 from worker.loop import run_worker
 
@@ -198,3 +201,17 @@ def test_post_jobs_takes_a_notify_url_and_refuses_a_private_one(settings: Settin
     assert created.status_code == 202, created.text
     job = lenient.get(f"/jobs/{created.json()['job_id']}", headers=headers).json()
     assert job["notify"] == {"url": "http://127.0.0.1:9/hook", "state": "waiting", "attempts": 0, "error": None}
+
+
+def test_workers_racing_to_deliver_one_end_send_it_once(settings: Settings, redis: Redis, db,  # noqa: ANN001
+                                                        receiver: Receiver) -> None:
+    receiver.fail_first = 0
+    env = {"PODEMBED_NOTIFY_SECRET": SECRET, "PODEMBED_NOTIFY_ALLOW_PRIVATE": "1"}
+    job = ingest(settings, str(DATA / "E03.srt"), "--notify", receiver.url, **env)
+    records = JobRecords(redis, db, settings.result_ttl)
+    records.mark_cancelled(job)  # ended, and nobody has sent it yet
+    sender = settings.replace(notify_secret=SECRET, notify_allow_private=True)
+    with ThreadPoolExecutor(4) as pool:
+        claimed = list(pool.map(lambda _: notify.deliver(sender, records, job), range(4)))
+    assert sorted(claimed) == [False, False, False, True]
+    assert len(receiver.posts) == 1 and json.loads(receiver.posts[0][1])["state"] == "cancelled"
