@@ -148,17 +148,20 @@ def read_workers(settings: Settings, redis: Redis, db: Database, now: datetime) 
     """Workers registered with rq (local and Modal alike), with their container's record where there is one."""
     cutoff = now - timedelta(seconds=LOST_AFTER_BEATS * settings.heartbeat_interval)
     try:
-        names = sorted(n.decode() for n in redis.smembers(Worker.redis_workers_keys))
+        # rq's set of workers holds their keys (`rq:worker:NAME`).
+        keys = sorted(k.decode() for k in redis.smembers(Worker.redis_workers_keys))
+        names = [k.removeprefix(Worker.redis_worker_namespace_prefix) for k in keys]
         with redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hmget(Worker.redis_worker_namespace_prefix + name, "state", "last_heartbeat", "current_job")
+            for key in keys:
+                pipe.hmget(key, "state", "last_heartbeat", "current_job")
             registered = pipe.execute()
     except RedisError as exc:
         raise QueueError(f"cannot read the workers from Redis: {exc}") from exc
     try:
         # Containers that beat recently, and a count of those that stopped without an exit.
         recent = {d["_id"]: d for d in db.workers.find({"updated_at": {"$gte": cutoff}, "exited_at": None})}
-        lost = db.workers.count_documents({"updated_at": {"$lt": cutoff}, "exited_at": None})
+        # Counted here: nx-27017's count_documents matches no document on `"exited_at": None`.
+        lost = len(list(db.workers.find({"updated_at": {"$lt": cutoff}, "exited_at": None}, {"_id": 1})))
     except PyMongoError as exc:
         raise StoreError(f"cannot read {db.name}.workers: {exc}") from exc
     live = []

@@ -8,19 +8,22 @@ import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
+from rq.worker import WorkerStatus
 
 from config.settings import Settings
+from modal_jobs.drain import WorkerRecord, save_worker
 from producer import notify
 from producer.api import create_app
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, run_cli
-from worker.loop import run_worker
+from worker.loop import make_worker, run_worker
 
 SECRET = "webhook-test-secret"
 TOKEN = "metrics-test-token"
@@ -215,3 +218,34 @@ def test_workers_racing_to_deliver_one_end_send_it_once(settings: Settings, redi
         claimed = list(pool.map(lambda _: notify.deliver(sender, records, job), range(4)))
     assert sorted(claimed) == [False, False, False, True]
     assert len(receiver.posts) == 1 and json.loads(receiver.posts[0][1])["state"] == "cancelled"
+
+
+def _container(name: str, updated_at: datetime, *, exited: bool = False) -> WorkerRecord:
+    return WorkerRecord(worker=name, gpu="A10G", device="NVIDIA A10G", model="m", model_revision=None,
+                        price_per_hour=1.1, torch_cuda=None, cuda_driver=None, weight_dtype="bfloat16",
+                        weight_bytes=1, started_at=updated_at - timedelta(seconds=600), ready_at=updated_at,
+                        cold_start_seconds=5.0, from_snapshot=True, load_seconds=0.0, to_device_seconds=1.0,
+                        busy_seconds=120.0, billed_seconds=600.0, updated_at=updated_at,
+                        exited_at=updated_at if exited else None)
+
+
+def test_workers_and_lost_containers_in_metrics_and_fleet(settings: Settings, redis: Redis, db) -> None:  # noqa: ANN001
+    worker, _ = make_worker(settings, redis)
+    worker.register_birth()  # a local `podembed work`: registered with rq, no container record
+    worker.set_state(WorkerStatus.IDLE)
+    now = datetime.now(UTC)
+    save_worker(db, _container("ta-live", now))
+    save_worker(db, _container("ta-killed", now - timedelta(hours=1)))  # stopped beating, no exit
+    save_worker(db, _container("ta-done", now - timedelta(hours=2), exited=True))
+    client = TestClient(create_app(settings.replace(api_token=TOKEN)))
+    m = scrape(client)
+    assert m[("podembed_workers", (("device", "NVIDIA A10G"),))] == 1
+    assert m[("podembed_workers", (("device", "unknown"),))] == 1
+    assert m[("podembed_worker_busy_seconds", (("device", "NVIDIA A10G"),))] == 120.0
+    assert m[("podembed_worker_billed_seconds", (("device", "NVIDIA A10G"),))] == 600.0
+    assert m[("podembed_workers_lost", ())] == 1
+    fleet = client.get("/fleet", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert {(w["name"], w["device"], w["state"]) for w in fleet["workers"]} == {
+        (worker.name, "unknown", "idle"), ("ta-live", "NVIDIA A10G", "between drains")}
+    assert fleet["workers_lost"] == 1
+    worker.register_death()
