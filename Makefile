@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install redis-server services-up services-down demo test lint bench producer-bench soak scale eval clean
+.PHONY: install redis-server test-tools services-up services-down demo test lint bench producer-bench soak scale eval clean
 
 install: $(STAMP) redis-server
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# The suite's tools from Debian: chromium for the browser tests (Playwright downloads no browser of its
+# own here), promtool (package prometheus) to check and unit-test config/alerts.yml.
+test-tools:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 services-up: install
 	$(PODEMBED) services up
 
@@ -36,7 +42,7 @@ demo: services-up
 	$(PODEMBED) status $$job
 
 # The suite starts its own Redis and nx-27017 on spare ports and stops them at the end.
-test: install
+test: install test-tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Pipeline vs bare model on 20 real episodes (one JSON document; see BENCHMARKS.md).

@@ -61,3 +61,7 @@ class DrainError(PodembedError):
 
 class SearchError(PodembedError):
     """A search or search index request cannot be served (bad query, no vectors, no vector search)."""
+
+
+class NotifyError(PodembedError):
+    """A notify URL is refused (scheme, address), or a job's end could not be delivered to it."""

@@ -128,6 +128,19 @@ class Settings:
     search_refresh_overlap_s: int = 60
     api_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".podembed")
+    # Operating it: /metrics, the dashboard and the webhook sent when a job ends.
+    # /metrics without the token (a Prometheus inside a private network); off by default, as the API's routes.
+    metrics_public: bool = False
+    # Where a job POSTs its status document when it ends (None: nowhere; `--notify` and POST /jobs set one per job).
+    notify_url: str | None = None
+    # HMAC-SHA256 key of the `X-Podembed-Signature` header; a job with a notify URL needs one.
+    notify_secret: str | None = field(default=None, repr=False)
+    # Loopback and private addresses are refused (a webhook must not reach into the network it runs in).
+    notify_allow_private: bool = False
+    # Seconds one delivery attempt may take; a receiver is expected to answer at once and work later.
+    notify_timeout_s: float = 10.0
+    # Seconds between delivery attempts after a failure: four tries within about half a minute.
+    notify_retry_intervals: tuple[int, ...] = (1, 5, 30)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -148,7 +161,7 @@ class Settings:
         for name in ("chunk_tokens", "enqueue_window_chunks", "batch_max_tokens", "batch_max_chunks",
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
-                     "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches"):
+                     "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches", "notify_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
@@ -233,7 +246,7 @@ class Settings:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "api_token":
+            if f.name in ("api_token", "notify_secret"):
                 value = "***" if value else None
             elif isinstance(value, str):
                 value = redact_url(value)

@@ -47,7 +47,9 @@ image = (
         "DISABLE_SAFETENSORS_CONVERSION": "1",
         **MODAL.to_env(),
     })
-    .add_local_python_source("config", "producer", "worker", "modal_jobs")
+    # The dashboard's page, script and stylesheet (producer/static) travel with the code.
+    .add_local_python_source("config", "producer", "worker", "modal_jobs",
+                             ignore=~modal.FilePatternMatcher("**/*.py", "**/static/*"))
     # Where the container's own `pinned()` reads it (packages are added under /root): the preflight compares.
     .add_local_file(CONSTRAINTS, f"/root/config/{CONSTRAINTS.name}")
 )

@@ -1,7 +1,8 @@
 """The HTTP API: enqueue transcripts, poll a job by id, list, retry and cancel jobs; search the vectors.
 
 Every route but `/healthz`, `/docs` and `/openapi.json` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`
-(the API's description holds no data, and a browser opening `/docs` sends no token). `podembed serve`
+(the API's description holds no data, and a browser opening `/docs` sends no token); the dashboard's page
+and `/metrics` are in `producer.dashboard`. `podembed serve`
 runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
 `def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block, so the
 event loop stays free. Large bodies are taken `PODEMBED_MAX_LARGE_REQUESTS` at a time, before
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from config.errors import (
     ConfigError,
     JobNotFoundError,
+    NotifyError,
     PodembedError,
     QueueError,
     SearchError,
@@ -42,6 +44,7 @@ from config.errors import (
 from config.settings import Settings, redact_url
 from producer.chunking import ChunkLimits, text_budget
 from producer.connections import mongo_database, redis_client
+from producer.dashboard import add_browser_routes
 from producer.enqueue import collect_episodes, ingest
 from producer.jobs import JobRecords, JobStatus
 from producer.models import Episode
@@ -53,6 +56,7 @@ from producer.tokens import load_tokenizer
 ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
     (JobNotFoundError, 404),
     (TranscriptFormatError, 422),
+    (NotifyError, 422),
     (QueueError, 503),
     (StoreError, 503),
     (SearchError, 422),
@@ -84,6 +88,9 @@ class JobRequest(BaseModel):
     instruction: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS,
                                     description="default: PODEMBED_INSTRUCTION")
     transcripts: list[TranscriptIn] = Field(min_length=1)
+    notify: str | None = Field(default=None, max_length=2000,
+                               description="POST the job's status document here when it ends (default: "
+                                           "PODEMBED_NOTIFY_URL)")
 
 
 class JobCreated(BaseModel):
@@ -136,7 +143,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     app = _App(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
-               max_body_size=settings.max_request_bytes)
+               max_body_size=settings.max_request_bytes, docs_url=None, redoc_url=None)
     jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(authorize)],
                      responses={401: {"description": "missing or wrong bearer token"}})
 
@@ -157,7 +164,8 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         if not episodes:
             detail = f"nothing to ingest: {len(refused)} transcript(s) refused, none accepted"
             return JSONResponse(status_code=422, content={"detail": detail, "refused": refused})
-        job = ingest(settings, redis, db, episodes, kind="ingest", instruction=body.instruction)
+        job = ingest(settings.replace(notify_url=body.notify or settings.notify_url), redis, db, episodes,
+                     kind="ingest", instruction=body.instruction)
         response.headers["Location"] = f"/jobs/{job.job_id}"
         return JobCreated.model_validate(asdict(job) | {"refused": refused})
 
@@ -224,6 +232,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         return JSONResponse(status_code=code, content={"detail": redact_url(str(exc))})
 
     app.include_router(jobs)
+    add_browser_routes(app, settings, records, authorize)
     app.add_middleware(LargeRequestLimit, limit=settings.max_large_requests)
     return app
 

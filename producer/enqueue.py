@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from config.errors import EnqueueInterrupted, JobNotFoundError, PodembedError, QueueError, TranscriptFormatError
 from config.settings import Settings
+from producer import notify
 from producer.chunkstore import ChunkStore
 from producer.connections import check_mongo
 from producer.jobs import JobRecords, NewJob, Window
@@ -208,7 +209,8 @@ class JobStream:
             check_mongo(self.settings, self.records.db)
             job_id = new_job_id()
             self.records.create(NewJob(job_id=job_id, kind=self.kind, queue=self.queue.name, model=self.spec.model,
-                                       instruction=self.spec.instruction, vector_key=self.spec.key))
+                                       instruction=self.spec.instruction, vector_key=self.spec.key,
+                                       notify_url=self.settings.notify_url))
             if self.run_key is not None:
                 try:
                     self.redis.set(self.run_key, " ".join([*self.stopped_short, job_id]), ex=self.settings.result_ttl)
@@ -272,7 +274,8 @@ class JobStream:
                     self.redis.delete(self.run_key)
                 except RedisError as exc:
                     raise QueueError(f"cannot record job {self.job.job_id} enqueued in Redis: {exc}") from exc
-            self.records.finish_enqueue(self.job.job_id)
+            # Every chunk skipped, or the workers done already: the job ends here.
+            notify.job_ended(self.settings, self.records, self.records.finish_enqueue(self.job.job_id))
             logger.info("job %s: enqueued %d chunks (%d skipped) in %d batches", self.job.job_id, self.job.chunks,
                         self.job.skipped, self.job.batches)
         return self.job
@@ -290,6 +293,7 @@ def enqueue_episodes(
     `on_window` is called with the job's running counts and the episodes of each window enqueued.
     Chunking (this thread and its pool) and storing (a lane of its own) overlap by one window.
     """
+    notify.check_target(settings)
     stream = JobStream(settings, redis, db, kind=kind, spec=spec, force=force)
     taken = stream.resume(run_key) if run_key is not None else {}
     todo = (e for e in episodes if e.key not in taken)

@@ -26,6 +26,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
+from config.settings import redact_url
 from producer.connections import run_script
 from producer.models import BATCH_ID
 
@@ -36,21 +37,28 @@ KEY_PREFIX = "podembed:job:"
 # an `interrupted` job's change until what it enqueued has run (`JobStatus.ended`).
 ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 JOBS_INDEX = "podembed:jobs"
+# Running totals of every batch counted, for /metrics: `{counter}\t{device}\t{model}` -> value (never expires).
+TOTALS_KEY = "podembed:totals"
+TOTALS = ("batches", "embedded", "skipped", "tokens", "gpu_seconds", "cost_usd")
 # A producer refreshes its job's key at every window; one silent for this long has died.
 PRODUCER_TTL_SECONDS = 120
+
+# The job hash's fields of its end's delivery (`producer.notify`), besides `notify_url`.
+NOTIFY_DELIVERY_FIELDS = ("notify_state", "notify_attempts", "notify_error")
 
 # What `count_finished`'s script answers.
 ALREADY_COUNTED, COUNTED, JOB_ENDED = 0, 1, 2
 
 # Shared end of the scripts, whose last two ARGV are always `now` and `ttl`: the job is over once
 # it is wholly enqueued (records written before streaming have no flag) and every batch is done or
-# failed for good; every key lives `ttl` past the last change. Answers JOB_ENDED or COUNTED.
+# failed for good; every key of the job (the first nine) lives `ttl` past the last change. Answers
+# JOB_ENDED or COUNTED.
 _BATCH_ENDED = """
 local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
 local over = redis.call('HGET', KEYS[1], 'enqueue_done') ~= '0'
    and ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total'))
 if over then redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1]) end
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
+for i = 1, 9 do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
 if over then return 2 end
 return 1
 """
@@ -60,10 +68,10 @@ _ENQUEUE_DONE = """
 redis.call('HSET', KEYS[1], 'enqueue_done', '1')
 """ + _BATCH_ENDED
 
-# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress, sizes (they
-# expire together). ARGV: batch_id,
-# embedded, skipped, gpu_seconds, cost_usd, device, now, ttl. A batch counted before (run again
-# after its count, say a crash or a MongoDB error came between) still leaves the running set.
+# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress, sizes (they expire
+# together), totals. ARGV: batch_id, embedded, skipped, gpu_seconds, cost_usd, device, model, tokens, now,
+# ttl. A batch counted before (run again after its count, say a crash or a MongoDB error came between)
+# still leaves the running set.
 _FINISH_BATCH = """
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[9], ARGV[1])
@@ -75,6 +83,13 @@ redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
 redis.call('HINCRBYFLOAT', KEYS[1], 'gpu_seconds', ARGV[4])
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
 redis.call('HSET', KEYS[1], 'device', ARGV[6])
+local at = '\t' .. ARGV[6] .. '\t' .. ARGV[7]
+redis.call('HINCRBY', KEYS[11], 'batches' .. at, 1)
+redis.call('HINCRBY', KEYS[11], 'embedded' .. at, ARGV[2])
+redis.call('HINCRBY', KEYS[11], 'skipped' .. at, ARGV[3])
+redis.call('HINCRBY', KEYS[11], 'tokens' .. at, ARGV[8])
+redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds' .. at, ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[11], 'cost_usd' .. at, ARGV[5])
 """ + _BATCH_ENDED
 
 
@@ -135,6 +150,16 @@ class BatchCounts:
 
 
 @dataclass
+class NotifyStatus:
+    """Where the job's end is POSTed, and how that went: `waiting` (for the end), `sending`, `sent`, `failed`."""
+
+    url: str  # with its secrets hidden
+    state: str = "waiting"
+    attempts: int = 0
+    error: str | None = None
+
+
+@dataclass
 class JobStatus:
     """The status document of DESIGN.md (`status --json`, `GET /jobs/{id}`)."""
 
@@ -156,6 +181,8 @@ class JobStatus:
     enqueue_done: bool = True
     # The RQ queue of its batches (None: a job recorded before there was one queue per kind).
     queue: str | None = None
+    # The webhook of its end (None: none was asked for).
+    notify: NotifyStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +203,7 @@ class NewJob:
     instruction: str
     vector_key: str
     created_at: str = field(default_factory=now_iso)
+    notify_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,10 +254,13 @@ class JobRecords:
             "device": "",
             "enqueue_done": 0,
         }
+        if job.notify_url:
+            fields["notify_url"] = job.notify_url
         status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued", created_at=job.created_at,
                            finished_at=None, model=job.model, instruction=job.instruction, episodes=0,
                            chunks=ChunkCounts(), batches=BatchCounts(), gpu_seconds=0.0, cost_usd=0.0, device="",
-                           enqueue_done=False, queue=job.queue)
+                           enqueue_done=False, queue=job.queue,
+                           notify=NotifyStatus(redact_url(job.notify_url)) if job.notify_url else None)
         self.save(status)
         created = datetime.fromisoformat(job.created_at).timestamp()
         try:
@@ -358,11 +389,13 @@ class JobRecords:
 
     def count_finished(
         self, pipe: Pipeline, job_id: str, batch_id: str, *, embedded: int, skipped: int, gpu_seconds: float,
-        cost_usd: float, device: str,
+        cost_usd: float, device: str, model: str, tokens: int,
     ) -> None:
-        """Add a batch's counts once, in `pipe`, whose result for it is ALREADY_COUNTED, COUNTED or JOB_ENDED."""
-        args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, now_iso(), self.ttl]
-        run_script(pipe, _FINISH_BATCH, self._keys(job_id), args)
+        """Add a batch's counts once, to its job and to the totals, in `pipe`, whose result for it is
+        ALREADY_COUNTED, COUNTED or JOB_ENDED."""
+        args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, model, tokens, now_iso(),
+                self.ttl]
+        run_script(pipe, _FINISH_BATCH, [*self._keys(job_id), TOTALS_KEY], args)
 
     def counted(self, job_id: str, batch_id: str) -> bool:
         """Whether the batch's counts were added already (by this run or an earlier one)."""
@@ -432,6 +465,7 @@ class JobRecords:
             errors={k.decode(): v.decode() for k, v in errors.items()},
             enqueue_done=enqueue_done,
             queue=rec.get("queue"),
+            notify=_notify_status(rec),
         )
 
     def save(self, status: JobStatus) -> None:
@@ -465,6 +499,8 @@ class JobRecords:
         doc.pop("_id", None)
         doc["chunks"] = ChunkCounts(**doc["chunks"])
         doc["batches"] = BatchCounts(**doc["batches"])
+        if doc.get("notify"):
+            doc["notify"] = NotifyStatus(**doc["notify"])
         return JobStatus(**doc)
 
     def cancelled(self, job_id: str) -> bool:
@@ -499,7 +535,8 @@ class JobRecords:
             raise QueueError(f"cannot count cancelled batches of job {job_id} in Redis: {exc}") from exc
 
     def clear_failed(self, job_id: str, batch_ids: list[str]) -> None:
-        """Count these failed batches as queued again (they are being retried): the job is not over."""
+        """Count these failed batches as queued again (they are being retried): the job is not over, and
+        its end will be notified again."""
         if not batch_ids:
             return
         hash_key, _, _, failed, errors, *_ = self._keys(job_id)
@@ -507,7 +544,7 @@ class JobRecords:
             with self.redis.pipeline() as pipe:
                 pipe.hdel(failed, *batch_ids)
                 pipe.hdel(errors, *batch_ids)
-                pipe.hdel(hash_key, "finished_at")
+                pipe.hdel(hash_key, "finished_at", *NOTIFY_DELIVERY_FIELDS)
                 pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot clear failed batches of job {job_id} in Redis: {exc}") from exc
@@ -525,6 +562,13 @@ class JobRecords:
             except JobNotFoundError:
                 continue
         return statuses
+
+
+def _notify_status(rec: dict[str, str]) -> NotifyStatus | None:
+    if not rec.get("notify_url"):
+        return None
+    return NotifyStatus(url=redact_url(rec["notify_url"]), state=rec.get("notify_state", "waiting"),
+                        attempts=int(rec.get("notify_attempts", 0)), error=rec.get("notify_error"))
 
 
 def _batch_index(job_id: str, batch_id: str) -> int | None:

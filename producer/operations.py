@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from config.errors import QueueError, StoreError
 from config.settings import Settings
+from producer import notify
 from producer.chunkstore import ChunkStore
 from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
 from producer.jobs import JobRecords
@@ -285,6 +286,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     status = records.status(job_id)
     status.state = "cancelled"  # also where only MongoDB still knows the job
     records.save(status)
+    notify.job_ended(settings, records, status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))
     return CancelResult(job_id=job_id, state=status.state, removed=list(removed))
 

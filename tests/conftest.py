@@ -64,13 +64,22 @@ def db(settings: Settings) -> Iterator[Database]:
     database.client.close()
 
 
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `podembed` process on the services and database of `settings`, plus `extra`."""
+    return {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
+            "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db,
+            "PODEMBED_DATA_DIR": str(settings.data_dir), **extra}
+
+
+def run_cli(settings: Settings, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     """`podembed ARGS` in a fresh process on the services and database of `settings`."""
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db,
-           "PODEMBED_DATA_DIR": str(settings.data_dir)}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=cli_env(settings, **extra_env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--dashboard-png", default=None, metavar="PATH",
+                     help="also save the browser test's dashboard screenshot here (README's picture)")
 
 
 def taking_drain(settings: Settings, redis: Redis) -> Drain:

@@ -74,7 +74,8 @@ def _transcript(path, **extra: str) -> dict[str, str]:
 def test_requests_without_the_token_get_401(base_url: str, redis: Redis) -> None:
     body = {"transcripts": [_transcript(DATA / "E03.txt")]}
     routes = [("GET", "/jobs"), ("GET", "/jobs/abc"), ("POST", "/jobs"), ("POST", "/jobs/abc/retry"),
-              ("POST", "/jobs/abc/cancel"), ("GET", "/search?q=farming")]
+              ("POST", "/jobs/abc/cancel"), ("GET", "/search?q=farming"), ("GET", "/fleet"),
+              ("GET", "/fleet/ledger"), ("GET", "/metrics")]
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"},
                     {"Authorization": TOKEN}):
         for method, path in routes:
@@ -88,7 +89,8 @@ def test_requests_without_the_token_get_401(base_url: str, redis: Redis) -> None
     assert (health.status_code, health.json()) == (200, {"redis": True, "mongo": True})
     schema = httpx.get(base_url + "/openapi.json").json()
     assert set(schema["paths"]) == {"/healthz", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/retry",
-                                    "/jobs/{job_id}/cancel", "/search"}
+                                    "/jobs/{job_id}/cancel", "/search", "/fleet", "/fleet/ledger",
+                                    "/metrics"}
     assert schema["components"]["securitySchemes"]["HTTPBearer"] == {"type": "http", "scheme": "bearer"}
     assert schema["paths"]["/jobs"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]

@@ -25,15 +25,10 @@ from producer.jobs import JobRecords, NewJob
 from producer.operations import cancel
 from producer.streaming import chunk_episodes
 from tests.conftest import DATA, EXAMPLES, ROOT, taking_drain
+from tests.conftest import cli_env as _env
 from tests.test_sources import SHOW, transcript_docs
 from worker.loop import drain, make_worker, run_worker
 from worker.pipeline import Housekeeper
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-            "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db,
-            "PODEMBED_DATA_DIR": str(settings.data_dir), **extra}
 
 
 def _run(settings: Settings, *args: str, **extra: str) -> subprocess.CompletedProcess:

@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("rq.worker").addFilter(_without_rq_traceback)
     try:
         settings = Settings.from_env()
+        if getattr(args, "notify", None) is not None:
+            settings = settings.replace(notify_url=args.notify)
         code = args.handler(settings, args)
         sys.stdout.flush()  # a reader that went away shows here, while we can still exit quietly
         return code
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "it (backfill --podcast selects by it)")
     p.add_argument("--episode-id", help="the episode's id, for a single file (default: the file name's stem)")
     p.add_argument("--instruction", help="instruction for this job (default: PODEMBED_INSTRUCTION)")
+    _notify_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = command("work", cmd_work, "run a local worker; the model is loaded once")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("nightly", cmd_nightly, "enqueue the transcripts that are new or changed since the last run")
     p.add_argument("--source", default="mongo", help="a directory of transcript files, or 'mongo' for the "
                                                      "transcripts collection (default)")
+    _notify_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = command("backfill", cmd_backfill, "embed stored transcripts again, or under another model or instruction")
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", help="embed with this instruction (default: PODEMBED_INSTRUCTION)")
     p.add_argument("--force", action="store_true", help="embed chunks again even where their vector is stored")
     p.add_argument("--dry-run", action="store_true", help="enqueue nothing; print the chunks and estimated cost")
+    _notify_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = command("jobs", cmd_jobs, "list recent jobs, newest first")
@@ -209,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("doctor", cmd_doctor, "check what a deploy depends on: Redis, MongoDB, the model, torch and the GPU")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
+
+
+def _notify_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notify", metavar="URL", help="POST the job's status document, signed, to this http(s) URL "
+                                                   "when it ends (default: PODEMBED_NOTIFY_URL)")
 
 
 def cmd_services(settings: Settings, args: argparse.Namespace) -> int:
@@ -321,6 +331,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         ("cost", f"${status.cost_usd:.6f}"),
     ]
     rows += [(f"error {batch}", reason) for batch, reason in status.errors.items()]
+    if status.notify:
+        n = status.notify
+        rows.append(("notify", f"{n.state} ({n.attempts} attempts) to {n.url}" + (f": {n.error}" if n.error else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

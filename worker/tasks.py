@@ -24,6 +24,7 @@ from redis.client import Pipeline
 
 from config.errors import EmbeddingError, PayloadError, QueueError, StoreError
 from config.settings import Settings, redact_url
+from producer import notify
 from producer.chunkstore import ChunkStore
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import vector_spec
@@ -82,15 +83,19 @@ class WorkerContext:
         else:
             self.status_saved[job_id] = now
         try:
-            self.records.save(self.records.status(job_id))
+            status = self.records.status(job_id)
+            self.records.save(status)
+            notify.job_ended(self.settings, self.records, status)
         except (QueueError, StoreError) as exc:
             # The batch is counted and finished already: failing it now would run it again.
             logger.warning("job %s: status not copied to MongoDB (the next batch or `podembed status` may): %s",
                            job_id, exc)
 
     def settle(self) -> None:
-        """Wait until the reports and status copies handed to the reporter thread are done."""
+        """Wait until the reports and status copies handed to the reporter thread are done, and the
+        notifications of the jobs they ended."""
         self.reporter.submit(lambda: None).result()
+        notify.flush()
 
 
 _context: WorkerContext | None = None
@@ -267,7 +272,8 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
                          gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
     with ctx.records.redis.pipeline(transaction=True) as pipe:
         ctx.records.count_finished(pipe, batch.job_id, batch.batch_id, embedded=embedded, skipped=prepared.skipped,
-                                   gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name)
+                                   gpu_seconds=stats.seconds, cost_usd=cost, device=embedder.device_name,
+                                   model=spec.model, tokens=stats.n_tokens)
         if finish is not None:
             finish(pipe, result)
         outcome = pipe.execute()[0]
@@ -311,5 +317,7 @@ def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  
         logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, job.retries_left)
         return
     records.mark_failed(job_id, batch_id, int(job.meta.get("n_chunks", 0)), reason)
-    records.save(records.status(job_id))
+    status = records.status(job_id)
+    records.save(status)
+    notify.job_ended(current_context().settings, records, status)
     logger.error("job %s batch %s: failed for good: %s", job_id, batch_id, reason)
