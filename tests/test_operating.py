@@ -222,7 +222,8 @@ def test_workers_racing_to_deliver_one_end_send_it_once(settings: Settings, redi
 
 def _container(name: str, updated_at: datetime, *, exited: bool = False) -> WorkerRecord:
     return WorkerRecord(worker=name, gpu="A10G", device="NVIDIA A10G", model="m", model_revision=None,
-                        price_per_hour=1.1, torch_cuda=None, cuda_driver=None, weight_dtype="bfloat16",
+                        price_per_hour=1.1, billed_price_per_hour=1.2, snapshot="cpu", torch_cuda=None,
+                        cuda_driver=None, weight_dtype="bfloat16",
                         weight_bytes=1, started_at=updated_at - timedelta(seconds=600), ready_at=updated_at,
                         cold_start_seconds=5.0, from_snapshot=True, load_seconds=0.0, to_device_seconds=1.0,
                         busy_seconds=120.0, billed_seconds=600.0, updated_at=updated_at,

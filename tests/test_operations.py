@@ -309,7 +309,7 @@ def test_a_batch_deleted_with_rqs_api_fails_and_its_job_ends(settings: Settings,
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.splitlines() == [
         f"job {job.job_id}: 0 failed batches requeued; now partial",
-        "1 failed batch(es) deleted outside podembed cannot be requeued (their chunk ids went with them): run the "
+        "1 failed batch deleted outside podembed cannot be requeued (their chunk ids went with them): run the "
         "same ingest, nightly or backfill again to embed what they held"]
     again = json.loads(_cli(settings, "retry", job.job_id, "--json").stdout)
     assert (again["requeued"], again["deleted"], again["state"]) == ([], [deleted], "partial")
