@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
 from producer.connections import run_script
-from producer.models import BATCH_ID
+from producer.models import BATCH_ID, JOB_ID
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ class JobRecords:
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, from Redis while it is there, else from MongoDB."""
+        check_job_id(job_id)
         keys = self._keys(job_id)
         try:
             with self.redis.pipeline() as pipe:
@@ -409,6 +410,7 @@ class JobRecords:
 
     def stored_status(self, job_id: str) -> JobStatus:
         """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
+        check_job_id(job_id)
         try:
             doc = self.db.jobs.find_one({"_id": job_id})
         except PyMongoError as exc:
@@ -478,6 +480,12 @@ class JobRecords:
             except JobNotFoundError:
                 continue
         return statuses
+
+
+def check_job_id(job_id: str) -> None:
+    """A JobNotFoundError for what is no job id: `{id}:done` would name another of the job's keys."""
+    if not JOB_ID.fullmatch(job_id):
+        raise JobNotFoundError(f"no job with id {job_id[:40]!r}: a job id is 12 hex digits")
 
 
 def _batch_index(job_id: str, batch_id: str) -> int | None:

@@ -22,9 +22,12 @@ logger = logging.getLogger(__name__)
 
 # Whisper/pyannote output as in the seenunseen files: "[Amit Varma]: text".
 _BRACKET_SPEAKER = re.compile(r"^\[(?P<speaker>[^\]\n]{1,100})\]:\s*")
-# WebVTT voice span: "<v Amit Varma>text".
-_VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>]+)*\s+(?P<speaker>[^>]{1,100})>")
-_TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
+# Every pattern that reads input is linear in its length: possessive quantifiers give nothing back, and
+# no two parts can match the same characters (a class name holds no '.', a tag no '<'), so a long
+# run of '.', '<a' or newlines costs one pass, not one per character (or two to the power of it).
+# WebVTT voice span: "<v Amit Varma>text", "<v.loud.fast Amit>text".
+_VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>.]++)*+\s++(?P<speaker>[^>]{1,100})>")
+_TAG = re.compile(r"</?[a-z][^<>]*+>", re.IGNORECASE)
 # Hours have at most 9 digits: more is a malformed timestamp (and int() refuses 4,300 digits).
 _VTT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
 _SRT_TIME = re.compile(r"^(\d{1,9}):([0-5]\d):([0-5]\d)[,.](\d{3})$")
@@ -33,7 +36,8 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Whitespace that is not already one plain space: text already normal is not copied.
 _SPACES = re.compile(r"\s{2,}|[^\S ]")
 _LEADING_SPACE = re.compile(r"\s*")
-_SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
+# A counter, a line break (blank lines may follow), then a timing: "1\n00:00:01,000 -->".
+_SRT_START = re.compile(r"\A\s*+\d++[^\S\n]*+\n\s*+\d++:\d{2}:\d{2}[,.]\d{3}\s*+-->")
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
 
@@ -255,7 +259,7 @@ def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) 
     start, end = _seconds(start_m), _seconds(end_m)
     if end < start:
         # Whisper writes such cues now and then (seenunseen E104): keep the words, not the bad end.
-        logger.warning("%s: line %d: cue ends before it starts (%r); its end is set to its start",
+        logger.warning("%r: line %d: cue ends before it starts (%r); its end is set to its start",
                        name, line_no, line.strip())
         end = start
     return start, end

@@ -258,5 +258,5 @@ def test_a_file_with_an_unusual_number_of_chunks_is_named(settings: Settings, mo
     chunk_episodes(settings, episodes, spec)
     big = max(counts, key=counts.get)
     assert [r.getMessage() for r in caplog.records] == [
-        f"{big} gave {counts[big]} chunks, an unusual number for one episode (over {min(counts.values())}): "
+        f"{big!r} gave {counts[big]} chunks, an unusual number for one episode (over {min(counts.values())}): "
         "is it one transcript?"]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from config.errors import ConfigError, JobNotFoundError, PodembedError, QueueError
 from config.settings import Settings, redact_url
+from producer.models import escape_controls
 
 if TYPE_CHECKING:
     from producer.enqueue import EnqueuedJob
@@ -145,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="file to write (default for jsonl: stdout)")
     p.add_argument("--json", action="store_true", help="with --out: print one JSON document")
 
-    p = command("delete", cmd_delete, "delete a podcast's (or an episode's) vectors; a later nightly embeds it again")
-    p.add_argument("--podcast", required=True, help="the show, as named at ingest")
+    p = command("delete", cmd_delete, "delete a podcast's (or an episode's) vectors, chunk texts and search-cache "
+                "rows; a later nightly embeds it again")
+    show = p.add_mutually_exclusive_group(required=True)
+    show.add_argument("--podcast", help="the show, as named at ingest")
+    show.add_argument("--no-podcast", action="store_true", help="the episodes ingested without a podcast")
     p.add_argument("--episode", help="only this episode id")
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -293,7 +297,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     rows += [(f"error {batch}", reason) for batch, reason in status.errors.items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {escape_controls(value)}")
     return 0
 
 
@@ -414,7 +418,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(asdict(result))
     else:
-        print(f"{result.moved} of {result.examined} vector documents moved to ids within their podcast")
+        print(f"{result.moved} of {result.examined} vector documents and {result.chunks_moved} of "
+              f"{result.chunks_examined} chunks moved to their current ids; {result.watermark_entries} watermark "
+              "entries given their current key")
     return 0
 
 
@@ -436,15 +442,18 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
     from worker.catalog import Selection, delete_vectors
+    from worker.vector_cache import cache_paths
 
-    result = delete_vectors(reach_mongo(settings), Selection(args.podcast, args.episode), dry_run=args.dry_run)
+    selection = Selection(None if args.no_podcast else args.podcast, args.episode)
+    caches = cache_paths(settings.data_dir, settings.mongo_uri, settings.mongo_db)
+    result = delete_vectors(reach_mongo(settings), selection, search_caches=caches, dry_run=args.dry_run)
     if args.json:
         _print_json(asdict(result))
     else:
         verb = "would delete" if result.dry_run else "deleted"
-        print(f"{verb} {result.vectors} vectors of {len(result.episodes)} episodes of podcast {result.podcast!r}; "
-              f"{result.watermark_entries} watermark entries {'would go' if result.dry_run else 'gone'} "
-              "(the ledger keeps its batches)")
+        print(f"{verb} {result.vectors} vectors and {result.chunks} chunk texts of {len(result.episodes)} episodes "
+              f"of {selection.describe()}, {result.cached_rows} search-cache rows; {result.watermark_entries} "
+              f"watermark entries {'would go' if result.dry_run else 'gone'} (the ledger keeps its batches)")
     return 0
 
 
@@ -499,7 +508,8 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     for rank, hit in enumerate(hits, 1):
         where = f"{hit.podcast or '-'} / {hit.episode_id} {_clock(hit.start)}-{_clock(hit.end)}"
         text = hit.text if len(hit.text) <= 200 else hit.text[:197] + "..."
-        print(f"{rank:>3}. {hit.score:.3f}  {where}\n     {text}")
+        # Stored text is printed as text, never as the terminal escapes it may hold.
+        print(f"{rank:>3}. {hit.score:.3f}  {escape_controls(where)}\n     {escape_controls(text)}")
     return 0
 
 
@@ -689,7 +699,7 @@ def _print_json(doc: object) -> None:
 
 def _error(message: str) -> None:
     over_progress = "\r\x1b[K" if sys.stderr.isatty() else ""  # on a terminal, over a progress line
-    print(f"{over_progress}podembed: {redact_url(message)}", file=sys.stderr)
+    print(f"{over_progress}podembed: {escape_controls(redact_url(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
