@@ -44,6 +44,14 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
 
 
+def check_labels(name: str, episode_id: str, podcast: str | None) -> None:
+    """`check_label` of a transcript's name, episode id and podcast (before it is parsed, or logged)."""
+    check_label(name, "transcript name")
+    check_label(episode_id, f"{name or 'transcript'}: episode id")
+    if podcast is not None:
+        check_label(podcast, f"{name or 'transcript'}: podcast")
+
+
 def podcast_key(podcast: str | None) -> str:
     """The podcast's part of every id: a readable slug plus a hash of the exact (NFC) name.
 
@@ -89,10 +97,8 @@ class Episode:
 
     def __post_init__(self) -> None:
         # Every source and the API make their episodes here: one check for all of them.
-        check_label(self.source, "transcript name")
-        check_label(self.episode_id, f"{self.source or 'transcript'}: episode id")
-        if self.podcast is not None:
-            self.podcast = normal_podcast(check_label(self.podcast, f"{self.source or 'transcript'}: podcast"))
+        check_labels(self.source, self.episode_id, self.podcast)
+        self.podcast = normal_podcast(self.podcast)
 
     @property
     def key(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
-from producer.models import Episode, Segment
+from producer.models import Episode, Segment, check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def parse_file(
     path: Path, *, episode_id: str | None = None, podcast: str | None = None, published_at: str | None = None
 ) -> Episode:
     """Parse one transcript file into an Episode (episode id from the file name unless given)."""
+    check_labels(str(path), episode_id or path.stem, podcast)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -61,6 +62,7 @@ def parse_bytes(
     data: bytes, *, name: str, episode_id: str, podcast: str | None = None, published_at: str | None = None
 ) -> Episode:
     """Parse transcript bytes; `name` gives the extension and is used in error messages."""
+    check_labels(name, episode_id, podcast)
     return parse_text(decode_text(data, name), name=name, episode_id=episode_id, podcast=podcast,
                       published_at=published_at)
 

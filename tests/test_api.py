@@ -162,9 +162,9 @@ def test_request_body_size_is_limited(client: httpx.Client, api_settings: Settin
     assert redis.zcard(JOBS_INDEX) == 0
 
 
-def _serve(settings: Settings, port: int, *args: str, token: str | None = None) -> subprocess.Popen:
+def _serve(settings: Settings, port: int, *args: str, token: str | None = None, **extra: str) -> subprocess.Popen:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}
+           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db, **extra}
     if token:
         env["PODEMBED_API_TOKEN"] = token
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), *args], cwd=ROOT,

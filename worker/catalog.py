@@ -61,11 +61,12 @@ class Selection:
     podcast: str | None
     episode_id: str | None = None
     model: str | None = None
-    query: dict[str, str | None] = field(init=False, compare=False)
+    query: dict[str, object] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "podcast", normal_podcast(self.podcast))
-        query = {"podcast": self.podcast}
+        # `$eq`, not a bare None: nx-27017 counts (and deletes) `{"podcast": None}` short of what it finds.
+        query: dict = {"podcast": self.podcast if self.podcast is not None else {"$eq": None}}
         if self.episode_id is not None:
             query["episode_id"] = self.episode_id
         if self.model is not None:
