@@ -141,7 +141,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
     token = None if open_access else settings.api_token or ""
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
-        if not _token_accepted(token, f"Bearer {credentials.credentials}" if credentials else None):
+        if not _token_accepted(token, credentials.credentials if credentials else None):
             raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
     app = _App(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
@@ -229,8 +229,9 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
     app.include_router(jobs)
     app.add_middleware(BodyAdmission, token=token, limit=settings.max_large_requests,
                        body_seconds=settings.body_seconds)
-    # Outermost: a request for another host name is answered 400 before anything else.
-    hosts = [*LOOPBACK, *filter(None, (h.strip() for h in settings.allowed_hosts.split(",")))]
+    # Outermost: a request for another host name is answered 400 before anything else. A Host header
+    # names an IPv6 address in brackets.
+    hosts = [*LOOPBACK, "[::1]", *filter(None, (h.strip() for h in settings.allowed_hosts.split(",")))]
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     return app
 
@@ -238,12 +239,15 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
 UNAUTHORIZED = "missing or wrong bearer token"
 
 
-def _token_accepted(token: str | None, authorization: str | None) -> bool:
-    """Whether an `Authorization` header carries `token` (None: the API is open)."""
-    if token is None:
-        return True
+def _token_accepted(token: str | None, given: str | None) -> bool:
+    """Whether the bearer token `given` is `token` (None: the API is open), in constant time."""
+    return token is None or hmac.compare_digest((given or "").encode(), token.encode())
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
     scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return given.strip() if scheme.lower() == "bearer" else None
 
 
 class BodyAdmission:
@@ -265,7 +269,7 @@ class BodyAdmission:
         if scope["type"] != "http" or scope["method"] in BODILESS:
             await self.app(scope, receive, send)
             return
-        if not _token_accepted(self.token, Headers(scope=scope).get("authorization")):
+        if not _token_accepted(self.token, _bearer(Headers(scope=scope).get("authorization"))):
             await JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
                                content={"detail": UNAUTHORIZED})(scope, receive, send)
             return

@@ -148,7 +148,7 @@ def client(settings: Settings) -> TestClient:
 
 def test_api_token_is_required_and_never_echoed(client: TestClient, redis: Redis) -> None:
     # The comparison is `hmac.compare_digest` on bytes: its time does not depend on where they differ.
-    assert "hmac.compare_digest(given.strip().encode(), token.encode())" in inspect.getsource(api)
+    assert "hmac.compare_digest((given or \"\").encode(), token.encode())" in inspect.getsource(api)
     wrong = [None, "Bearer ", f"Bearer {API_SECRET[:-1]}x", f"Bearer {API_SECRET}x", "Bearer é".encode("latin-1"),
              f"Basic {API_SECRET}"]
     for header in wrong:
@@ -212,7 +212,7 @@ def test_only_loopback_and_allowed_host_names_are_answered(settings: Settings, r
         for host in ("rebind.attacker.example", "127.0.0.1.attacker.example", "testserver"):
             answer = open_api.get("/jobs", headers={"Host": host})
             assert answer.status_code == 400, (host, answer.text)
-        for host in answered:
+        for host in [*answered, "[::1]:8000"]:
             assert open_api.get("/jobs", headers={"Host": host}).status_code == 200, host
 
 
