@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from functools import partial
@@ -32,9 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import schemathesis  # noqa: E402
 
-from config.services import free_port, on_spare_ports, services_down, services_up  # noqa: E402
+from config.services import free_port  # noqa: E402
 from config.settings import Settings, redact_url  # noqa: E402
 from producer.connections import mongo_database  # noqa: E402
+from tests.soak.harness import run_alone  # noqa: E402
 from tests.test_api import _serve, _wait_healthy  # noqa: E402
 from tests.test_api_limits import _answer, _single_line_body, _trickle  # noqa: E402
 from tests.test_api_schema import check_operations  # noqa: E402
@@ -136,7 +136,7 @@ def _schemathesis(url: str) -> dict:
             "search_warm_up_seconds": warm_up, "answers": codes}
 
 
-def drill_hostile(settings: Settings) -> dict:
+def drill_hostile(settings: Settings, folder: Path | None = None) -> dict:
     """The hostile shapes through the parser, then the hostile requests through a real `serve`."""
     settings = settings.replace(mongo_db="soak_hostile")
     report = {"parse": shape_timings(), "serve": served_requests(settings)}
@@ -144,16 +144,5 @@ def drill_hostile(settings: Settings) -> dict:
     return report
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="podembed-hostile-") as tmp:
-        settings = on_spare_ports(Settings.from_env(), Path(tmp) / "services")
-        services_up(settings)
-        try:
-            report = drill_hostile(settings)
-        finally:
-            services_down(settings)
-    print(json.dumps({"command": "python tests/soak/hostile.py", **report, "cpus": os.cpu_count()}, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone("python tests/soak/hostile.py", drill_hostile)
