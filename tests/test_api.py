@@ -141,10 +141,12 @@ def test_refused_input_creates_no_job(client: httpx.Client, redis: Redis) -> Non
 
 
 def test_unknown_job_id_is_404(client: httpx.Client) -> None:
-    for method, path in (("GET", "/jobs/nosuchjob"), ("POST", "/jobs/nosuchjob/retry"),
-                         ("POST", "/jobs/nosuchjob/cancel")):
-        response = client.request(method, path)
-        assert (response.status_code, response.json()) == (404, {"detail": "no job with id 'nosuchjob'"})
+    for job_id, detail in (("0123456789ab", "no job with id '0123456789ab'"),
+                           ("nosuchjob", "no job with id 'nosuchjob': a job id is 12 hex digits")):
+        for method, path in (("GET", f"/jobs/{job_id}"), ("POST", f"/jobs/{job_id}/retry"),
+                             ("POST", f"/jobs/{job_id}/cancel")):
+            response = client.request(method, path)
+            assert (response.status_code, response.json()) == (404, {"detail": detail})
 
 
 def test_request_body_size_is_limited(client: httpx.Client, api_settings: Settings, redis: Redis) -> None:

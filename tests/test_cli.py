@@ -171,7 +171,8 @@ def test_version_and_verbose_after_the_subcommand(settings: Settings, redis: Red
     version = _run(settings, "--version")
     assert version.returncode == 0 and version.stdout.startswith("podembed ")
     after = _run(settings, "status", "nosuchjob", "-v")
-    assert after.returncode == 2 and after.stderr.strip().endswith("podembed: no job with id 'nosuchjob'")
+    assert after.returncode == 2 and after.stderr.strip().endswith(
+        "podembed: no job with id 'nosuchjob': a job id is 12 hex digits")
     assert "DEBUG" in after.stderr
 
 

@@ -128,7 +128,7 @@ def test_secrets_never_appear_in_output(settings: Settings, redis: Redis, db: Da
     }
     for fault, overrides in failing.items():
         # An unknown job, so that `status` asks MongoDB too; `work` loads torch, so it runs twice only.
-        for args in (["status", "no-such-job", "--json"], ["ingest", str(EXAMPLES / "E05.vtt"), "--json"],
+        for args in (["status", "0123456789ab", "--json"], ["ingest", str(EXAMPLES / "E05.vtt"), "--json"],
                      *([["work", "--burst"]] if fault.endswith("down") else [])):
             done = ran[f"{fault}: {' '.join(args)}"] = run_cli({**env, **overrides}, *args)
             assert done.returncode != 0 and done.stdout == "", (fault, args, done.stdout)
