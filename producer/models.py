@@ -29,14 +29,13 @@ def normal_podcast(podcast: str | None) -> str | None:
     return None if podcast is None else unicodedata.normalize("NFC", podcast)
 
 
-def check_label(value: str, what: str) -> str:
-    """`value`, or a TranscriptFormatError naming `what` when it holds a control character or is too long."""
+def check_label(value: str, what: str) -> None:
+    """A TranscriptFormatError naming `what` when `value` holds a control character or is too long."""
     bad = _CONTROL.search(value)
     if bad:
         raise TranscriptFormatError(f"{what} {value[:80]!r}: holds the control character U+{ord(bad[0]):04X}")
     if len(value) > MAX_LABEL_CHARS:
         raise TranscriptFormatError(f"{what} {value[:80]!r}...: over {MAX_LABEL_CHARS} characters")
-    return value
 
 
 def escape_controls(text: str) -> str:

@@ -164,13 +164,15 @@ def test_request_body_size_is_limited(client: httpx.Client, api_settings: Settin
     assert redis.zcard(JOBS_INDEX) == 0
 
 
-def _serve(settings: Settings, port: int, *args: str, token: str | None = None, **extra: str) -> subprocess.Popen:
+def _serve(settings: Settings, port: int, *args: str, token: str | None = None, output: object = subprocess.PIPE,
+           **extra: str) -> subprocess.Popen:
+    """`podembed serve` in its own process; its output to pipes (read them, or give a file as `output`)."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
            "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db, **extra}
     if token:
         env["PODEMBED_API_TOKEN"] = token
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=output, stderr=output, text=True)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen) -> None:

@@ -138,10 +138,12 @@ def test_a_trickled_body_takes_no_slot_without_a_token_and_is_dropped_with_one(
         assert served.status_code == 202, served.text
         assert _answer(anonymous) == b"HTTP/1.1 401 Unauthorized"
         stop_anonymous.set()
+        anonymous.close()
         # With the token: the body must arrive within PODEMBED_BODY_SECONDS, else a 408 and the connection closes.
         slow, stop_slow = _trickle(port, f"Authorization: Bearer {TOKEN}")
         assert _answer(slow) == b"HTTP/1.1 408 Request Timeout"
         stop_slow.set()
+        slow.close()
         assert httpx.get(url + "/healthz").status_code == 200
         assert redis.zcard(JOBS_INDEX) == 1
     finally:

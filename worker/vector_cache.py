@@ -133,7 +133,7 @@ class VectorCache:
                 self.checked = datetime.fromisoformat(checked) if checked else None
             if not len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(self.vectors):
                 raise ValueError("its arrays differ in length")
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (a cut zip, a bad array)
+        except Exception as exc:  # whatever a damaged file raises: a cut zip, a bad array, a bad date
             # A damaged cache costs one full read, never a wrong answer or a failed search.
             logger.warning("ignoring unreadable vector cache %s (it is read again from MongoDB): %s: %s",
                            self.path, type(exc).__name__, exc)

@@ -44,7 +44,7 @@ TOKEN = "hostile-drill-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Bytes of each shape timed whole, and schemathesis examples per operation.
 SHAPE_BYTES = 1024 * 1024
-SCHEMA_EXAMPLES = 200
+SCHEMA_EXAMPLES = 100
 # Seconds a trickled body may take before it is dropped, in this drill.
 BODY_SECONDS = 3
 
@@ -73,9 +73,11 @@ def _timed(call: object) -> tuple[object, float]:
     return result, round(time.perf_counter() - began, 3)
 
 
-def served_requests(settings: Settings) -> dict:
+def served_requests(settings: Settings, log: Path) -> dict:
     port = free_port()
-    process = _serve(settings, port, token=TOKEN, PODEMBED_BODY_SECONDS=str(BODY_SECONDS))
+    # The server's log to a file: thousands of requests would fill a pipe nobody reads, and stall it.
+    with log.open("w") as output:
+        process = _serve(settings, port, token=TOKEN, output=output, PODEMBED_BODY_SECONDS=str(BODY_SECONDS))
     url = f"http://127.0.0.1:{port}"
     report: dict = {}
     try:
@@ -103,10 +105,12 @@ def served_requests(settings: Settings) -> dict:
         report["trickle_without_token"] = {"trickle": _answer(anonymous).decode(), "authenticated_1_2mb": served,
                                            "authenticated_seconds": seconds}
         stop.set()
+        anonymous.close()
         slow, stop = _trickle(port, f"Authorization: Bearer {TOKEN}")
         answer, seconds = _timed(lambda: _answer(slow).decode())
         report["trickle_with_token"] = {"answer": answer, "seconds": seconds, "body_seconds": BODY_SECONDS}
         stop.set()
+        slow.close()
         report["foreign_host"] = httpx.get(url + "/healthz", headers={"Host": "rebind.attacker.example"}).status_code
         job_id = httpx.get(url + "/jobs", headers=AUTH).json()[0]["job_id"]
         report["job_id_naming_other_keys"] = {
@@ -136,10 +140,11 @@ def _schemathesis(url: str) -> dict:
             "search_warm_up_seconds": warm_up, "answers": codes}
 
 
-def drill_hostile(settings: Settings, folder: Path | None = None) -> dict:
-    """The hostile shapes through the parser, then the hostile requests through a real `serve`."""
+def drill_hostile(settings: Settings, folder: Path) -> dict:
+    """The hostile shapes through the parser, then the hostile requests through a real `serve` (its log in `folder`)."""
     settings = settings.replace(mongo_db="soak_hostile")
-    report = {"parse": shape_timings(), "serve": served_requests(settings)}
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {"parse": shape_timings(), "serve": served_requests(settings, folder / "serve.log")}
     mongo_database(settings).client.drop_database(settings.mongo_db)
     return report
 

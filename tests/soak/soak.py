@@ -343,7 +343,7 @@ def main() -> None:
                       drill_redis(settings, logs, drill_paths, args.outage)]
             loaded = load(settings, logs, episodes[: args.load_episodes], args.load_chunk_tokens, args.result_ttl)
             oversize = drill_oversize(settings, Path(tmp) / "oversize")
-            hostile = drill_hostile(settings)
+            hostile = drill_hostile(settings, logs / "hostile")
         finally:
             services_down(settings)
     runs = [*drills, loaded]
