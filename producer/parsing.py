@@ -201,7 +201,7 @@ def parse_chat_messages(items: list[object], name: str) -> list[Segment]:
         raw_time = _string(item, "time", where)
         match = _CHAT_TIME.match(raw_time.strip())
         if not match:
-            raise TranscriptFormatError(f"{where}.time: {raw_time!r} is not HH:MM:SS.mmm")
+            raise TranscriptFormatError(f"{where}.time: {raw_time[:40]!r} is not HH:MM:SS.mmm")
         start = _seconds(match)
         if turns and start < turns[-1][0]:
             raise TranscriptFormatError(f"{where}.time: {raw_time} is earlier than the turn before it")
@@ -254,10 +254,10 @@ def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) 
     left, _, right = line.partition("-->")
     parts = right.split()
     if not parts:
-        raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()!r}")
+        raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()[:80]!r}")
     start_m, end_m = pattern.match(left.strip()), pattern.match(parts[0])
     if not start_m or not end_m:
-        raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()!r}")
+        raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()[:80]!r}")
     start, end = _seconds(start_m), _seconds(end_m)
     if end < start:
         # Whisper writes such cues now and then (seenunseen E104): keep the words, not the bad end.
