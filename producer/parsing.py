@@ -252,7 +252,7 @@ def _lines(text: str) -> Iterator[str]:
 
 def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) -> tuple[float, float]:
     left, _, right = line.partition("-->")
-    parts = right.split()
+    parts = right.split(maxsplit=1)  # the end time; the rest of a long line is not split
     if not parts:
         raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()[:80]!r}")
     start_m, end_m = pattern.match(left.strip()), pattern.match(parts[0])
