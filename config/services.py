@@ -10,15 +10,19 @@ holds transcripts: it is readable by its owner only.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 from config.errors import ServiceError
@@ -141,6 +145,23 @@ def private_file(path: Path) -> Path:
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
     return path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[IO[bytes]]:
+    """A new file beside `path` that replaces it when the block ends without an error (else it goes).
+
+    Its name is random and it is opened with O_EXCL | O_NOFOLLOW, mode 0600: a link planted beside
+    `path` is never followed, and writers at once never share a file.
+    """
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def local_services(settings: Settings) -> tuple[Service, Service]:

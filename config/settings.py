@@ -44,8 +44,9 @@ JOB_KINDS = ("ingest", "nightly", "backfill")
 @dataclass(frozen=True)
 class Settings:
     # Local embedded services by default; any real Redis / MongoDB / Atlas URI works unchanged.
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    mongo_uri: str = "mongodb://127.0.0.1:27017"
+    # Not in repr(): a URL may hold a password.
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    mongo_uri: str = field(default="mongodb://127.0.0.1:27017", repr=False)
     mongo_db: str = "podembed"
     # Model name as recorded with every vector; `model_path` only says where to load it from.
     model: str = BUNDLED_MODEL
@@ -115,6 +116,11 @@ class Settings:
     max_request_bytes: int = 8 * 1024 * 1024
     # POST /jobs bodies over 1 MiB the API works on at once (each costs ~10x its size); more get a 503.
     max_large_requests: int = 1
+    # Seconds a client has to send a whole request body: a trickled one is answered 408 and dropped.
+    body_seconds: float = 10.0
+    # Host names the API answers to besides the loopback ones (comma-separated, "*.example.com" wildcards,
+    # "*" for any): a page on another name that resolves to 127.0.0.1 (DNS rebinding) gets a 400.
+    allowed_hosts: str = ""
     # Query instruction (None: the INSTRUCTOR retrieval-style question prompt for INSTRUCTOR models, none
     # for others, as measured best by `make eval`); queries are always embedded under the stored vector key.
     query_instruction: str | None = None
@@ -161,7 +167,8 @@ class Settings:
         for name in ("chunk_tokens", "enqueue_window_chunks", "batch_max_tokens", "batch_max_chunks",
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
-                     "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches", "notify_timeout_s"):
+                     "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches", "notify_timeout_s",
+                     "body_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
@@ -258,7 +265,10 @@ class Settings:
 
 # The userinfo runs to the last '@' of the line: a password holding '/', '@', spaces or even '://'
 # is hidden whole, at the cost of hiding more than the password where a line has a later '@'.
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\n]*)@", re.IGNORECASE)
+# Found without a regex over the line (`scheme://[^\n]*@` is quadratic on a line of many schemes and no
+# '@'): the line's last '@' first, then the first scheme before it. A scheme is looked for only where a
+# run of scheme characters starts, so each run is read once.
+_SCHEME = re.compile(r"(?<![a-z0-9+.-])[a-z0-9+.-]*+://", re.IGNORECASE)
 # A user name worth showing: what is left of the userinfo is never shown.
 _USER = re.compile(r"[^:/?#@\s]*")
 # Secrets as query parameters (redis-py reads `?password=`). A raw space does not end the value
@@ -281,7 +291,7 @@ def redact_url(text: str, url: str | None = None) -> str:
     """
     # Query values first: one holding an '@' would otherwise look like the end of a userinfo.
     redacted = _SECRET_PARAM.sub(lambda m: f"{m['key']}***", text)
-    redacted = _USERINFO.sub(_hide_userinfo, redacted)
+    redacted = "\n".join(map(_hide_userinfo, redacted.split("\n")))
     for secret in _secrets(url) if url else ():
         redacted = redacted.replace(secret, "***")
     return redacted
@@ -292,17 +302,28 @@ def bad_url(variable: str, url: str, exc: Exception) -> ConfigError:
     return ConfigError(f"{variable}={redact_url(url)!r}: {redact_url(str(exc), url)}")
 
 
-def _hide_userinfo(match: re.Match[str]) -> str:
-    user = _USER.match(match["userinfo"])[0]
-    return f"{match['scheme']}{user}:***@"
+def _userinfo(line: str) -> tuple[int, int] | None:
+    """Where the userinfo of the line's first URL that has one starts, and where its '@' is."""
+    at = line.rfind("@")
+    scheme = _SCHEME.search(line, 0, at) if at > 0 else None
+    return (scheme.end(), at) if scheme else None
+
+
+def _hide_userinfo(line: str) -> str:
+    found = _userinfo(line)
+    if found is None:
+        return line
+    start, at = found
+    return f"{line[:start]}{_USER.match(line, start, at)[0]}:***@{line[at + 1:]}"
 
 
 def _secrets(url: str) -> list[str]:
     """The secrets of `url` as they may appear in a message: whole, unquoted, and in pieces."""
     found = [m["value"] for m in _SECRET_PARAM.finditer(url)]
-    userinfo = _USERINFO.search(url)
-    if userinfo:
-        found.append(userinfo["userinfo"][len(_USER.match(userinfo["userinfo"])[0]) + 1 :])
+    where = _userinfo(url)
+    if where:
+        userinfo = url[where[0] : where[1]]
+        found.append(userinfo[len(_USER.match(userinfo)[0]) + 1 :])
     spellings = (p for s in found for p in (s, unquote(s), unquote_plus(s), *_PIECE_SEPARATORS.split(s)))
     pieces = {p for p in spellings if len(p) >= _MIN_PIECE}
     # Longest first, so a piece never leaves part of a longer secret behind.

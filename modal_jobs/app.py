@@ -197,5 +197,7 @@ def web():
     from producer.api import create_app
 
     log_to_stderr()
-    # The tokenizer that chunks a POST /jobs body comes from the volume.
-    return create_app(container_settings())
+    # The tokenizer that chunks a POST /jobs body comes from the volume. Modal serves the endpoint
+    # under *.modal.run (PODEMBED_ALLOWED_HOSTS adds a custom domain).
+    settings = container_settings()
+    return create_app(settings.replace(allowed_hosts=f"{settings.allowed_hosts},*.modal.run"))

@@ -5,20 +5,24 @@ Every route but `/healthz`, `/docs` and `/openapi.json` needs `Authorization: Be
 and `/metrics` are in `producer.dashboard`. `podembed serve`
 runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
 `def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block, so the
-event loop stays free. Large bodies are taken `PODEMBED_MAX_LARGE_REQUESTS` at a time, before
-they are read: the others get a 503 with Retry-After, so memory stays bounded.
+event loop stays free. A request with a body shows its token before anything of it is read; then
+large bodies are taken `PODEMBED_MAX_LARGE_REQUESTS` at a time (the others get a 503 with Retry-After,
+so memory stays bounded), and a body must arrive within `PODEMBED_BODY_SECONDS`. Only the loopback
+names and `PODEMBED_ALLOWED_HOSTS` are answered, so a page that rebinds its own name to 127.0.0.1 is not.
 """
 
 from __future__ import annotations
 
 import hmac
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 import pymongo
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +33,8 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.errors import (
     ConfigError,
@@ -41,13 +46,14 @@ from config.errors import (
     StoreError,
     TranscriptFormatError,
 )
+from config.services import LOOPBACK
 from config.settings import Settings, redact_url
 from producer.chunking import ChunkLimits, text_budget
 from producer.connections import mongo_database, redis_client
 from producer.dashboard import add_browser_routes
 from producer.enqueue import collect_episodes, ingest
 from producer.jobs import JobRecords, JobStatus
-from producer.models import Episode
+from producer.models import MAX_LABEL_CHARS, Episode
 from producer.operations import CancelResult, RetryResult, cancel, retry
 from producer.parsing import parse_bytes
 from producer.tokens import load_tokenizer
@@ -70,6 +76,11 @@ LARGE_REQUEST_BYTES = 1024 * 1024
 RETRY_AFTER_SECONDS = 5
 # Instructions are a sentence; the model's window bounds them in tokens as well (checked per request).
 MAX_INSTRUCTION_CHARS = 1000
+# Transcripts of one request not parsed by then are refused: a request holds a thread this long at most,
+# plus the one transcript in hand (parsing is linear, a few seconds for the largest body).
+PARSE_SECONDS = 30.0
+# Methods that carry no body: the token of the others is checked before their body is read.
+BODILESS = {"GET", "HEAD", "OPTIONS"}
 
 # Checked by our own dependency, so a missing header is a 401 with our message, not FastAPI's 403.
 BEARER = HTTPBearer(auto_error=False)
@@ -78,13 +89,15 @@ NOTE_HEADER = "X-Podembed-Note"
 
 
 class TranscriptIn(BaseModel):
-    name: str = Field(min_length=1, max_length=500, description="file name; its extension picks the parser")
+    name: str = Field(min_length=1, max_length=MAX_LABEL_CHARS,
+                      description="file name; its extension picks the parser")
     content: str = Field(description="the transcript: WebVTT, SRT, Whisper or chat JSON, or plain text")
-    episode_id: str | None = Field(default=None, description="default: the file name without its extension")
+    episode_id: str | None = Field(default=None, max_length=MAX_LABEL_CHARS,
+                                   description="default: the file name without its extension")
 
 
 class JobRequest(BaseModel):
-    podcast: str | None = None
+    podcast: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     instruction: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS,
                                     description="default: PODEMBED_INSTRUCTION")
     transcripts: list[TranscriptIn] = Field(min_length=1)
@@ -135,12 +148,11 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
     db = mongo_database(settings)
     records = JobRecords(redis, db, settings.result_ttl)
 
+    token = None if open_access else settings.api_token or ""
+
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
-        if open_access:
-            return
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, (settings.api_token or "").encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not _token_accepted(token, credentials.credentials if credentials else None):
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
     app = _App(title="podembed", summary="Batch embedding jobs for podcast transcripts.",
                max_body_size=settings.max_request_bytes, docs_url=None, redoc_url=None)
@@ -160,7 +172,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         """Parse, chunk and enqueue the transcripts as one job; refused ones are listed."""
         if body.instruction is not None:
             _check_instruction(settings, body.instruction)
-        episodes, refused = _parse(body)
+        episodes, refused = _parse(body, time.monotonic() + PARSE_SECONDS)
         if not episodes:
             detail = f"nothing to ingest: {len(refused)} transcript(s) refused, none accepted"
             return JSONResponse(status_code=422, content={"detail": detail, "refused": refused})
@@ -233,23 +245,54 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
 
     app.include_router(jobs)
     add_browser_routes(app, settings, records, authorize)
-    app.add_middleware(LargeRequestLimit, limit=settings.max_large_requests)
+    app.add_middleware(BodyAdmission, token=token, limit=settings.max_large_requests,
+                       body_seconds=settings.body_seconds)
+    # Outermost: a request for another host name is answered 400 before anything else. A Host header
+    # names an IPv6 address in brackets.
+    hosts = [*LOOPBACK, "[::1]", *filter(None, (h.strip() for h in settings.allowed_hosts.split(",")))]
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     return app
 
 
-class LargeRequestLimit:
-    """At most `limit` large POST bodies at once; beyond that a 503 with Retry-After, before reading them.
+UNAUTHORIZED = "missing or wrong bearer token"
 
+
+def _token_accepted(token: str | None, given: str | None) -> bool:
+    """Whether the bearer token `given` is `token` (None: the API is open), in constant time."""
+    return token is None or hmac.compare_digest((given or "").encode(), token.encode())
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else None
+
+
+class BodyAdmission:
+    """Who may send a body, how many large ones at once, and how fast, in that order, before any of it is read.
+
+    A request with a body and no token is a 401; a large one beyond `limit` at once is a 503 with
+    Retry-After; a body not received within `body_seconds` is a 408 and its connection is closed.
     One event loop runs this, so a plain counter needs no lock.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, limit: int, body_seconds: float) -> None:
         self.app = app
+        self.token = token
         self.limit = limit
+        self.body_seconds = body_seconds
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not _large(scope):
+        if scope["type"] != "http" or scope["method"] in BODILESS:
+            await self.app(scope, receive, send)
+            return
+        if not _token_accepted(self.token, _bearer(Headers(scope=scope).get("authorization"))):
+            await JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                               content={"detail": UNAUTHORIZED})(scope, receive, send)
+            return
+        receive = _timed_body(receive, self.body_seconds)
+        if not _large(scope):
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:
@@ -263,6 +306,28 @@ class LargeRequestLimit:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+def _timed_body(receive: Receive, seconds: float) -> Receive:
+    """`receive` that raises a 408 once the body has taken over `seconds` (what follows the body is not timed)."""
+    deadline = time.monotonic() + seconds
+    done = False
+
+    async def timed() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                message = await receive()
+        except TimeoutError:
+            # FastAPI passes an HTTPException met while reading the body on to its handler as it is.
+            raise HTTPException(408, f"request body not received within {seconds:g} s "
+                                     "(PODEMBED_BODY_SECONDS)") from None
+        done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return timed
 
 
 def _large(scope: Scope) -> bool:
@@ -301,15 +366,23 @@ def _too_large(limit: int) -> JSONResponse:
                                                            "(PODEMBED_MAX_REQUEST_BYTES)"})
 
 
-def _parse(body: JobRequest) -> tuple[list[Episode], list[str]]:
-    """Parse every transcript as `ingest` parses files: bad ones are refused and the others go on."""
+def _parse(body: JobRequest, deadline: float) -> tuple[list[Episode], list[str]]:
+    """Parse every transcript as `ingest` parses files: bad ones are refused and the others go on,
+    and those not begun by `deadline` are refused as well."""
     return collect_episodes(
         # "surrogatepass": a lone surrogate escaped in the JSON reaches the parser, which refuses
         # it as invalid UTF-8 like any file's.
-        (t.name, partial(parse_bytes, t.content.encode("utf-8", "surrogatepass"), name=t.name,
+        (t.name, partial(_parse_by, deadline, t.content.encode("utf-8", "surrogatepass"), name=t.name,
                          episode_id=t.episode_id or Path(t.name).stem, podcast=body.podcast))
         for t in body.transcripts
     )
+
+
+def _parse_by(deadline: float, data: bytes, **where: str | None) -> Episode:
+    if time.monotonic() > deadline:
+        raise TranscriptFormatError(f"{where['name']!r}: not parsed: the request's transcripts took over "
+                                    f"{PARSE_SECONDS:g} s")
+    return parse_bytes(data, **where)
 
 
 def _ping(db: Database) -> None:

@@ -116,11 +116,12 @@ def _encode_windows(segments: Iterator[Segment]) -> Iterator[list[Segment]]:
 def _char_windows(episode: Episode, max_chars: int) -> Iterator[Segment]:
     """The episode's segments, overlong words cut and long segments cut at spaces into `max_chars` pieces."""
     word_chars = min(MAX_WORD_CHARS, max_chars)
-    long_word = re.compile(rf"\S{{{word_chars + 1},}}")
+    # Tried only where a word starts: from inside one, each start would rescan the rest of it.
+    long_word = re.compile(rf"(?<!\S)\S{{{word_chars + 1},}}")
     for segment in episode.segments:
         text = segment.text
         if len(text) > word_chars and long_word.search(text):
-            logger.warning("%s: a word of over %d characters at %.1f s is cut into words of %d",
+            logger.warning("%r: a word of over %d characters at %.1f s is cut into words of %d",
                            episode.source or episode.episode_id, word_chars, segment.start, word_chars)
             text = long_word.sub(lambda m: " ".join(m[0][i : i + word_chars]
                                                     for i in range(0, len(m[0]), word_chars)), text)

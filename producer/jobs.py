@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
 from config.settings import redact_url
 from producer.connections import run_script
-from producer.models import BATCH_ID
+from producer.models import BATCH_ID, JOB_ID
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +415,7 @@ class JobRecords:
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, from Redis while it is there, else from MongoDB."""
+        check_job_id(job_id)
         keys = self._keys(job_id)
         try:
             with self.redis.pipeline() as pipe:
@@ -490,6 +491,7 @@ class JobRecords:
 
     def stored_status(self, job_id: str) -> JobStatus:
         """The status as last saved in MongoDB `jobs` (what `status` shows once Redis forgot the job)."""
+        check_job_id(job_id)
         try:
             doc = self.db.jobs.find_one({"_id": job_id})
         except PyMongoError as exc:
@@ -569,6 +571,12 @@ def _notify_status(rec: dict[str, str]) -> NotifyStatus | None:
         return None
     return NotifyStatus(url=redact_url(rec["notify_url"]), state=rec.get("notify_state", "waiting"),
                         attempts=int(rec.get("notify_attempts", 0)), error=rec.get("notify_error"))
+
+
+def check_job_id(job_id: str) -> None:
+    """A JobNotFoundError for what is no job id: `{id}:done` would name another of the job's keys."""
+    if not JOB_ID.fullmatch(job_id):
+        raise JobNotFoundError(f"no job with id {job_id[:40]!r}: a job id is 12 hex digits")
 
 
 def _batch_index(job_id: str, batch_id: str) -> int | None:

@@ -5,26 +5,66 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from config.errors import PayloadError
+from config.errors import PayloadError, TranscriptFormatError
 
 # What `podcast_key` keeps of a podcast's name to stay readable in ids.
 _SLUG_CHARS = re.compile(r"[^a-z0-9]+")
+# Hex digits of the name's SHA-256 in `podcast_key`: 64 bits, so finding a name whose key is another
+# show's takes about 2**64 tries, not the 2**32 of the 8 digits that ids had before `podembed migrate`.
+KEY_HASH_DIGITS = 16
 # The podcast part of an id when the episode names no podcast.
 NO_PODCAST = "_"
+# Podcasts, episode ids and file names are logged, printed and stored: no control characters (C0, DEL, C1),
+# line or paragraph separators or bidirectional overrides, and a bounded length.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+MAX_LABEL_CHARS = 500
+
+
+def normal_podcast(podcast: str | None) -> str | None:
+    """The podcast's name as stored: NFC, so "Café" typed with a combining accent is the same show."""
+    return None if podcast is None else unicodedata.normalize("NFC", podcast)
+
+
+def check_label(value: str, what: str) -> None:
+    """A TranscriptFormatError naming `what` when `value` holds a control character or is too long."""
+    bad = _CONTROL.search(value)
+    if bad:
+        raise TranscriptFormatError(f"{what} {value[:80]!r}: holds the control character U+{ord(bad[0]):04X}")
+    if len(value) > MAX_LABEL_CHARS:
+        raise TranscriptFormatError(f"{what} {value[:80]!r}...: over {MAX_LABEL_CHARS} characters")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\x1b`): safe to print on a terminal."""
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode(), text)
+
+
+def check_labels(name: str, episode_id: str, podcast: str | None) -> None:
+    """`check_label` of a transcript's name, episode id and podcast (before it is parsed, or logged)."""
+    check_label(name, "transcript name")
+    check_label(episode_id, f"{name or 'transcript'}: episode id")
+    if podcast is not None:
+        check_label(podcast, f"{name or 'transcript'}: podcast")
 
 
 def podcast_key(podcast: str | None) -> str:
-    """The podcast's part of every id: a readable slug plus a hash of the exact name.
+    """The podcast's part of every id: a readable slug plus a hash of the exact (NFC) name.
 
     The hash keeps names that slug alike ("Show A", "show-a") apart; the key never holds '/'.
     """
     if podcast is None:
         return NO_PODCAST
+    return slug_key(normal_podcast(podcast), KEY_HASH_DIGITS)
+
+
+def slug_key(podcast: str, digits: int) -> str:
+    """`podcast_key` of `podcast` as written, with `digits` hex digits (ids before `podembed migrate`: 8)."""
     slug = _SLUG_CHARS.sub("-", podcast.lower()).strip("-")[:40]
-    return f"{slug}.{hashlib.sha256(podcast.encode()).hexdigest()[:8]}"
+    return f"{slug}.{hashlib.sha256(podcast.encode()).hexdigest()[:digits]}"
 
 
 def episode_key(podcast: str | None, episode_id: str) -> str:
@@ -58,6 +98,11 @@ class Episode:
     published_at: str | None
     segments: list[Segment]
     source: str = ""
+
+    def __post_init__(self) -> None:
+        # Every source and the API make their episodes here: one check for all of them.
+        check_labels(self.source, self.episode_id, self.podcast)
+        self.podcast = normal_podcast(self.podcast)
 
     @property
     def key(self) -> str:

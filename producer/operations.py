@@ -142,7 +142,7 @@ def nightly(settings: Settings, redis: Redis, db: Database, source: TranscriptSo
     marks.update({key: Mark(hashes[key], resumed_by) for key, resumed_by in job.resumed.items() if key in hashes})
     if hashes or watermark.legacy:
         watermark.save({**kept, **marks})
-    logger.info("nightly %s: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,
+    logger.info("nightly %r: job %s, %d new or changed episodes, %d unchanged", source.key, job.job_id,
                 job.episodes, len(kept))
     return NightlyRun(job_id=job.job_id, episodes=job.episodes, chunks=job.chunks, batches=job.batches,
                       tokens=job.tokens, unchanged=len(kept), source=source.key, refused=source.refused)

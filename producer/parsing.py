@@ -16,15 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from config.errors import TranscriptFormatError
-from producer.models import Episode, Segment
+from producer.models import Episode, Segment, check_labels
 
 logger = logging.getLogger(__name__)
 
 # Whisper/pyannote output as in the seenunseen files: "[Amit Varma]: text".
 _BRACKET_SPEAKER = re.compile(r"^\[(?P<speaker>[^\]\n]{1,100})\]:\s*")
-# WebVTT voice span: "<v Amit Varma>text".
-_VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>]+)*\s+(?P<speaker>[^>]{1,100})>")
-_TAG = re.compile(r"</?[a-z][^>]*>", re.IGNORECASE)
+# Every pattern that reads input is linear in its length: possessive quantifiers give nothing back, and
+# no two parts can match the same characters (a class name holds no '.', a tag no '<'), so a long
+# run of '.', '<a' or newlines costs one pass, not one per character (or two to the power of it).
+# WebVTT voice span: "<v Amit Varma>text", "<v.loud.fast Amit>text".
+_VOICE_SPEAKER = re.compile(r"^<v(?:\.[^\s>.]++)*+\s++(?P<speaker>[^>]{1,100})>")
+_TAG = re.compile(r"</?[a-z][^<>]*+>", re.IGNORECASE)
 # Hours have at most 9 digits: more is a malformed timestamp (and int() refuses 4,300 digits).
 _VTT_TIME = re.compile(r"^(?:(\d{1,9}):)?([0-5]\d):([0-5]\d)\.(\d{3})$")
 _SRT_TIME = re.compile(r"^(\d{1,9}):([0-5]\d):([0-5]\d)[,.](\d{3})$")
@@ -33,7 +36,8 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Whitespace that is not already one plain space: text already normal is not copied.
 _SPACES = re.compile(r"\s{2,}|[^\S ]")
 _LEADING_SPACE = re.compile(r"\s*")
-_SRT_START = re.compile(r"\A\s*\d+\s*\r?\n\s*\d+:\d{2}:\d{2}[,.]\d{3}\s*-->")
+# A counter, a line break (blank lines may follow), then a timing: "1\n00:00:01,000 -->".
+_SRT_START = re.compile(r"\A\s*+\d++[^\S\n]*+\n\s*+\d++:\d{2}:\d{2}[,.]\d{3}\s*+-->")
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
 
@@ -42,6 +46,7 @@ def parse_file(
     path: Path, *, episode_id: str | None = None, podcast: str | None = None, published_at: str | None = None
 ) -> Episode:
     """Parse one transcript file into an Episode (episode id from the file name unless given)."""
+    check_labels(str(path), episode_id or path.stem, podcast)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -57,6 +62,7 @@ def parse_bytes(
     data: bytes, *, name: str, episode_id: str, podcast: str | None = None, published_at: str | None = None
 ) -> Episode:
     """Parse transcript bytes; `name` gives the extension and is used in error messages."""
+    check_labels(name, episode_id, podcast)
     return parse_text(decode_text(data, name), name=name, episode_id=episode_id, podcast=podcast,
                       published_at=published_at)
 
@@ -198,7 +204,7 @@ def parse_chat_messages(items: list[object], name: str) -> list[Segment]:
         raw_time = _string(item, "time", where)
         match = _CHAT_TIME.match(raw_time.strip())
         if not match:
-            raise TranscriptFormatError(f"{where}.time: {raw_time!r} is not HH:MM:SS.mmm")
+            raise TranscriptFormatError(f"{where}.time: {raw_time[:40]!r} is not HH:MM:SS.mmm")
         start = _seconds(match)
         if turns and start < turns[-1][0]:
             raise TranscriptFormatError(f"{where}.time: {raw_time} is earlier than the turn before it")
@@ -249,16 +255,16 @@ def _lines(text: str) -> Iterator[str]:
 
 def _parse_timing(line: str, pattern: re.Pattern[str], name: str, line_no: int) -> tuple[float, float]:
     left, _, right = line.partition("-->")
-    parts = right.split()
+    parts = right.split(maxsplit=1)  # the end time; the rest of a long line is not split
     if not parts:
-        raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()!r}")
+        raise TranscriptFormatError(f"{name}: line {line_no}: timing line has no end time: {line.strip()[:80]!r}")
     start_m, end_m = pattern.match(left.strip()), pattern.match(parts[0])
     if not start_m or not end_m:
-        raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()!r}")
+        raise TranscriptFormatError(f"{name}: line {line_no}: malformed timestamp in {line.strip()[:80]!r}")
     start, end = _seconds(start_m), _seconds(end_m)
     if end < start:
         # Whisper writes such cues now and then (seenunseen E104): keep the words, not the bad end.
-        logger.warning("%s: line %d: cue ends before it starts (%r); its end is set to its start",
+        logger.warning("%r: line %d: cue ends before it starts (%r); its end is set to its start",
                        name, line_no, line.strip())
         end = start
     return start, end

@@ -52,7 +52,7 @@ def chunk_stream(settings: Settings, episodes: Iterable[Episode], spec: VectorSp
     """Each episode with its chunks, in reading order; an unusual number of chunks is warned of."""
     for chunked in _chunk_stream(settings, episodes, spec):
         if len(chunked.chunks) > UNUSUAL_CHUNKS:
-            logger.warning("%s gave %d chunks, an unusual number for one episode (over %d): is it one transcript?",
+            logger.warning("%r gave %d chunks, an unusual number for one episode (over %d): is it one transcript?",
                            chunked.episode.source or chunked.episode.key, len(chunked.chunks), UNUSUAL_CHUNKS)
         yield chunked
 

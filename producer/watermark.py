@@ -73,7 +73,7 @@ class Watermark:
         self.marks, self.legacy = entries, {}
 
 
-def forget_episodes(db: Database, podcast: str, episode_ids: Iterable[str], *, dry_run: bool = False) -> int:
+def forget_episodes(db: Database, podcast: str | None, episode_ids: Iterable[str], *, dry_run: bool = False) -> int:
     """Drop these episodes of `podcast` from every watermark, so the next nightly takes them again.
 
     Older entries, keyed by the bare episode id, are dropped too (they say nothing of the podcast).

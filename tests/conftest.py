@@ -43,8 +43,10 @@ def service_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setti
 
 @pytest.fixture
 def settings(service_settings: Settings) -> Settings:
-    """Per-test settings: own Mongo database; retries without back-off so burst workers see them."""
-    return service_settings.replace(mongo_db=f"test_{uuid.uuid4().hex[:10]}", retry_intervals=(0,))
+    """Per-test settings: own Mongo database; retries without back-off so burst workers see them;
+    the API answers TestClient's host name."""
+    return service_settings.replace(mongo_db=f"test_{uuid.uuid4().hex[:10]}", retry_intervals=(0,),
+                                    allowed_hosts="testserver")
 
 
 @pytest.fixture

@@ -177,10 +177,12 @@ def test_an_ended_job_with_redis_down_is_mongodbs_copy_as_status_shows_it(
 
 
 def test_unknown_job_id_is_404(client: httpx.Client) -> None:
-    for method, path in (("GET", "/jobs/nosuchjob"), ("POST", "/jobs/nosuchjob/retry"),
-                         ("POST", "/jobs/nosuchjob/cancel")):
-        response = client.request(method, path)
-        assert (response.status_code, response.json()) == (404, {"detail": "no job with id 'nosuchjob'"})
+    for job_id, detail in (("0123456789ab", "no job with id '0123456789ab'"),
+                           ("nosuchjob", "no job with id 'nosuchjob': a job id is 12 hex digits")):
+        for method, path in (("GET", f"/jobs/{job_id}"), ("POST", f"/jobs/{job_id}/retry"),
+                             ("POST", f"/jobs/{job_id}/cancel")):
+            response = client.request(method, path)
+            assert (response.status_code, response.json()) == (404, {"detail": detail})
 
 
 def test_request_body_size_is_limited(client: httpx.Client, api_settings: Settings, redis: Redis) -> None:
@@ -198,13 +200,15 @@ def test_request_body_size_is_limited(client: httpx.Client, api_settings: Settin
     assert redis.zcard(JOBS_INDEX) == 0
 
 
-def _serve(settings: Settings, port: int, *args: str, token: str | None = None) -> subprocess.Popen:
+def _serve(settings: Settings, port: int, *args: str, token: str | None = None, output: object = subprocess.PIPE,
+           **extra: str) -> subprocess.Popen:
+    """`podembed serve` in its own process; its output to pipes (read them, or give a file as `output`)."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PODEMBED_REDIS_URL": settings.redis_url,
-           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db}
+           "PODEMBED_MONGO_URI": settings.mongo_uri, "PODEMBED_MONGO_DB": settings.mongo_db, **extra}
     if token:
         env["PODEMBED_API_TOKEN"] = token
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=output, stderr=output, text=True)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,3 +93,59 @@ def test_instruction_too_long_is_a_4xx_naming_the_limit(settings: Settings, redi
     assert redis.zcard(JOBS_INDEX) == 0
     assert client.post("/jobs", headers=headers, json={"instruction": "Represent the episode:",
                                                        "transcripts": [transcript]}).status_code == 202
+
+
+def _trickle(port: int, *headers: str) -> tuple[socket.socket, threading.Event]:
+    """A POST /jobs that announces a 2 MB body and sends it a few bytes at a time until stopped."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = ["POST /jobs HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+            "Content-Length: 2000000", *headers]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n" + '{"transcripts": [').encode())
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.wait(0.2):
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                return
+
+    threading.Thread(target=send, daemon=True).start()
+    return sock, stop
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """The status line of what the server answers (waiting up to 60 s for its headers)."""
+    sock.settimeout(60)
+    received = b""
+    while b"\r\n\r\n" not in received and (chunk := sock.recv(4096)):
+        received += chunk
+    return received.split(b"\r\n", 1)[0]
+
+
+def test_a_trickled_body_takes_no_slot_without_a_token_and_is_dropped_with_one(
+        settings: Settings, redis: Redis, db: Database) -> None:
+    port = free_port()
+    process = _serve(settings, port, token=TOKEN, PODEMBED_BODY_SECONDS="3")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        # No token: refused before a byte of the body is read, so it holds no large-request slot.
+        anonymous, stop_anonymous = _trickle(port)
+        body = _single_line_body(1_200_000)
+        served = httpx.post(url + "/jobs", content=body, timeout=300,
+                            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert served.status_code == 202, served.text
+        assert _answer(anonymous) == b"HTTP/1.1 401 Unauthorized"
+        stop_anonymous.set()
+        anonymous.close()
+        # With the token: the body must arrive within PODEMBED_BODY_SECONDS, else a 408 and the connection closes.
+        slow, stop_slow = _trickle(port, f"Authorization: Bearer {TOKEN}")
+        assert _answer(slow) == b"HTTP/1.1 408 Request Timeout"
+        stop_slow.set()
+        slow.close()
+        assert httpx.get(url + "/healthz").status_code == 200
+        assert redis.zcard(JOBS_INDEX) == 1
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        process.communicate(timeout=30)

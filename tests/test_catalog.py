@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from pymongo.database import Database
 from redis import Redis
 
 from config.settings import Settings
+from producer.enqueue import vector_spec
 from producer.models import episode_key
 from producer.operations import nightly
 from producer.sources import DirectorySource
@@ -20,6 +23,7 @@ from tests.conftest import DATA, EXAMPLES
 from tests.test_cli import _run
 from worker.loop import run_worker
 from worker.store import from_bson_vector
+from worker.vector_cache import VectorCache, cache_path
 
 SHOW = "The Seen and the Unseen"
 OTHER = "Cooking Weekly"
@@ -36,6 +40,15 @@ def _two_podcasts(settings: Settings, redis: Redis, db: Database, root: Path) ->
     assert nightly(settings, redis, db, source).episodes == 3
     run_worker(settings, burst=True, redis=redis)
     return source
+
+
+def _search_cache(settings: Settings, db: Database, *, refresh: bool = True) -> VectorCache:
+    """The search cache file of the bundled model's vectors, as `podembed search` keeps it."""
+    key = vector_spec(settings).key
+    cache = VectorCache(cache_path(settings.data_dir, settings.mongo_uri, settings.mongo_db, key), key, timedelta(0))
+    if refresh:
+        cache.refresh(db.embeddings)
+    return cache
 
 
 def _stored(db: Database, **query: str) -> dict[str, np.ndarray]:
@@ -80,6 +93,20 @@ def test_export_jsonl_and_parquet(settings: Settings, redis: Redis, db: Database
     piped = _run(settings, "export", "--podcast", SHOW, "--format", "parquet")
     assert piped.returncode == 1 and "give --out FILE" in piped.stderr
 
+    # A link planted at the name a temporary file used to have is not written through; the file is private.
+    links = tmp_path / "links"
+    links.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (links / ".show.jsonl.partial").symlink_to(victim)
+    planted = _run(settings, "export", "--podcast", SHOW, "--out", str(links / "show.jsonl"))
+    assert planted.returncode == 0, planted.stderr
+    assert victim.read_text() == "keep me"
+    written = links / "show.jsonl"
+    assert not written.is_symlink() and written.stat().st_mode & 0o777 == 0o600
+    assert len(written.read_text().splitlines()) == len(stored)
+    assert sorted(p.name for p in links.iterdir()) == [".show.jsonl.partial", "show.jsonl"]
+
 
 def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redis: Redis, db: Database,
                                                         tmp_path: Path) -> None:
@@ -89,18 +116,30 @@ def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redi
     (watermark,) = db.watermarks.find({})
     assert episode_key(SHOW, "E01") in [e[0] for e in watermark["episodes"]]
 
+    # The local search cache, as a search leaves it: every stored vector, with its text.
+    cache = _search_cache(settings, db)
+    assert len(cache) == total and db.chunks.count_documents({}) == total
+
     dry = _run(settings, "delete", "--podcast", SHOW, "--episode", "E01", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout) == {"podcast": SHOW, "episode_id": "E01", "vectors": len(ours), "episodes": ["E01"],
-                                      "watermark_entries": 1, "dry_run": True}
+    assert json.loads(dry.stdout) == {"podcast": SHOW, "episode_id": "E01", "vectors": len(ours), "chunks": len(ours),
+                                      "cached_rows": len(ours), "episodes": ["E01"], "watermark_entries": 1,
+                                      "dry_run": True}
     assert db.embeddings.count_documents({}) == total and db.watermarks.find_one({}) == watermark
+    assert db.chunks.count_documents({}) == total and len(_search_cache(settings, db, refresh=False)) == total
 
     done = _run(settings, "delete", "--podcast", SHOW, "--episode", "E01")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"deleted {len(ours)} vectors of episode 'E01' of podcast {SHOW!r}; "
-                                  "1 watermark entry gone")
+    assert done.stdout.startswith(f"deleted {len(ours)} vectors and {len(ours)} chunk texts of episode 'E01' of "
+                                  f"podcast {SHOW!r}, {len(ours)} search-cache rows; 1 watermark entry gone")
     assert db.embeddings.count_documents({}) == total - len(ours)
     assert _stored(db, podcast=SHOW, episode_id="E01") == {}
+    # No text of the episode is left anywhere: not in `chunks`, not in the search cache.
+    assert db.chunks.count_documents({"podcast": SHOW, "episode_id": "E01"}) == 0
+    assert db.chunks.count_documents({}) == total - len(ours)
+    cached = _search_cache(settings, db, refresh=False)
+    assert set(cached.ids) == {d["_id"] for d in db.embeddings.find({}, {"_id": 1})}
+    assert len(cached) == total - len(ours) and not {i.partition("|")[0] for i in cached.ids} & ours.keys()
     assert _stored(db, podcast=OTHER).keys() == theirs.keys()  # the other show's E01 is untouched
     assert db.batches.count_documents({}) == ledger  # the ledger keeps its references
 
@@ -141,7 +180,8 @@ def test_a_selection_that_matches_nothing_names_the_closest(settings: Settings, 
 
     named = _run(settings, "delete", "--podcast", SHOW, "--episode", "E05", "--dry-run")
     assert named.returncode == 0 and named.stdout.startswith(
-        f"would delete {len(_stored(db, podcast=SHOW, episode_id='E05'))} vectors of episode 'E05' of podcast {SHOW!r}")
+        f"would delete {len(_stored(db, podcast=SHOW, episode_id='E05'))} vectors and "
+        f"{len(_stored(db, podcast=SHOW, episode_id='E05'))} chunk texts of episode 'E05' of podcast {SHOW!r}")
 
 
 def test_export_to_a_place_that_cannot_hold_a_file(settings: Settings, redis: Redis, db: Database,
@@ -151,3 +191,31 @@ def test_export_to_a_place_that_cannot_hold_a_file(settings: Settings, redis: Re
         shown = _run(settings, "export", "--podcast", SHOW, "--out", out)
         assert shown.returncode == 1 and shown.stdout == "", out
         assert shown.stderr == f"podembed: cannot write --out {out}: No such file or directory\n"
+
+
+def test_delete_selects_episodes_without_a_podcast_and_names_in_either_normal_form(
+        settings: Settings, redis: Redis, db: Database) -> None:
+    nfc = "Café Olé"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    for args in ([str(DATA / "E03.txt")], [str(EXAMPLES / "E05.vtt"), "--podcast", nfd]):
+        out = _run(settings, "ingest", *args, "--json")
+        assert out.returncode == 0, out.stderr
+    run_worker(settings, burst=True, redis=redis)
+    assert {d["podcast"] for d in db.embeddings.find({})} == {None, nfc}
+    accented = db.embeddings.count_documents({"podcast": nfc})
+    # The show typed the other way is the same show: every chunk is already embedded.
+    again = _run(settings, "ingest", str(EXAMPLES / "E05.vtt"), "--podcast", nfc, "--json")
+    assert json.loads(again.stdout)["skipped"] == accented > 0
+
+    no_podcast = {"podcast": {"$eq": None}}  # nx-27017 counts a bare None short
+    loose = db.embeddings.count_documents(no_podcast)
+    gone = _run(settings, "delete", "--no-podcast", "--json")
+    assert gone.returncode == 0, gone.stderr
+    assert (json.loads(gone.stdout)["vectors"], json.loads(gone.stdout)["chunks"]) == (loose, loose)
+    assert loose > 0 and db.embeddings.count_documents(no_podcast) == 0
+    assert db.chunks.count_documents(no_podcast) == 0
+
+    typed = _run(settings, "delete", "--podcast", nfc, "--json")
+    assert json.loads(typed.stdout)["vectors"] == accented
+    assert db.embeddings.count_documents({}) == 0 and db.chunks.count_documents({}) == 0

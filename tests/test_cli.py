@@ -179,8 +179,8 @@ def test_progress_within_a_batch_per_forward_pass(settings: Settings, redis: Red
 def test_version_and_verbose_after_the_subcommand(settings: Settings, redis: Redis, db: Database) -> None:
     version = _run(settings, "--version")
     assert version.returncode == 0 and version.stdout.startswith("podembed ")
-    after = _run(settings, "status", "nosuchjob", "-vv")  # -vv: pymongo's debug log too
-    assert after.returncode == 2 and after.stderr.strip().endswith("podembed: no job with id 'nosuchjob'")
+    after = _run(settings, "status", "0123456789ab", "-vv")  # -vv: pymongo's debug log too
+    assert after.returncode == 2 and after.stderr.strip().endswith("podembed: no job with id '0123456789ab'")
     assert "DEBUG pymongo.command" in after.stderr
 
 
@@ -269,7 +269,7 @@ def test_a_file_with_an_unusual_number_of_chunks_is_named(settings: Settings, mo
     chunk_episodes(settings, episodes, spec)
     big = max(counts, key=counts.get)
     assert [r.getMessage() for r in caplog.records] == [
-        f"{big} gave {counts[big]} chunks, an unusual number for one episode (over {min(counts.values())}): "
+        f"{big!r} gave {counts[big]} chunks, an unusual number for one episode (over {min(counts.values())}): "
         "is it one transcript?"]
 
 

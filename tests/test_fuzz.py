@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,7 +25,7 @@ from pymongo.database import Database
 from redis import Redis
 
 from config.errors import TranscriptFormatError
-from config.settings import Settings
+from config.settings import Settings, redact_url
 from producer.api import create_app
 from producer.jobs import JOBS_INDEX
 from producer.parsing import parse_bytes
@@ -187,6 +189,74 @@ def test_enormous_files_and_single_cues_parse_in_bounded_time() -> None:
     assert [(s.speaker, len(s.text)) for s in cue.segments] == [("Amit Varma", 5 * 1_600_000 - 1)]
     assert len(word.segments[0].text) == 8_000_000
     assert len(cues.segments) == 150_000 and cues.segments[-1].text == "cue number 149999"
+
+
+# Adversarial shapes, each a function of a repeat count: long runs of what a pattern starts with
+# (`<v.`, `<a`, `[`, a counter and newlines, digits), nested and unclosed tags, dots and spaces.
+SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
+    "voice-dots": ("ep.txt", lambda n: b"<v" + b"." * n),
+    "voice-classes": ("ep.txt", lambda n: b"<v" + b".a" * n),
+    "voice-in-cue": ("ep.vtt", lambda n: b"WEBVTT\n\n00:00.000 --> 00:01.000\n<v" + b"." * n),
+    "unclosed-tags": ("ep.txt", lambda n: b"<a" * n),
+    "nested-tags": ("ep.txt", lambda n: b"<b><i" * n),
+    "lone-brackets": ("ep.txt", lambda n: b"<" * n + b"x"),
+    "speaker-brackets": ("ep.txt", lambda n: b"[" * n + b"x"),
+    "srt-newlines": ("ep", lambda n: b"1" + b"\n" * n + b"x"),
+    "srt-spaces": ("ep", lambda n: b"1" + b" \n" * n + b"x"),
+    "srt-digits": ("ep", lambda n: b"1\n" + b"0" * n + b"x"),
+    "digit-run": ("ep.srt", lambda n: b"1\n" + b"1" * n + b":00:00,000 --> 00:00:01,000\nx"),
+    "dots-and-spaces": ("ep.txt", lambda n: b". " * n),
+    "long-word": ("ep.txt", lambda n: (b"a" * 99 + b" ") * (n // 100)),
+    "timing-arrows": ("ep.vtt", lambda n: b"WEBVTT\n\n" + b"-->" * n),
+}
+# A doubling of the input may cost this much more time; linear is 2, quadratic 4.
+LINEAR_RATIO = 2.5
+
+
+def _best_seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def _doubling_ratio(run_at: Callable[[int], Callable[[], object]]) -> tuple[int, float]:
+    """The size at which one run takes measurable time (10 ms), and the time ratio of twice that size to it.
+
+    Best of several runs, and of three tries: a neighbour on the machine slows a run, never speeds it.
+    """
+    size = 4096
+    with hang_guard():
+        while _best_seconds(run_at(size), repeats=1) < 0.01 and size < 8_000_000:
+            size *= 2
+        ratio = min(_best_seconds(run_at(2 * size)) / _best_seconds(run_at(size)) for _ in range(3))
+    return size, ratio
+
+
+def _parse_or_refuse(name: str, data: bytes) -> Callable[[], object]:
+    def parse() -> None:
+        try:
+            parse_bytes(data, name=name, episode_id="shape")
+        except TranscriptFormatError:
+            pass
+
+    return parse
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parsing_time_is_linear_in_size_on_adversarial_shapes(shape: str) -> None:
+    name, make = SHAPES[shape]
+    size, ratio = _doubling_ratio(lambda n: _parse_or_refuse(name, make(n)))
+    assert ratio <= LINEAR_RATIO, f"{shape}: doubling {size} repeats cost {ratio:.2f}x"
+
+
+@pytest.mark.parametrize("text", ["a", "a://", "a://b:c", "?pass", "a1"])
+def test_redaction_time_is_linear_in_size(text: str) -> None:
+    """Every error message is redacted, and messages quote input (a malformed timing line, a name)."""
+    size, ratio = _doubling_ratio(lambda n: partial(redact_url, text * n))
+    assert ratio <= LINEAR_RATIO, f"{text!r}: doubling {size} repeats cost {ratio:.2f}x"
 
 
 TOKEN = "fuzz-token"

@@ -46,7 +46,7 @@ def test_a_run_without_spaces_is_cut_into_words_and_chunks_bounded_in_characters
     with caplog.at_level(logging.WARNING, logger="producer.chunking"):
         chunks = chunk_episode(episode, tokenizer, limits)
 
-    assert "run.txt: a word of over 100 characters at 0.0 s is cut into words of 100" in caplog.text
+    assert "run.txt': a word of over 100 characters at 0.0 s is cut into words of 100" in caplog.text
     assert len(chunks) > 50
     # Nothing dropped: the chunks without their overlap hold every character of the run.
     unique = chunk_episode(episode, tokenizer, ChunkLimits(256, 0, INSTRUCTION))

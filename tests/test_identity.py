@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 from pymongo.database import Database
@@ -13,7 +14,7 @@ from redis import Redis
 from config.settings import Settings
 from producer.enqueue import ingest, parse_files, vector_spec
 from producer.jobs import JobRecords
-from producer.models import episode_key
+from producer.models import episode_key, podcast_key, slug_key
 from producer.operations import cancel, nightly
 from producer.sources import DirectorySource
 from tests.conftest import DATA, EXAMPLES
@@ -98,7 +99,8 @@ def test_migrate_moves_ids_of_the_older_layout(settings: Settings, redis: Redis,
 
     done = _cli(settings, "migrate", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"examined": len(current), "moved": len(current)}
+    assert json.loads(done.stdout) == {"examined": len(current), "moved": len(current), "chunks_examined": len(current),
+                                       "chunks_moved": 0, "watermark_entries": 0}
     migrated = {d["_id"]: d for d in db.embeddings.find({})}
     assert migrated.keys() == current.keys()
     for doc_id, doc in current.items():
@@ -149,3 +151,54 @@ def test_nightly_with_a_batch_failed_for_good_is_taken_again(settings: Settings,
     assert (again.episodes, again.chunks, again.unchanged) == (1, first.chunks, 0)
     run_worker(settings, burst=True, redis=redis)
     assert JobRecords(redis, db, settings.result_ttl).status(again.job_id).state == "finished"
+
+
+def _old_key(key: str, names: dict[str, str]) -> str:
+    """`key` (an episode key, or a chunk id, or a vector id) as the 8-digit layout wrote it for the name in `names`."""
+    podcast, slash, rest = key.partition("/")
+    return f"{slug_key(names[podcast], 8)}{slash}{rest}" if podcast in names else key
+
+
+def test_migrate_moves_8_digit_keys_and_names_not_in_nfc(settings: Settings, redis: Redis, db: Database,
+                                                          tmp_path: Path) -> None:
+    show = "Café Olé"
+    typed = unicodedata.normalize("NFD", show)
+    (tmp_path / show).mkdir()
+    shutil.copy(EXAMPLES / "E05.vtt", tmp_path / show / "E05.vtt")
+    shutil.copy(DATA / "E03.txt", tmp_path / "E03.txt")
+    assert nightly(settings, redis, db, DirectorySource(tmp_path)).episodes == 2
+    run_worker(settings, burst=True, redis=redis)
+    current = {name: {d["_id"]: d for d in db[name].find({})} for name in ("embeddings", "chunks")}
+    (watermark,) = db.watermarks.find({})
+    assert len(podcast_key(show).rpartition(".")[2]) == 16
+
+    # The same data as the layout before wrote it, with the show named in NFD (as a Mac file system
+    # names folders): 8-digit keys of that spelling in every id, chunk id and watermark entry.
+    names = {podcast_key(show): typed}
+    for name, docs in current.items():
+        db[name].delete_many({})
+        db[name].insert_many([{**d, "_id": _old_key(d["_id"], names), "podcast": typed if d["podcast"] else None,
+                               **({"chunk_id": _old_key(d["chunk_id"], names)} if "chunk_id" in d else {})}
+                              for d in docs.values()])
+    old_entries = [[_old_key(e[0], names), *e[1:]] for e in watermark["episodes"]]
+    db.watermarks.update_one({"_id": watermark["_id"]}, {"$set": {"episodes": old_entries}})
+    ours = sum(d["podcast"] == show for d in current["embeddings"].values())
+    assert ours and ours < len(current["embeddings"])
+
+    done = _cli(settings, "migrate", "--json")
+    assert done.returncode == 0, done.stderr
+    n = len(current["embeddings"])
+    assert json.loads(done.stdout) == {"examined": n, "moved": ours, "chunks_examined": len(current["chunks"]),
+                                       "chunks_moved": ours, "watermark_entries": 1}
+    for name, docs in current.items():
+        migrated = {d["_id"]: d for d in db[name].find({})}
+        assert migrated.keys() == docs.keys()
+        assert all(migrated[i]["podcast"] == docs[i]["podcast"] and migrated[i]["text"] == docs[i]["text"]
+                   for i in docs)
+    assert db.watermarks.find_one({})["episodes"] == watermark["episodes"]
+    assert migrate_ids(db).moved == 0
+
+    # Nothing is taken again, and the show typed either way finds its vectors in place.
+    assert nightly(settings, redis, db, DirectorySource(tmp_path)).episodes == 0
+    again = _ingest_and_drain(settings, redis, db, EXAMPLES / "E05.vtt", typed)
+    assert JobRecords(redis, db, settings.result_ttl).status(again).chunks.skipped == ours

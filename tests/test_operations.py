@@ -422,10 +422,10 @@ def test_cli_jobs_cancel_retry_and_unknown_ids(settings: Settings, redis: Redis,
     retried = _cli(settings, "retry", jobs[0], "--json")
     assert json.loads(retried.stdout) == {"job_id": jobs[0], "state": "queued", "requeued": [], "deleted": []}
 
-    for command in (["retry", "nosuchjob"], ["cancel", "nosuchjob"], ["status", "nosuchjob", "--watch"]):
+    for command in (["retry", "0123456789ab"], ["cancel", "0123456789ab"], ["status", "0123456789ab", "--watch"]):
         out = _cli(settings, *command)
         assert out.returncode == 2 and out.stdout == ""
-        assert out.stderr.strip() == "podembed: no job with id 'nosuchjob'"
+        assert out.stderr.strip() == "podembed: no job with id '0123456789ab'"
 
 
 def test_cli_status_watch_follows_the_job_to_its_end(settings: Settings, redis: Redis, db: Database) -> None:

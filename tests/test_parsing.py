@@ -109,4 +109,4 @@ def test_a_cue_that_ends_before_it_starts_is_kept_with_a_warning(caplog: pytest.
         segments = parse_bytes(data, name="E104.vtt", episode_id="E104").segments
     assert [(s.start, s.end, s.speaker, s.text) for s in segments][1] == (1047.64, 1047.64, "Unknown", "green")
     assert len(segments) == 3
-    assert "E104.vtt: line 6: cue ends before it starts" in caplog.text
+    assert "E104.vtt': line 6: cue ends before it starts" in caplog.text

@@ -82,7 +82,7 @@ def test_the_reported_leaks_stay_out_of_real_cli_output(settings: Settings) -> N
     outputs = []
     for redis_url, mongo_uri in urls.values():
         env = worker_env(redis_url, mongo_uri, settings.mongo_db, mongo_timeout_ms=300)
-        for args in (["ingest", str(EXAMPLES / "E05.vtt"), "--json"], ["status", "no-such-job", "--json"],
+        for args in (["ingest", str(EXAMPLES / "E05.vtt"), "--json"], ["status", "0123456789ab", "--json"],
                      ["services", "status"]):
             done = run_cli(env, *args)
             outputs.append(done.stdout + done.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.test_api import base_url, client  # noqa: F401 (fixtures)
 from worker.loop import run_worker
 from worker.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
 from worker.store import from_bson_vector, to_bson_vector
+from worker.vector_cache import VectorCache
 
 PODCAST = "The Seen and the Unseen"
 
@@ -225,6 +227,49 @@ def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Databas
     assert (stats.rebuilt, len(warm.cache)) == (True, 39)
     assert "c3" not in [c for c, _ in warm.search(old[3:4], 39, None, None)[0]]
     assert {c for c, _ in warm.search(old[:1], 39, None, "E1")[0]} == {f"c{i}" for i in range(1, 40, 3)}
+
+
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(settings: Settings, db: Database, caplog) -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((30, 16)).astype(np.float32)
+    _put(db, "k", range(30), vectors, datetime.now(UTC) - timedelta(hours=1))
+    scan = ExactScan(settings, db, "k")
+    scan.refresh()
+    path = scan.cache.path
+    whole = path.read_bytes()
+    # Cut short (a full disk, a killed writer), or not a zip at all: each costs one full read, no failed search.
+    for damaged in (whole[: len(whole) // 2], whole[:100], b"not a cache"):
+        path.write_bytes(damaged)
+        with caplog.at_level("WARNING"):
+            again = ExactScan(settings, db, "k")
+        assert "ignoring unreadable vector cache" in caplog.text and len(again.cache) == 0
+        caplog.clear()
+        again.refresh()
+        assert again.search(vectors[4:5], 1, None, None)[0][0] == ("c4", pytest.approx(1.0))
+        assert len(again.cache) == 30 and path.read_bytes() != damaged
+
+
+def test_cache_writers_use_their_own_private_temporary_files(settings: Settings, db: Database, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    _put(db, "k", range(20), rng.standard_normal((20, 16)).astype(np.float32), datetime.now(UTC))
+    scan = ExactScan(settings, db, "k")
+    path = scan.cache.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A link planted where a writer used to put its temporary file is never written through.
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path.with_suffix(".partial.npz").symlink_to(victim)
+    scan.refresh()
+    assert victim.read_text() == "keep me" and path.stat().st_mode & 0o777 == 0o600
+    # Writers at once (two processes refreshing one cache) never share a temporary file.
+    caches = [VectorCache(path, "k", timedelta(0)) for _ in range(4)]
+    for cache in caches:
+        cache.refresh(db.embeddings)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda cache: [cache.save() for _ in range(10)], caches))
+    assert len(VectorCache(path, "k", timedelta(0))) == 20
+    # No temporary file is left behind (the planted link is all there is).
+    assert [p.name for p in path.parent.iterdir() if "partial" in p.name] == [path.with_suffix(".partial.npz").name]
 
 
 def test_http_search_behind_the_token(

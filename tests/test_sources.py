@@ -83,11 +83,18 @@ def test_mongo_source_refuses_bad_documents(db: Database) -> None:
         {"_id": "bad-date", "published_at": "last tuesday", "text": "hello"},
         {"_id": "bad-segment", "segments": [{"start": 3.0, "end": 1.0, "text": "backwards"}]},
         {"_id": "ok", "text": "Plain words of a transcript."},
+        # Names printed and logged: no control characters, whichever field brings them.
+        {"_id": "forged\nERROR line", "text": "words"},
+        {"_id": "bad-podcast", "podcast": "Show\x1b[2J", "segments": [{"start": 0, "end": 1, "text": "words"}]},
+        {"_id": "bad-episode", "episode_id": "E\u202e1", "text": "words"},
     ])
     source = MongoSource(db)
     assert [e.episode_id for e in source.episodes()] == ["ok"]
     assert sorted(source.refused) == [
+        "transcript name 'transcripts/forged\\nERROR line/text': holds the control character U+000A",
         "transcripts/bad-date.published_at: 'last tuesday' is not an ISO-8601 date",
+        "transcripts/bad-episode/text: episode id 'E\\u202e1': holds the control character U+202E",
+        "transcripts/bad-podcast: podcast 'Show\\x1b[2J': holds the control character U+001B",
         "transcripts/bad-segment: segments[0]: end 1.0 is before start 3.0",
         "transcripts/no-text: needs 'segments' ([{start, end, speaker, text}]) or 'text'",
     ]

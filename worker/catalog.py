@@ -1,16 +1,15 @@
 """What is stored, by podcast and episode: export the vectors, or delete them.
 
-Both select by the `podcast` and `episode_id` fields of `embeddings` (never by parsing ids),
-so they work the same on nx-27017, a real MongoDB and Atlas. Deleting leaves the ledger as it
-is and drops the episodes from the nightly watermark, so a later nightly embeds them again.
+Both select by the `podcast` and `episode_id` fields (never by parsing ids), so they work the
+same on nx-27017, a real MongoDB and Atlas. Deleting removes the vectors, the chunk texts in
+`chunks` and the rows of the local search caches, and drops the episodes from the nightly
+watermark, so a later nightly embeds them again; the ledger stays as it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,8 +20,11 @@ from pymongo.errors import PyMongoError
 
 from config.closest import no_such
 from config.errors import ConfigError, PodembedError, SelectionError, StoreError
+from config.services import replacing
+from producer.models import normal_podcast
 from producer.watermark import forget_episodes
 from worker.store import from_bson_vector
+from worker.vector_cache import drop_cached
 
 FORMATS = ("jsonl", "parquet")
 # Columns every exported vector carries besides the vector itself.
@@ -42,9 +44,11 @@ class ExportResult:
 
 @dataclass
 class DeleteResult:
-    podcast: str
+    podcast: str | None
     episode_id: str | None
     vectors: int
+    chunks: int
+    cached_rows: int
     episodes: list[str]
     watermark_entries: int
     dry_run: bool
@@ -52,15 +56,18 @@ class DeleteResult:
 
 @dataclass(frozen=True)
 class Selection:
-    """Stored vectors of one podcast (or one of its episodes), under one model."""
+    """Stored vectors of one podcast (None: the episodes ingested without one), or one of its episodes,
+    under one model. The name is taken in NFC, as ingest stores it."""
 
-    podcast: str
+    podcast: str | None
     episode_id: str | None = None
     model: str | None = None
-    query: dict[str, str] = field(init=False, compare=False)
+    query: dict[str, object] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        query = {"podcast": self.podcast}
+        object.__setattr__(self, "podcast", normal_podcast(self.podcast))
+        # `$eq`, not a bare None: nx-27017 counts (and deletes) `{"podcast": None}` short of what it finds.
+        query: dict = {"podcast": self.podcast if self.podcast is not None else {"$eq": None}}
         if self.episode_id is not None:
             query["episode_id"] = self.episode_id
         if self.model is not None:
@@ -70,13 +77,14 @@ class Selection:
     def describe(self) -> str:
         episode = f" episode {self.episode_id!r}" if self.episode_id is not None else ""
         model = f" under {self.model}" if self.model is not None else ""
-        return f"podcast {self.podcast!r}{episode}{model}"
+        show = "no podcast" if self.podcast is None else f"podcast {self.podcast!r}"
+        return f"{show}{episode}{model}"
 
 
 def export_vectors(db: Database, selection: Selection, fmt: str, out: Path | None, stdout: IO[bytes]) -> ExportResult:
     """Write the selected vectors (ordered by episode and seq) as JSONL or Parquet to `out`, else `stdout`.
 
-    A file appears only complete: it is written beside `out` and renamed at the end.
+    A file appears only complete: it is written to a new private file beside `out` and renamed at the end.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -91,41 +99,44 @@ def export_vectors(db: Database, selection: Selection, fmt: str, out: Path | Non
             episodes.add(row["episode_id"])
             yield row
 
-    partial = out.with_name(f".{out.name}.partial") if out is not None else None
+    def found(written: int) -> int:
+        if not written:
+            require_stored(db, selection.podcast, selection.episode_id)  # a name that matches nothing: the closest
+            raise PodembedError(f"no stored vectors of {selection.describe()}")
+        return written
+
+    if out is None:
+        return ExportResult(vectors=found(_write_jsonl(rows(), stdout)), episodes=len(episodes), format=fmt, out=None)
     try:
-        if partial is None:
-            written = _write_jsonl(rows(), stdout)
-        else:
-            with partial.open("wb") as file:
-                written = (_write_jsonl if fmt == "jsonl" else _write_parquet)(rows(), file)
-            if written:
-                os.replace(partial, out)
+        # Raised inside the block, "nothing found" leaves no file behind.
+        with replacing(out) as file:
+            written = found((_write_jsonl if fmt == "jsonl" else _write_parquet)(rows(), file))
     except OSError as exc:
-        if partial is None:
-            raise  # stdout: a reader that went away is the CLI's to handle
         raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}") from None
-    finally:
-        if partial is not None:
-            with contextlib.suppress(OSError):  # nothing was created where nothing could be
-                partial.unlink(missing_ok=True)
-    if not written:
-        require_stored(db, selection.podcast, selection.episode_id)  # a name that matches nothing: the closest
-        raise PodembedError(f"no stored vectors of {selection.describe()}")
-    return ExportResult(vectors=written, episodes=len(episodes), format=fmt, out=str(out) if out else None)
+    return ExportResult(vectors=written, episodes=len(episodes), format=fmt, out=str(out))
 
 
-def delete_vectors(db: Database, selection: Selection, *, dry_run: bool = False) -> DeleteResult:
-    """Delete the selected vectors (every model's) and their episodes' watermark entries; the ledger stays."""
-    try:
-        episodes = sorted({d["episode_id"] for d in db.embeddings.find(selection.query, {"episode_id": 1})})
-        vectors = db.embeddings.count_documents(selection.query)
-        if not dry_run and vectors:
-            db.embeddings.delete_many(selection.query)
-    except PyMongoError as exc:
-        raise StoreError(f"cannot delete from {db.name}.embeddings: {exc}") from exc
+def delete_vectors(db: Database, selection: Selection, *, search_caches: Iterable[Path] = (),
+                   dry_run: bool = False) -> DeleteResult:
+    """Delete the selected vectors (every model's), chunk texts, rows of the `search_caches` files and
+    watermark entries; the ledger stays. The counts say what went (or would go) from each."""
+    counts: dict[str, int] = {}
+    episodes: set[str] = set()
+    # The chunks last: a delete cut short leaves texts that a rerun finds, never vectors without their text.
+    for collection in (db.embeddings, db.chunks):
+        try:
+            episodes |= {d["episode_id"] for d in collection.find(selection.query, {"episode_id": 1})}
+            counts[collection.name] = collection.count_documents(selection.query)
+            if not dry_run and counts[collection.name]:
+                collection.delete_many(selection.query)
+        except PyMongoError as exc:
+            raise StoreError(f"cannot delete from {collection.full_name}: {exc}") from exc
+    cached = sum(drop_cached(path, selection.podcast, selection.episode_id, dry_run=dry_run)
+                 for path in search_caches)
     forgotten = forget_episodes(db, selection.podcast, episodes, dry_run=dry_run)
-    return DeleteResult(podcast=selection.podcast, episode_id=selection.episode_id, vectors=vectors,
-                        episodes=episodes, watermark_entries=forgotten, dry_run=dry_run)
+    return DeleteResult(podcast=selection.podcast, episode_id=selection.episode_id, vectors=counts["embeddings"],
+                        chunks=counts["chunks"], cached_rows=cached, episodes=sorted(episodes),
+                        watermark_entries=forgotten, dry_run=dry_run)
 
 
 def require_stored(db: Database, podcast: str | None, episode_id: str | None = None) -> None:

@@ -29,6 +29,7 @@ from config.errors import (
     SelectionError,
 )
 from config.settings import Settings, redact_url
+from producer.models import escape_controls
 
 if TYPE_CHECKING:
     from producer.enqueue import EnqueuedJob
@@ -168,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="file to write (default for jsonl: stdout)")
     p.add_argument("--json", action="store_true", help="with --out: print one JSON document")
 
-    p = command("delete", cmd_delete, "delete a podcast's (or an episode's) vectors; a later nightly embeds it again")
-    p.add_argument("--podcast", required=True, help="the show, as named at ingest")
+    p = command("delete", cmd_delete, "delete a podcast's (or an episode's) vectors, chunk texts and search-cache "
+                "rows; a later nightly embeds it again")
+    show = p.add_mutually_exclusive_group(required=True)
+    show.add_argument("--podcast", help="the show, as named at ingest")
+    show.add_argument("--no-podcast", action="store_true", help="the episodes ingested without a podcast")
     p.add_argument("--episode", help="only this episode id")
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -336,7 +340,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         rows.append(("notify", f"{n.state} ({n.attempts} attempts) to {n.url}" + (f": {n.error}" if n.error else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {escape_controls(value)}")
     return 0
 
 
@@ -472,7 +476,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(asdict(result))
     else:
-        print(f"{result.moved} of {result.examined} vector documents moved to ids within their podcast")
+        print(f"{result.moved} of {result.examined} vector documents and {result.chunks_moved} of "
+              f"{result.chunks_examined} chunks moved to their current ids; {result.watermark_entries} watermark "
+              "entries given their current key")
     return 0
 
 
@@ -495,20 +501,27 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
     from worker.catalog import Selection, delete_vectors, require_stored
+    from worker.vector_cache import cache_paths
 
     db = reach_mongo(settings)
-    result = delete_vectors(db, Selection(args.podcast, args.episode), dry_run=args.dry_run)
+    selection = Selection(None if args.no_podcast else args.podcast, args.episode)
+    caches = cache_paths(settings.data_dir, settings.mongo_uri, settings.mongo_db)
+    result = delete_vectors(db, selection, search_caches=caches, dry_run=args.dry_run)
     if not result.episodes:  # nothing matched: say which name, and the closest stored ones
-        require_stored(db, args.podcast, args.episode)
+        require_stored(db, selection.podcast, selection.episode_id)
     if args.json:
         _print_json(asdict(result))
     else:
         verb = "would delete" if result.dry_run else "deleted"
         episodes = (f"episode {result.episodes[0]!r}" if len(result.episodes) == 1 else
-                    f"{_count(len(result.episodes), 'episode')} ({_listed(result.episodes)})")
-        print(f"{verb} {_count(result.vectors, 'vector')} of {episodes} of podcast {result.podcast!r}; "
-              f"{_count(result.watermark_entries, 'watermark entry')} {'would go' if result.dry_run else 'gone'} "
-              "(the ledger keeps its batches)")
+                    _count(len(result.episodes), "episode") + (f" ({_listed(result.episodes)})" if result.episodes
+                                                               else ""))
+        show = "no podcast" if selection.podcast is None else f"podcast {selection.podcast!r}"
+        print(escape_controls(
+            f"{verb} {_count(result.vectors, 'vector')} and {_count(result.chunks, 'chunk text')} of {episodes} of "
+            f"{show}, {_count(result.cached_rows, 'search-cache row')}; "
+            f"{_count(result.watermark_entries, 'watermark entry')} {'would go' if result.dry_run else 'gone'} "
+            "(the ledger keeps its batches)"))
     return 0
 
 
@@ -570,7 +583,8 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     for rank, hit in enumerate(hits, 1):
         where = f"{hit.podcast or '-'} / {hit.episode_id} {_clock(hit.start)}-{_clock(hit.end)}"
         text = hit.text if len(hit.text) <= 200 else hit.text[:197] + "..."
-        print(f"{rank:>3}. {hit.score:.3f}  {where}\n     {text}")
+        # Stored text is printed as text, never as the terminal escapes it may hold.
+        print(f"{rank:>3}. {hit.score:.3f}  {escape_controls(where)}\n     {escape_controls(text)}")
     return 0
 
 
@@ -788,7 +802,7 @@ def _print_json(doc: object) -> None:
 
 def _error(message: str) -> None:
     over_progress = "\r\x1b[K" if sys.stderr.isatty() else ""  # on a terminal, over a progress line
-    print(f"{over_progress}podembed: {redact_url(message)}", file=sys.stderr)
+    print(f"{over_progress}podembed: {escape_controls(redact_url(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

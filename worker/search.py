@@ -22,7 +22,7 @@ from pymongo.operations import SearchIndexModel
 from config.errors import SearchError, StoreError
 from config.settings import Settings
 from producer.enqueue import vector_spec
-from producer.models import VectorSpec
+from producer.models import VectorSpec, normal_podcast
 from worker.lexical import BM25, FUSION_DEPTH, fuse
 from worker.store import from_bson_vector, to_bson_vector
 from worker.vector_cache import VectorCache, cache_path
@@ -221,6 +221,7 @@ class Searcher:
             raise SearchError(f"empty query (query {empty[0]} of {len(texts)})")
         if not texts:
             return []
+        podcast = normal_podcast(podcast)  # as ingest stored it
         self.engine.refresh()
         if not (self.hybrid if hybrid is None else hybrid):
             return self._hits(self.engine.search(self.encode(texts), k, podcast, episode_id))

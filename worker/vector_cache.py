@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from config.errors import SearchError, StoreError
-from config.services import private_dir, private_file
+from config.services import private_dir, replacing
 from worker.store import from_bson_vector
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class VectorCache:
             stats.rebuilt = True
         self.checked = began
         if stats.read or stats.rebuilt:
-            self._save()
+            self.save()
         return stats
 
     def rows(self, podcast: str | None = None, episode_id: str | None = None) -> np.ndarray | None:
@@ -132,9 +131,12 @@ class VectorCache:
                 texts = [buffer[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
                 checked = str(data["checked"])
                 self.checked = datetime.fromisoformat(checked) if checked else None
-        except (OSError, ValueError, KeyError) as exc:
-            # A damaged cache costs one full read, never a wrong answer.
-            logger.warning("ignoring unreadable vector cache %s: %s", self.path, exc)
+            if not len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(self.vectors):
+                raise ValueError("its arrays differ in length")
+        except Exception as exc:  # whatever a damaged file raises: a cut zip, a bad array, a bad date
+            # A damaged cache costs one full read, never a wrong answer or a failed search.
+            logger.warning("ignoring unreadable vector cache %s (it is read again from MongoDB): %s: %s",
+                           self.path, type(exc).__name__, exc)
             self._clear()
             return
         self.ids = np.array(ids, dtype=object)
@@ -143,23 +145,52 @@ class VectorCache:
         self.texts = np.array(texts, dtype=object)
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
 
-    def _save(self) -> None:
-        # Private like the rest of the data folder: the cache holds every chunk's text.
+    def drop(self, podcast: str | None, episode_id: str | None) -> int:
+        """Remove the rows of `podcast` (None: of no podcast), of one episode if `episode_id`; how many went."""
+        gone = np.array([p == podcast for p in self.podcasts], dtype=bool)
+        if episode_id is not None:
+            gone &= self.episode_ids == episode_id
+        kept = np.flatnonzero(~gone)
+        self.ids, self.episode_ids, self.podcasts, self.texts = (
+            self.ids[kept], self.episode_ids[kept], self.podcasts[kept], self.texts[kept])
+        self.vectors = self.vectors[kept]
+        self._row = {chunk_id: i for i, chunk_id in enumerate(self.ids)}
+        self.version += 1
+        return int(gone.sum())
+
+    def save(self) -> None:
+        """Write the cache to its file (private like the rest of the data folder: it holds every chunk's text)."""
         private_dir(self.path.parent)
-        partial = private_file(self.path.with_suffix(".partial.npz"))
         encoded = [t.encode() for t in self.texts]
         offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
-        np.savez(partial, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
-                 ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
-                 podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
-                 checked=np.array(self.checked.isoformat() if self.checked else ""))
-        os.replace(partial, self.path)
+        with replacing(self.path) as file:
+            np.savez(file, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
+                     ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
+                     podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
+                     checked=np.array(self.checked.isoformat() if self.checked else ""))
 
 
 def cache_path(data_dir: Path, mongo_uri: str, mongo_db: str, vector_key: str) -> Path:
     """One file per server, database and vector key (the URI is hashed, never written out)."""
-    where = hashlib.sha256(f"{mongo_uri}\x00{mongo_db}".encode()).hexdigest()[:12]
-    return data_dir / "search" / f"{where}-{vector_key}.npz"
+    return data_dir / "search" / f"{_where(mongo_uri, mongo_db)}-{vector_key}.npz"
+
+
+def cache_paths(data_dir: Path, mongo_uri: str, mongo_db: str) -> list[Path]:
+    """The cache files of one server and database, every vector key's."""
+    return sorted((data_dir / "search").glob(f"{_where(mongo_uri, mongo_db)}-*.npz"))
+
+
+def drop_cached(path: Path, podcast: str | None, episode_id: str | None, *, dry_run: bool = False) -> int:
+    """Remove a podcast's (or an episode's) rows from the cache file at `path`; how many went (or would go)."""
+    cache = VectorCache(path, path.stem.partition("-")[2], timedelta(0))
+    dropped = cache.drop(podcast, episode_id)
+    if dropped and not dry_run:
+        cache.save()
+    return dropped
+
+
+def _where(mongo_uri: str, mongo_db: str) -> str:
+    return hashlib.sha256(f"{mongo_uri}\x00{mongo_db}".encode()).hexdigest()[:12]
 
 
 def _read(embeddings: Collection, query: dict) -> list[dict]:

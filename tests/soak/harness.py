@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +17,8 @@ from typing import TypeVar
 
 from pymongo.database import Database
 
+from config.services import on_spare_ports, services_down, services_up
+from config.settings import Settings
 from producer.jobs import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +151,16 @@ def counters_exact(status: JobStatus) -> bool:
     c, b = status.chunks, status.batches
     return (status.state == "finished" and c.embedded + c.skipped == c.total and c.failed == c.pending == 0
             and b.finished == b.total and b.failed == b.running == b.queued == 0)
+
+
+def run_alone(command: str, drill: Callable[[Settings, Path], dict]) -> None:
+    """A drill of `make soak` on its own: its own services on spare ports and a temporary folder
+    (given to `drill`), one JSON document on stdout."""
+    with tempfile.TemporaryDirectory(prefix="podembed-drill-") as tmp:
+        settings = on_spare_ports(Settings.from_env(), Path(tmp) / "services")
+        services_up(settings)
+        try:
+            report = drill(settings, Path(tmp) / "inputs")
+        finally:
+            services_down(settings)
+    print(json.dumps({"command": command, **report, "cpus": os.cpu_count()}, indent=2))

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-from config.services import free_port, on_spare_ports, services_down, services_up  # noqa: E402
+from config.services import free_port  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database  # noqa: E402
 from producer.parsing import parse_file  # noqa: E402
 from tests.conftest import EXAMPLES  # noqa: E402
-from tests.soak.harness import worker_env  # noqa: E402
+from tests.soak.harness import run_alone, worker_env  # noqa: E402
 from tests.test_api_limits import _peak_mb, _single_line_body  # noqa: E402
 
 MB = 1024 * 1024
@@ -118,16 +117,5 @@ def drill_oversize(settings: Settings, folder: Path) -> dict:
     return report
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="podembed-oversize-") as tmp:
-        settings = on_spare_ports(Settings.from_env(), Path(tmp) / "services")
-        services_up(settings)
-        try:
-            report = drill_oversize(settings, Path(tmp) / "inputs")
-        finally:
-            services_down(settings)
-    print(json.dumps({"command": "python tests/soak/oversize.py", **report, "cpus": os.cpu_count()}, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone("python tests/soak/oversize.py", drill_oversize)

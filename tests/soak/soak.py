@@ -21,6 +21,9 @@ says otherwise, and one torch thread each (two workers share this machine's core
 - oversize: 20 MB single-line and single-word files and a 1,000,000-cue WebVTT through `ingest`,
          8 MB single-line POSTs (one, then three at once) through `serve`: peak RSS of each process
          (tests/soak/oversize.py).
+- hostile: adversarial shapes through the parser (seconds, doubling ratios), and hostile requests
+         through `serve`: a 110-byte regex bomb, trickled bodies with and without a token, a foreign
+         Host, job ids naming other keys, schemathesis over the OpenAPI document (tests/soak/hostile.py).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from tests.soak.harness import (  # noqa: E402
     wait_until,
     worker_env,
 )
+from tests.soak.hostile import drill_hostile  # noqa: E402
 from tests.soak.oversize import drill_oversize  # noqa: E402
 from tests.test_fuzz import AUTH, BODIES, INPUTS, NAMES, TOKEN, check_parse, check_post  # noqa: E402
 
@@ -339,6 +343,7 @@ def main() -> None:
                       drill_redis(settings, logs, drill_paths, args.outage)]
             loaded = load(settings, logs, episodes[: args.load_episodes], args.load_chunk_tokens, args.result_ttl)
             oversize = drill_oversize(settings, Path(tmp) / "oversize")
+            hostile = drill_hostile(settings, logs / "hostile")
         finally:
             services_down(settings)
     runs = [*drills, loaded]
@@ -352,7 +357,7 @@ def main() -> None:
         "peak_rss_mb_per_worker": loaded["peak_rss_mb"],
         "redis_used_memory": {k: loaded["redis_memory"][k]["used_memory"]
                               for k in ("before", "after_enqueue", "after_results_expired")},
-        "drills": drills, "inputs": inputs, "load": loaded, "oversize": oversize,
+        "drills": drills, "inputs": inputs, "load": loaded, "oversize": oversize, "hostile": hostile,
         "seconds": round(time.perf_counter() - began, 1), "cpus": os.cpu_count(),
     }, indent=2))
 
