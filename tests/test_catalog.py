@@ -149,8 +149,10 @@ def test_delete_an_episode_then_nightly_embeds_it_again(settings: Settings, redi
     assert _stored(db, podcast=SHOW, episode_id="E01").keys() == ours.keys()
 
     dry = _run(settings, "delete", "--podcast", SHOW, "--dry-run")
-    assert dry.stdout.startswith(f"would delete {len(_stored(db, podcast=SHOW))} vectors of 2 episodes (E01, E05) of "
-                                 f"podcast {SHOW!r}; 2 watermark entries would go")
+    n = len(_stored(db, podcast=SHOW))
+    assert dry.stdout.startswith(f"would delete {n} vectors and {n} chunk texts of 2 episodes (E01, E05) of "
+                                 f"podcast {SHOW!r}, ")
+    assert "; 2 watermark entries would go" in dry.stdout
     whole = _run(settings, "delete", "--podcast", SHOW, "--json")
     assert json.loads(whole.stdout)["episodes"] == ["E01", "E05"]
     assert db.embeddings.count_documents({"podcast": SHOW}) == 0 and db.embeddings.count_documents({}) == len(theirs)
