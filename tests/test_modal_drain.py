@@ -165,7 +165,7 @@ def test_gpu_worker_class_drains_and_web_serves_locally(
         "the secret back")
     monkeypatch.delenv("PODEMBED_MODEL")
 
-    client = TestClient(modal_app.web.local())
+    client = TestClient(modal_app.web.local(), base_url="http://127.0.0.1")  # a host name the endpoint answers
     assert client.get(f"/jobs/{job.job_id}").status_code == 401
     polled = client.get(f"/jobs/{job.job_id}", headers={"Authorization": "Bearer t0ken"})
     assert polled.status_code == 200
