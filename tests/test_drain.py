@@ -226,6 +226,27 @@ def test_a_worker_killed_mid_maintenance_holds_the_queues_cleanup_no_longer_than
     assert not redis.exists(queue.registry_cleaning_key)  # released at the end of the pass
 
 
+def test_a_fleet_runs_one_periodic_maintenance_pass_per_queue_per_interval(
+    settings: Settings, redis: Redis, db: Database
+) -> None:
+    """Every drain's housekeeper passes each interval: 16 drains ran 16 passes per queue per interval. The
+    periodic pass is the fleet's, once per interval; a drain's first pass still runs (it recovers at once)."""
+    d, held = _abandoned(settings, redis, db)
+    queue = d.queues[0]
+    other = make_worker(settings, redis, name="another-drain")[0]
+    every = settings.maintenance_interval
+
+    assert housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert held.batch_id in queue.job_ids  # the pass recovered the abandoned batch
+    assert not housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl, every=every)
+    assert not housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert 0 < redis.ttl(housekeeping.recent_pass_key(queue)) <= every
+    # A drain's first pass.
+    assert housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl)
+    # Each queue has its own interval.
+    assert housekeeping.maintain(d.queues[1], other, keep_seconds=settings.result_ttl, every=every)
+
+
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:
     """A job hash rq cannot load: valid data, a created_at that is not a date."""
     redis.hset(f"rq:job:{job_id}", mapping={"data": data, "created_at": "yesterday", "origin": "podembed",

@@ -104,14 +104,23 @@ def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Qu
         logger.exception("%s failed again; next pass tries once more", what)
 
 
-def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
-    """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof.
+def maintain(queue: Queue, worker: object, *, keep_seconds: int, every: float | None = None) -> bool:
+    """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof;
+    False if it did not run: another worker's pass holds the queue's maintenance lock, or (with `every`)
+    a pass of the fleet ran on this queue less than `every` seconds ago.
+
+    Every drain's housekeeper passes each maintenance interval; without `every` a fleet of N drains
+    would run N passes per queue per interval, each a few dozen round trips. A drain's first pass
+    goes without it: a drain started for abandoned batches recovers them at once.
 
     The maintenance lock (rq's key, so plain rq workers respect it) is released however the pass ends,
     and lapses in MAINTENANCE_LOCK_SECONDS if this process dies mid-pass.
     """
-    if not queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
-        return
+    redis = queue.connection
+    if every is not None and not redis.set(recent_pass_key(queue), 1, nx=True, ex=max(1, round(every))):
+        return False
+    if not redis.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
+        return False
     try:
         started = queue.started_job_registry
         guarded(lambda: clean_registries(queue), lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
@@ -122,6 +131,12 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
                 what=f"queue {queue.name}: intermediate queue cleanup", keep_seconds=keep_seconds)
     finally:
         queue.release_maintenance_lock()
+    return True
+
+
+def recent_pass_key(queue: Queue) -> str:
+    """Set for a maintenance interval by the fleet's periodic pass of `queue`."""
+    return f"podembed:{queue.name}:maintained"
 
 
 def fail_deleted_batches_of_open_jobs(records: JobRecords) -> None:
