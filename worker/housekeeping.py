@@ -18,9 +18,17 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from rq.registry import BaseRegistry, clean_registries
+from rq.registry import (
+    BaseRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ReadyJobRegistry,
+    StartedJobRegistry,
+)
 from rq.scheduler import RQScheduler
 from rq.scripts import RELEASE_LOCK_SCRIPT
+from rq.timeouts import TimerDeathPenalty
 from rq.worker_registration import clean_worker_registry
 
 from producer.connections import run_script
@@ -123,7 +131,8 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int, every: float | 
         return False
     try:
         started = queue.started_job_registry
-        guarded(lambda: clean_registries(queue), lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
+        guarded(lambda: clean_batch_registries(queue),
+                lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
                 what=f"queue {queue.name}: registry cleanup", keep_seconds=keep_seconds)
         clean_worker_registry(queue)
         guarded(lambda: queue.intermediate_queue.cleanup(worker, queue),
@@ -132,6 +141,25 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int, every: float | 
     finally:
         queue.release_maintenance_lock()
     return True
+
+
+class StartedBatches(StartedJobRegistry):
+    """rq's started registry, whose cleanup runs an abandoned batch's failure callback under a timer.
+
+    rq's default (SIGALRM) can only be set from the main thread; the housekeeper is another, so
+    rq logged "signal only works in main thread" and skipped the callback: an abandoned batch was
+    retried without its job counting it retrying, and one with no retries left was never counted
+    failed, so its job never ended.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+
+def clean_batch_registries(queue: Queue) -> None:
+    """rq 3.0's `clean_registries`, with `StartedBatches` for the started registry."""
+    for registry in (FinishedJobRegistry, StartedBatches, FailedJobRegistry, DeferredJobRegistry, ReadyJobRegistry):
+        registry(name=queue.name, connection=queue.connection, job_class=queue.job_class,
+                 serializer=queue.serializer).cleanup()
 
 
 def recent_pass_key(queue: Queue) -> str:

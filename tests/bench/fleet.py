@@ -495,8 +495,10 @@ class LauncherSim:
 
 
 def run_launcher(settings: Settings, backlog: list[Episode], nightly: list[Episode], sim: LauncherSim, *,
-                 seconds_per_token: float, per_drain_batches_per_s: float, work: Path, timeout: float = 900) -> dict:
-    """The launcher's real plan every `period_s`, spawning stand-in drains that start `cold_start_s` later."""
+                 seconds_per_token: float, work: Path, timeout: float = 900) -> dict:
+    """The launcher's real plan every `period_s`, spawning stand-in drains that start `cold_start_s` later.
+
+    The ideal time is the compute the batches took (the ledger's) over `max_containers`."""
     fresh(settings)
     redis, db = redis_client(settings), mongo_database(settings)
     records = JobRecords(redis, db, settings.result_ttl)
@@ -504,7 +506,7 @@ def run_launcher(settings: Settings, backlog: list[Episode], nightly: list[Episo
                           cold_start_grace_s=int(10 * sim.cold_start_s) + 60)
     first = enqueue(settings, redis, db, backlog, "backfill")
     job_ids = [first.job_id]
-    nightly_at_s = sim.nightly_share * first.batches / (sim.max_containers * per_drain_batches_per_s)
+    nightly_at_s = sim.nightly_share * first.tokens * seconds_per_token / sim.max_containers
     stats = work / "stats-launcher"
     stats.mkdir(parents=True, exist_ok=True)
     drains = Drains(settings, stats, seconds_per_token)
@@ -556,7 +558,7 @@ def run_launcher(settings: Settings, backlog: list[Episode], nightly: list[Episo
     for _, doc in entries:
         busy[doc["worker"]] = busy.get(doc["worker"], 0.0) + doc["gpu_seconds"]
     billed = sum(drains.ended[name] - drains.started[name] for name in drains.processes)
-    ideal = total / (sim.max_containers * per_drain_batches_per_s)
+    ideal = sum(busy.values()) / sim.max_containers
     return {
         "max_containers": sim.max_containers,
         "drain_budget_s": sim.drain_budget_s,
@@ -620,17 +622,21 @@ def episodes_for(episodes: list[Episode], batches: int, settings: Settings, *, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", default="1,4,16,64", help="drain counts, comma-separated")
-    parser.add_argument("--batches-per-drain", default="12,6,8,6",
+    parser.add_argument("--batches-per-drain", default="8,8,6,4",
                         help="backlog per drain for each fleet size (the N = 16 run also kills and recovers)")
     parser.add_argument("--compute-s", type=float, default=None,
                         help="model seconds per full batch (default: batch_max_tokens at "
                              "PODEMBED_DEFAULT_TOKENS_PER_SECOND, the A10G figure the launcher plans with)")
-    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every compute wait")
+    parser.add_argument("--time-scale", type=float, default=3.0,
+                        help="multiplies the compute wait of the fleet runs (3: up to 64 drains leave this 2-core "
+                             "host's CPU to the control plane)")
+    parser.add_argument("--launcher-time-scale", type=float, default=1.0,
+                        help="multiplies the compute wait of the launcher's drains (at most --max-containers)")
     parser.add_argument("--max-containers", type=int, default=8)
     parser.add_argument("--launcher-period", type=float, default=5.0, help="seconds between launcher plans")
     parser.add_argument("--cold-start", type=float, default=5.0, help="seconds from a spawn to its drain's start")
     parser.add_argument("--drain-budget", type=int, default=60, help="each launched drain's time budget, seconds")
-    parser.add_argument("--launcher-batches", type=int, default=160, help="backfill batches before the nightly")
+    parser.add_argument("--launcher-batches", type=int, default=240, help="backfill batches before the nightly")
     parser.add_argument("--nightly-batches", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / ".podembed" / "fleet")
     args = parser.parse_args()
@@ -657,7 +663,7 @@ def main() -> None:
                 chosen = episodes_for(episodes, n * b, settings)
                 at_16 = n == 16
                 runs.append(run_fleet(settings, n, chosen, seconds_per_token=seconds_per_token, work=work,
-                                      extra=episodes[-6:] if at_16 else None, kill=n // 4 if at_16 else 0))
+                                      extra=episodes[-5:] if at_16 else None, kill=n // 4 if at_16 else 0))
                 print(f"fleet: N={n} done in {runs[-1]['seconds']} s", file=sys.stderr)
             one = runs[0]["batches_per_s"] if sizes[0] == 1 else None
             for run in runs:
@@ -667,7 +673,7 @@ def main() -> None:
             launcher = run_launcher(
                 settings, episodes_for(episodes, args.launcher_batches, settings),
                 episodes_for(episodes, args.nightly_batches, settings, offset=len(episodes) // 2), sim,
-                seconds_per_token=seconds_per_token, per_drain_batches_per_s=one or 1 / compute_s, work=work)
+                seconds_per_token=compute_s * args.launcher_time_scale / settings.batch_max_tokens, work=work)
         finally:
             services_down(settings)
     at_16 = next((r for r in runs if r["n"] == 16), None)
@@ -677,6 +683,7 @@ def main() -> None:
                       "stand-in that waits the batch's compute time and returns deterministic 768-d unit vectors",
         "compute_s_per_full_batch": round(compute_s, 3),
         "time_scale": args.time_scale,
+        "launcher_time_scale": args.launcher_time_scale,
         "batch_max_chunks": settings.batch_max_chunks,
         "batch_max_tokens": settings.batch_max_tokens,
         "prefetch_batches": settings.prefetch_batches,
