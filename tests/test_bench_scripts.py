@@ -62,10 +62,10 @@ def test_fleet_drains_a_backlog_with_two_stand_in_drains_through_a_kill(
     SIGKILLed and replaced, an ingest job enqueued mid-run; every chunk one vector, every batch one entry."""
     from tests.bench.fleet import DIM, STAND_IN_DEVICE, run_fleet, unit_vector
 
-    settings = settings.replace(batch_max_chunks=4, heartbeat_interval=1, maintenance_interval=1)
-    backlog, _ = parse_files([EXAMPLES / "E01.vtt", EXAMPLES / "E05.vtt"])
+    settings = settings.replace(batch_max_chunks=2, heartbeat_interval=1, maintenance_interval=1)
+    backlog, _ = parse_files([EXAMPLES / "E01.vtt", EXAMPLES / "E05.vtt", EXAMPLES / "E06.json"])
     extra, _ = parse_files([DATA / "E03.srt"])
-    report = run_fleet(settings, 2, backlog, seconds_per_token=5e-4, work=tmp_path, extra=extra, kill=1,
+    report = run_fleet(settings, 2, backlog, seconds_per_token=2e-3, work=tmp_path, extra=extra, kill=1,
                        timeout=300)
 
     assert report["n"] == 2 and report["batches"] >= 8 and report["window_batches"] >= 1

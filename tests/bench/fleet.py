@@ -73,8 +73,10 @@ DIM = 768  # instructor-xl's
 # What the ledger records as the stand-in's device: the launcher's throughput reads the ledger by GPU type.
 STAND_IN_DEVICE = "NVIDIA A10G (stand-in)"
 CHUNKS_PER_EPISODE = 54.8  # the vendored corpus: 6,572 chunks in 120 episodes at the default settings
-WINDOW = (0.10, 0.60)  # the steady window, as shares of the run's batches stored
-PRIORITY_AT, KILL_AT = 0.62, 0.75  # when the N = 16 run enqueues its ingest, and kills a quarter of the fleet
+# The steady window, as shares of the backfill's batches stored: it ends while the queue still holds more
+# batches than the fleet can hold (N x (prefetch + 1)), so no drain waits on an empty queue in it.
+WINDOW = (0.10, 0.40)
+KILL_AT = 0.60  # the N = 16 run: the ingest job is enqueued after the window, a quarter killed after it ended
 SAMPLE_S = 0.25
 
 
@@ -144,7 +146,7 @@ class Meter:
     mongo_bytes_in: int = 0
     meter_cpu_s: float = 0.0  # the meter's own encoding, taken off the process' CPU
     takes: list[tuple[float, float]] = field(default_factory=list)  # (Unix time, ms) of each take of a batch
-    passes: list[float] = field(default_factory=list)  # Unix times of the maintenance passes it ran
+    passes: list[tuple[float, bool]] = field(default_factory=list)  # (Unix time, the drain's first) of each pass
 
     def cpu_s(self) -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -235,7 +237,7 @@ def _metered(meter: Meter) -> tuple[type[PriorityTake], Callable[..., bool]]:
     def maintain(*args: object, **kwargs: object) -> bool:
         ran = housekeeping.maintain(*args, **kwargs)
         if ran:
-            meter.passes.append(time.time())
+            meter.passes.append((time.time(), kwargs.get("every") is None))
         return ran
 
     return MeteredTake, maintain
@@ -319,8 +321,7 @@ class Snapshot:
 
 def ledger_times(db: Database, **query: object) -> list[tuple[float, dict]]:
     """(finished_at as Unix time, entry) of the ledger entries, oldest first."""
-    docs = db.batches.find(query, {"finished_at": 1, "started_at": 1, "job_id": 1, "batch_id": 1, "worker": 1,
-                                   "gpu_seconds": 1})
+    docs = db.batches.find(query, {"finished_at": 1, "job_id": 1, "worker": 1, "gpu_seconds": 1, "n_tokens": 1})
     return sorted(((_unix(d["finished_at"]), d) for d in docs), key=lambda pair: pair[0])
 
 
@@ -358,9 +359,8 @@ def run_fleet(settings: Settings, n: int, episodes: list[Episode], *, seconds_pe
     drains = Drains(settings, stats, seconds_per_token)
     report: dict = {"n": n, "batches": total, "chunks": backfill.chunks}
     job_ids = [backfill.job_id]
-    marks = {"window": [math.ceil(WINDOW[0] * total), math.ceil(WINDOW[1] * total)],
-             "priority": math.ceil(PRIORITY_AT * total) if extra else None,
-             "kill": math.ceil(KILL_AT * total) if kill else None}
+    window = [math.ceil(WINDOW[0] * total), math.ceil(WINDOW[1] * total)]
+    expected = total  # batches of every job enqueued so far
     snapshots: list[Snapshot] = []
     priority: dict = {}
     faults: dict = {}
@@ -369,34 +369,38 @@ def run_fleet(settings: Settings, n: int, episodes: list[Episode], *, seconds_pe
         for i in range(n):
             drains.start(f"fleet-{n}-{i}")
         until = time.monotonic() + timeout
-        while not jobs_done(records, job_ids):
+        # Only MongoDB is polled until the end: Redis' command counts are the fleet's.
+        while True:
+            stored = db.batches.count_documents({})
+            if (stored >= expected and (faults.get("recovered_s") is not None if kill else True)
+                    and jobs_done(records, job_ids)):
+                break
             if time.monotonic() > until:
                 raise SystemExit(f"fleet: N={n} did not finish in {timeout} s")
-            stored = db.batches.count_documents({})
-            if len(snapshots) < 2 and stored >= marks["window"][len(snapshots)]:
+            if len(snapshots) < 2 and stored >= window[len(snapshots)]:
                 snapshots.append(Snapshot.take(redis, db, drains))
-            if marks["priority"] is not None and stored >= marks["priority"] and not priority:
-                job = enqueue(settings, redis, db, extra or [], "ingest")
+            if extra and not priority and len(snapshots) == 2:
+                job = enqueue(settings, redis, db, extra, "ingest")
                 priority = {"job_id": job.job_id, "batches": job.batches, "enqueued_at": time.time()}
                 job_ids.append(job.job_id)
-            if marks["kill"] is not None and stored >= marks["kill"] and not faults:
+                expected += job.batches
+            ingest_stored = not extra or bool(priority) and db.batches.count_documents(
+                {"job_id": priority["job_id"]}) == priority["batches"]
+            if kill and not faults and stored >= KILL_AT * total and ingest_stored:
                 faults = kill_and_replace(drains, redis, n, kill)
             if faults and "recovered_s" not in faults:
                 recovered(redis, faults)
             time.sleep(SAMPLE_S)
-        while faults and "recovered_s" not in faults:  # every held batch of the killed drains was stored
-            recovered(redis, faults)
-            time.sleep(SAMPLE_S)
-        if len(snapshots) < 2:
-            snapshots.append(Snapshot.take(redis, db, drains))
     finally:
         drains.stop()
     ended = time.time()
     report["seconds"] = round(ended - began, 1)
-    report.update(window_figures(snapshots, drains))
-    # Over the whole run: a pass comes every maintenance interval, longer than the steady window.
-    passes = [at for m in drains.meters() for at in m["passes"]]
-    report["maintenance_passes_per_min"] = round(len(passes) * 60 / (ended - began), 2)
+    report.update(window_figures(snapshots, drains, ledger_times(db, job_id=backfill.job_id), window))
+    # Over the whole run: a pass comes every maintenance interval, longer than the steady window. A drain's
+    # first pass always runs (3 per drain, one per queue, at its start); the others are the fleet's.
+    passes = [first for m in drains.meters() for _, first in m["passes"]]
+    report["maintenance_passes_per_min"] = round(passes.count(False) * 60 / (ended - began), 2)
+    report["maintenance_first_passes"] = passes.count(True)
     if priority:
         report["priority"] = priority_figures(db, priority, backfill.job_id, workers=n,
                                               prefetch=settings.prefetch_batches)
@@ -406,20 +410,28 @@ def run_fleet(settings: Settings, n: int, episodes: list[Episode], *, seconds_pe
     return report
 
 
-def window_figures(snapshots: list[Snapshot], drains: Drains) -> dict:
+def window_figures(snapshots: list[Snapshot], drains: Drains, entries: list[tuple[float, dict]],
+                   window: list[int]) -> dict:
+    """Throughput from the ledger's timestamps between the window's first and last batch stored; per-batch
+    costs from the counters sampled then."""
+    (t0, _), (t1, _) = entries[window[0] - 1], entries[window[1] - 1]
+    inside = [doc for _, doc in entries[window[0]:window[1]]]
     a, b = snapshots[0], snapshots[-1]
     batches = max(b.batches - a.batches, 1)
-    seconds = b.at - a.at
     commands = {name: b.commands.get(name, 0) - a.commands.get(name, 0) for name in b.commands}
     commands.pop("info", None)  # this process' own sampling
     per_batch = {name: round(calls / batches, 2) for name, calls in sorted(commands.items(), key=lambda kv: -kv[1])
                  if calls}
     meters = drains.meters()
     takes = sorted(ms for m in meters for at, ms in m["takes"] if a.at <= at <= b.at)
+    seconds = t1 - t0
     return {
-        "window_batches": batches,
+        "window_batches": len(inside),
         "window_s": round(seconds, 2),
-        "batches_per_s": round(batches / seconds, 3) if seconds > 0 else None,
+        "batches_per_s": round(len(inside) / seconds, 3) if seconds > 0 else None,
+        "tokens_per_s": round(sum(d["n_tokens"] for d in inside) / seconds) if seconds > 0 else None,
+        "compute_share": round(sum(d["gpu_seconds"] for d in inside) / (len(drains.started) * seconds), 3)
+        if seconds > 0 else None,
         "redis_commands_per_batch": round(sum(commands.values()) / batches, 2),
         "redis_commands_per_batch_by_command": per_batch,
         "redis_cpu_s_per_1k_batches": round((b.redis_cpu_s - a.redis_cpu_s) * 1000 / batches, 2),
@@ -526,30 +538,30 @@ def run_launcher(settings: Settings, backlog: list[Episode], nightly: list[Episo
     plans: list[dict] = []
     began = time.time()
     next_plan = began
-    nightly_job = None
-    total = first.batches
+    nightly_jobs: list[EnqueuedJob] = []  # the producer runs beside the launcher, as the nightly cron's does
+    producer = threading.Timer(nightly_at_s, lambda: nightly_jobs.append(
+        enqueue(settings, redis_client(settings), mongo_database(settings), nightly, "nightly")))
+    producer.start()
     try:
         while True:
             now = time.time()
             if now - began > timeout:
                 raise SystemExit(f"fleet: the launcher's backlog was not empty after {timeout} s")
-            if nightly_job is None and now - began >= nightly_at_s:
-                nightly_job = enqueue(settings, redis, db, nightly, "nightly")
-                job_ids.append(nightly_job.job_id)
-                total += nightly_job.batches
             if now >= next_plan:
                 plan = plan_launch(settings, modal, redis, db)
                 launch(plan, spawn, SpawnLedger(redis, settings.queue_name))
                 plans.append({"at_s": round(now - began, 1), "backlog": plan.backlog.batches, "running": plan.running,
                               "cold": plan.cold, "drains": plan.drains})
-                next_plan += sim.period_s
+                next_plan = now + sim.period_s
+            total = first.batches + sum(j.batches for j in nightly_jobs)
             stored = db.batches.count_documents({})
             timeline.append((now - began, total - stored, len(drains.alive())))
-            if nightly_job is not None and stored >= total and jobs_done(records, job_ids):
+            if nightly_jobs and stored >= total and jobs_done(records, [*job_ids, nightly_jobs[0].job_id]):
                 break
             time.sleep(SAMPLE_S)
         emptied = time.time() - began
     finally:
+        producer.cancel()
         for timer in timers:
             timer.cancel()
         drains.stop()
@@ -622,7 +634,7 @@ def episodes_for(episodes: list[Episode], batches: int, settings: Settings, *, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", default="1,4,16,64", help="drain counts, comma-separated")
-    parser.add_argument("--batches-per-drain", default="8,8,6,4",
+    parser.add_argument("--batches-per-drain", default="10,8,6,4",
                         help="backlog per drain for each fleet size (the N = 16 run also kills and recovers)")
     parser.add_argument("--compute-s", type=float, default=None,
                         help="model seconds per full batch (default: batch_max_tokens at "
@@ -636,7 +648,7 @@ def main() -> None:
     parser.add_argument("--launcher-period", type=float, default=5.0, help="seconds between launcher plans")
     parser.add_argument("--cold-start", type=float, default=5.0, help="seconds from a spawn to its drain's start")
     parser.add_argument("--drain-budget", type=int, default=60, help="each launched drain's time budget, seconds")
-    parser.add_argument("--launcher-batches", type=int, default=240, help="backfill batches before the nightly")
+    parser.add_argument("--launcher-batches", type=int, default=160, help="backfill batches before the nightly")
     parser.add_argument("--nightly-batches", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / ".podembed" / "fleet")
     args = parser.parse_args()
@@ -665,9 +677,10 @@ def main() -> None:
                 runs.append(run_fleet(settings, n, chosen, seconds_per_token=seconds_per_token, work=work,
                                       extra=episodes[-5:] if at_16 else None, kill=n // 4 if at_16 else 0))
                 print(f"fleet: N={n} done in {runs[-1]['seconds']} s", file=sys.stderr)
-            one = runs[0]["batches_per_s"] if sizes[0] == 1 else None
+            # By tokens: the batches of a short backlog are smaller (more of them end an episode's window).
+            one = runs[0]["tokens_per_s"] if sizes[0] == 1 else None
             for run in runs:
-                run["efficiency"] = round(run["batches_per_s"] / (run["n"] * one), 3) if one else None
+                run["efficiency"] = round(run["tokens_per_s"] / (run["n"] * one), 3) if one else None
             sim = LauncherSim(max_containers=args.max_containers, drain_budget_s=args.drain_budget,
                               period_s=args.launcher_period, cold_start_s=args.cold_start)
             launcher = run_launcher(
