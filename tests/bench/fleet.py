@@ -395,7 +395,7 @@ def run_fleet(settings: Settings, n: int, episodes: list[Episode], *, seconds_pe
         drains.stop()
     ended = time.time()
     report["seconds"] = round(ended - began, 1)
-    report.update(window_figures(snapshots, drains, ledger_times(db, job_id=backfill.job_id), window))
+    report.update(window_figures(snapshots, drains, ledger_times(db, job_id=backfill.job_id), window, n))
     # Over the whole run: a pass comes every maintenance interval, longer than the steady window. A drain's
     # first pass always runs (3 per drain, one per queue, at its start); the others are the fleet's.
     passes = [first for m in drains.meters() for _, first in m["passes"]]
@@ -411,9 +411,9 @@ def run_fleet(settings: Settings, n: int, episodes: list[Episode], *, seconds_pe
 
 
 def window_figures(snapshots: list[Snapshot], drains: Drains, entries: list[tuple[float, dict]],
-                   window: list[int]) -> dict:
+                   window: list[int], n: int) -> dict:
     """Throughput from the ledger's timestamps between the window's first and last batch stored; per-batch
-    costs from the counters sampled then."""
+    costs from the counters sampled then. `compute_share`: the stand-in's wait over the `n` drains' time."""
     (t0, _), (t1, _) = entries[window[0] - 1], entries[window[1] - 1]
     inside = [doc for _, doc in entries[window[0]:window[1]]]
     a, b = snapshots[0], snapshots[-1]
@@ -430,7 +430,7 @@ def window_figures(snapshots: list[Snapshot], drains: Drains, entries: list[tupl
         "window_s": round(seconds, 2),
         "batches_per_s": round(len(inside) / seconds, 3) if seconds > 0 else None,
         "tokens_per_s": round(sum(d["n_tokens"] for d in inside) / seconds) if seconds > 0 else None,
-        "compute_share": round(sum(d["gpu_seconds"] for d in inside) / (len(drains.started) * seconds), 3)
+        "compute_share": round(sum(d["gpu_seconds"] for d in inside) / (n * seconds), 3)
         if seconds > 0 else None,
         "redis_commands_per_batch": round(sum(commands.values()) / batches, 2),
         "redis_commands_per_batch_by_command": per_batch,
@@ -634,7 +634,7 @@ def episodes_for(episodes: list[Episode], batches: int, settings: Settings, *, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", default="1,4,16,64", help="drain counts, comma-separated")
-    parser.add_argument("--batches-per-drain", default="10,8,6,4",
+    parser.add_argument("--batches-per-drain", default="10,8,6,7",
                         help="backlog per drain for each fleet size (the N = 16 run also kills and recovers)")
     parser.add_argument("--compute-s", type=float, default=None,
                         help="model seconds per full batch (default: batch_max_tokens at "
@@ -642,13 +642,13 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=3.0,
                         help="multiplies the compute wait of the fleet runs (3: up to 64 drains leave this 2-core "
                              "host's CPU to the control plane)")
-    parser.add_argument("--launcher-time-scale", type=float, default=1.0,
+    parser.add_argument("--launcher-time-scale", type=float, default=2.0,
                         help="multiplies the compute wait of the launcher's drains (at most --max-containers)")
     parser.add_argument("--max-containers", type=int, default=8)
     parser.add_argument("--launcher-period", type=float, default=5.0, help="seconds between launcher plans")
     parser.add_argument("--cold-start", type=float, default=5.0, help="seconds from a spawn to its drain's start")
     parser.add_argument("--drain-budget", type=int, default=60, help="each launched drain's time budget, seconds")
-    parser.add_argument("--launcher-batches", type=int, default=160, help="backfill batches before the nightly")
+    parser.add_argument("--launcher-batches", type=int, default=120, help="backfill batches before the nightly")
     parser.add_argument("--nightly-batches", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / ".podembed" / "fleet")
     args = parser.parse_args()
