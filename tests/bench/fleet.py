@@ -11,7 +11,7 @@ priority, heartbeats, maintenance, MongoDB writes and the ledger are the project
 Per N: batches/s and scaling efficiency (throughput(N) / (N x throughput(1))), Redis commands per
 batch (INFO commandstats) and Redis CPU per 1,000 batches (INFO cpu), MongoDB operations and bytes
 per batch (pymongo command monitoring in the drains), maintenance passes per minute over the fleet,
-take latency, client CPU per batch, all over the steady window (from 10 % to 60 % of the batches
+take latency, client CPU per batch, all over the steady window (from 10 % to 40 % of the batches
 stored). At N = 16 the run also enqueues an ingest job of a few batches (priority) and SIGKILLs a
 quarter of the drains, starting replacements (faults). Then the launcher: its real plan
 (`modal_jobs.launcher.plan_launch`, `launch`) every `--launcher-period`, with `spawn` starting a
@@ -634,7 +634,7 @@ def episodes_for(episodes: list[Episode], batches: int, settings: Settings, *, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", default="1,4,16,64", help="drain counts, comma-separated")
-    parser.add_argument("--batches-per-drain", default="10,8,6,7",
+    parser.add_argument("--batches-per-drain", default="10,8,6,4",
                         help="backlog per drain for each fleet size (the N = 16 run also kills and recovers)")
     parser.add_argument("--compute-s", type=float, default=None,
                         help="model seconds per full batch (default: batch_max_tokens at "
@@ -642,13 +642,13 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=3.0,
                         help="multiplies the compute wait of the fleet runs (3: up to 64 drains leave this 2-core "
                              "host's CPU to the control plane)")
-    parser.add_argument("--launcher-time-scale", type=float, default=2.0,
+    parser.add_argument("--launcher-time-scale", type=float, default=1.0,
                         help="multiplies the compute wait of the launcher's drains (at most --max-containers)")
     parser.add_argument("--max-containers", type=int, default=8)
     parser.add_argument("--launcher-period", type=float, default=5.0, help="seconds between launcher plans")
     parser.add_argument("--cold-start", type=float, default=5.0, help="seconds from a spawn to its drain's start")
     parser.add_argument("--drain-budget", type=int, default=60, help="each launched drain's time budget, seconds")
-    parser.add_argument("--launcher-batches", type=int, default=120, help="backfill batches before the nightly")
+    parser.add_argument("--launcher-batches", type=int, default=160, help="backfill batches before the nightly")
     parser.add_argument("--nightly-batches", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / ".podembed" / "fleet")
     args = parser.parse_args()
