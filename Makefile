@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PODEMBED := HF_HUB_OFFLINE=1 $(BIN)/podembed
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install redis-server test-tools services-up services-down demo test lint bench producer-bench soak scale eval clean
+.PHONY: install redis-server test-tools services-up services-down demo test lint bench producer-bench soak scale eval fleet clean
 
 install: $(STAMP) redis-server
 
@@ -65,6 +65,11 @@ soak: install
 # scan's speed over 100k stored vectors (one JSON document; see BENCHMARKS.md).
 eval: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/eval.py
+
+# The control plane at 1 to 64 drains on one queue, a model stand-in (declared in the output), faults, priority and
+# the launcher simulated (one JSON document, and .podembed/fleet/fleet.png; see BENCHMARKS.md).
+fleet: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/fleet.py
 
 lint: install
 	$(BIN)/ruff check config producer worker modal_jobs tests

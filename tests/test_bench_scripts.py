@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+from bson.binary import Binary
+from pymongo.database import Database
+
+from config.settings import Settings
+from producer.enqueue import parse_files
 from tests.bench.corpus import seenunseen_titles
-from tests.conftest import ROOT
+from tests.conftest import DATA, EXAMPLES, ROOT
 
 
 def test_gpu_script_runs_in_smoke_mode() -> None:
@@ -46,3 +53,35 @@ def test_eval_runs_from_the_vendored_corpus() -> None:
     scan = report["exact_scan"]
     assert (scan["engine"], scan["vectors"], scan["vector_hits_per_query"], scan["hybrid_hits_per_query"]) == (
         "exact", 1500, 10, 10)
+
+
+def test_fleet_drains_a_backlog_with_two_stand_in_drains_through_a_kill(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """`make fleet`'s code at N = 2: a real backlog, the real drains with the stand-in model, one drain
+    SIGKILLed and replaced, an ingest job enqueued mid-run; every chunk one vector, every batch one entry."""
+    from tests.bench.fleet import DIM, STAND_IN_DEVICE, run_fleet, unit_vector
+
+    settings = settings.replace(batch_max_chunks=2, heartbeat_interval=1, maintenance_interval=1)
+    backlog, _ = parse_files([EXAMPLES / "E01.vtt", EXAMPLES / "E05.vtt", EXAMPLES / "E06.json"])
+    extra, _ = parse_files([DATA / "E03.srt"])
+    report = run_fleet(settings, 2, backlog, seconds_per_token=2e-3, work=tmp_path, extra=extra, kill=1,
+                       timeout=300)
+
+    assert report["n"] == 2 and report["batches"] >= 8 and report["window_batches"] >= 1
+    assert report["batches_per_s"] > 0 and report["redis_commands_per_batch"] > 0
+    assert report["mongo_ops_per_batch"] > 0 and report["mongo_bytes_per_batch"] > 0
+    faults = report["faults"]
+    assert (faults["killed"], faults["lost"], faults["duplicated"], faults["ledger_missing"],
+            faults["ledger_duplicated"], faults["counters_add_up"]) == (1, 0, 0, 0, 0, True)
+    # It held a batch or two (one on the model, one fetched ahead): taken again once their beats lapsed.
+    assert faults["held_by_killed"] >= 1 and faults["recovered_s"] > 0
+    priority = report["priority"]
+    assert priority["ingest_batches"] >= 1 and 0 <= priority["advanced"] <= priority["bound"] == 2 * (1 + 3)
+    # Every chunk of both jobs has its vector: the stand-in's unit vector of its text, on the stand-in device.
+    chunks = db.chunks.count_documents({})
+    assert chunks > report["chunks"] and db.embeddings.count_documents({}) == chunks
+    doc = db.embeddings.find_one({})
+    assert doc["dim"] == DIM
+    assert Binary(doc["embedding"], 9).as_vector().data == pytest.approx(unit_vector(doc["text"], DIM).tolist())
+    assert {e["device"] for e in db.batches.find({}, {"device": 1})} == {STAND_IN_DEVICE}

@@ -17,7 +17,7 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
-from rq.registry import StartedJobRegistry, clean_registries
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -215,15 +215,58 @@ def test_a_worker_killed_mid_maintenance_holds_the_queues_cleanup_no_longer_than
     started = queue.started_job_registry
     lock_ttl: list[int] = []
 
+    clean = housekeeping.clean_batch_registries
+
     def cleaning(q: Queue) -> None:  # mid-pass: the lock a worker killed now would leave behind
         lock_ttl.append(redis.ttl(q.registry_cleaning_key))
-        clean_registries(q)
+        clean(q)
 
-    monkeypatch.setattr(housekeeping, "clean_registries", cleaning)
+    monkeypatch.setattr(housekeeping, "clean_batch_registries", cleaning)
     housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl)
     assert lock_ttl and 0 < lock_ttl[0] <= 3 * settings.heartbeat_interval
     assert started.get_job_ids(cleanup=False) == [] and held.batch_id in queue.job_ids  # recovered
     assert not redis.exists(queue.registry_cleaning_key)  # released at the end of the pass
+
+
+def test_a_fleet_runs_one_periodic_maintenance_pass_per_queue_per_interval(
+    settings: Settings, redis: Redis, db: Database
+) -> None:
+    """Every drain's housekeeper passes each interval: 16 drains ran 16 passes per queue per interval. The
+    periodic pass is the fleet's, once per interval; a drain's first pass still runs (it recovers at once)."""
+    d, held = _abandoned(settings, redis, db)
+    queue = d.queues[0]
+    other = make_worker(settings, redis, name="another-drain")[0]
+    every = settings.maintenance_interval
+
+    assert housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert held.batch_id in queue.job_ids  # the pass recovered the abandoned batch
+    assert not housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl, every=every)
+    assert not housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert 0 < redis.ttl(housekeeping.recent_pass_key(queue)) <= every
+    # A drain's first pass.
+    assert housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl)
+    # Each queue has its own interval.
+    assert housekeeping.maintain(d.queues[1], other, keep_seconds=settings.result_ttl, every=every)
+
+
+def test_the_housekeeper_thread_counts_an_abandoned_batch_with_no_retries_left_failed(
+    settings: Settings, redis: Redis, db: Database
+) -> None:
+    """The housekeeper is not the main thread: rq's cleanup ran the failure callback under SIGALRM, which
+    cannot be set there, and skipped it; the batch was never counted failed and its job never ended."""
+    d, held = _abandoned(settings, redis, db)
+    queue = d.queues[0]
+    redis.hset(held.job.key, "retries_left", 0)
+    job_id = held.ticket.job_id
+
+    housekeeper = threading.Thread(target=housekeeping.maintain, args=(queue, d.worker),
+                                   kwargs={"keep_seconds": settings.result_ttl})
+    housekeeper.start()
+    housekeeper.join()
+    assert held.batch_id in queue.failed_job_registry.get_job_ids()
+    status = JobRecords(redis, db, settings.result_ttl).status(job_id)
+    assert (status.batches.failed, status.chunks.failed) == (1, len(held.ticket.chunk_ids))
+    assert "AbandonedJobError" in status.errors[held.batch_id]
 
 
 def _poison(redis: Redis, job_id: str, data: bytes) -> None:

@@ -18,9 +18,17 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from rq.registry import BaseRegistry, clean_registries
+from rq.registry import (
+    BaseRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ReadyJobRegistry,
+    StartedJobRegistry,
+)
 from rq.scheduler import RQScheduler
 from rq.scripts import RELEASE_LOCK_SCRIPT
+from rq.timeouts import TimerDeathPenalty
 from rq.worker_registration import clean_worker_registry
 
 from producer.connections import run_script
@@ -104,17 +112,27 @@ def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Qu
         logger.exception("%s failed again; next pass tries once more", what)
 
 
-def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
-    """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof.
+def maintain(queue: Queue, worker: object, *, keep_seconds: int, every: float | None = None) -> bool:
+    """rq's registry cleanup (abandoned batches retried, stuck intermediate entries failed), poison-proof;
+    False if it did not run: another worker's pass holds the queue's maintenance lock, or (with `every`)
+    a pass of the fleet ran on this queue less than `every` seconds ago.
+
+    Every drain's housekeeper passes each maintenance interval; without `every` a fleet of N drains
+    would run N passes per queue per interval, each a few dozen round trips. A drain's first pass
+    goes without it: a drain started for abandoned batches recovers them at once.
 
     The maintenance lock (rq's key, so plain rq workers respect it) is released however the pass ends,
     and lapses in MAINTENANCE_LOCK_SECONDS if this process dies mid-pass.
     """
-    if not queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
-        return
+    redis = queue.connection
+    if every is not None and not redis.set(recent_pass_key(queue), 1, nx=True, ex=max(1, round(every))):
+        return False
+    if not redis.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
+        return False
     try:
         started = queue.started_job_registry
-        guarded(lambda: clean_registries(queue), lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
+        guarded(lambda: clean_batch_registries(queue),
+                lambda: ((queue, j) for j in started.get_job_ids(cleanup=False)),
                 what=f"queue {queue.name}: registry cleanup", keep_seconds=keep_seconds)
         clean_worker_registry(queue)
         guarded(lambda: queue.intermediate_queue.cleanup(worker, queue),
@@ -122,6 +140,31 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int) -> None:
                 what=f"queue {queue.name}: intermediate queue cleanup", keep_seconds=keep_seconds)
     finally:
         queue.release_maintenance_lock()
+    return True
+
+
+class StartedBatches(StartedJobRegistry):
+    """rq's started registry, whose cleanup runs an abandoned batch's failure callback under a timer.
+
+    rq's default (SIGALRM) can only be set from the main thread; the housekeeper is another, so
+    rq logged "signal only works in main thread" and skipped the callback: an abandoned batch was
+    retried without its job counting it retrying, and one with no retries left was never counted
+    failed, so its job never ended.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+
+def clean_batch_registries(queue: Queue) -> None:
+    """rq 3.0's `clean_registries`, with `StartedBatches` for the started registry."""
+    for registry in (FinishedJobRegistry, StartedBatches, FailedJobRegistry, DeferredJobRegistry, ReadyJobRegistry):
+        registry(name=queue.name, connection=queue.connection, job_class=queue.job_class,
+                 serializer=queue.serializer).cleanup()
+
+
+def recent_pass_key(queue: Queue) -> str:
+    """Set for a maintenance interval by the fleet's periodic pass of `queue`."""
+    return f"podembed:{queue.name}:maintained"
 
 
 def fail_deleted_batches_of_open_jobs(records: JobRecords) -> None:

@@ -95,15 +95,16 @@ class DrainWorker(SimpleWorker):
 
 
 def make_worker(
-    settings: Settings, redis: Redis | None = None, *, name: str | None = None
+    settings: Settings, redis: Redis | None = None, *, name: str | None = None, ctx: WorkerContext | None = None
 ) -> tuple[DrainWorker, WorkerContext]:
     """A worker on the batch queue, with the model loaded before the first batch.
 
-    `name` (default: host and pid) is what the ledger records as each batch's `worker`.
+    `name` (default: host and pid) is what the ledger records as each batch's `worker`. `ctx`: the
+    context its batches use (default: the process-wide one, built here).
     """
     redis = redis or redis_client(settings)
     refuse_eviction(settings, redis)  # before the model loads: a Redis that may evict the queue loses work
-    ctx = init_context(settings, redis)
+    ctx = ctx or init_context(settings, redis)
     if name:
         ctx.name = name
     ctx.embedder(vector_spec(settings))

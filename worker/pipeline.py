@@ -541,11 +541,13 @@ class Housekeeper(threading.Thread):
             logger.warning("worker %s: could not release its scheduler locks: %s", d.worker.name, exc)
 
     def maintain(self, *, whole: bool) -> None:
-        """rq's maintenance of each queue, then the due retries. A pass after the drain's first stops
+        """rq's maintenance of each queue (after the drain's first pass, one drain of the fleet's per
+        interval), then the due retries. A pass after the drain's first stops
         between those steps once the drain ends: a pass is a few dozen round trips, and the drain's end
         waits for the housekeeper (another pass, this worker's next or another worker's, does the rest)."""
         d = self.drain
-        steps = [*(partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds) for queue in d.queues),
+        every = None if whole else d.ctx.settings.maintenance_interval
+        steps = [*(partial(maintain, queue, d.worker, keep_seconds=d.keep_seconds, every=every) for queue in d.queues),
                  partial(enqueue_due_retries, d.scheduler, d.queues, keep_seconds=d.keep_seconds),
                  partial(fail_deleted_batches_of_open_jobs, d.ctx.records)]
         for step in steps:
