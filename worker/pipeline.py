@@ -55,6 +55,7 @@ from rq.worker import WorkerStatus
 
 from config.errors import DrainError
 from config.settings import Settings
+from producer.connections import run_script
 from producer.models import BatchTicket
 from worker.housekeeping import (
     enqueue_due_retries,
@@ -107,6 +108,7 @@ class Held:
     queue: Queue  # the queue it came from, where rq's finish, failure and retry put it
     ticket: BatchTicket | None  # None: its payload does not parse (the prepare stage fails it, saying why)
     claimed: object  # the answer to its claim, sent with its registration
+    taken: int  # how many batches the drain had taken before it: the order a put back keeps
     prepared: PreparedBatch | None = None
     computed: ComputedBatch | None = None
 
@@ -140,7 +142,11 @@ class Drain:
     error: tuple[str, BaseException] | None = None
     tally: DrainTally = field(default_factory=DrainTally)
     held: dict[str, Held] = field(default_factory=dict)
+    taken: int = 0  # batches taken so far
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Batches put back so far: a lane that held one when the stop came puts it back after the others.
+    returned: list[Held] = field(default_factory=list)
+    returning: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def redis(self):  # noqa: ANN201 (redis-py's client)
@@ -206,8 +212,9 @@ class Drain:
                 self.ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
             answers = pipe.execute()
         worker.executions[execution.id] = execution
-        held = Held(job, execution, queue, ticket, None if ticket is None else answers[-1])
         with self.lock:
+            held = Held(job, execution, queue, ticket, None if ticket is None else answers[-1], self.taken)
+            self.taken += 1
             self.held[job.id] = held
         return held
 
@@ -270,15 +277,20 @@ class Drain:
         self.settled.set()
 
     def put_back(self, held: list[Held]) -> None:
-        """Batches fetched but not started go back to the front of their queues, in their order."""
+        """Batches fetched but not started go back to the front of their queues, in the order they were
+        taken, whichever lane puts each back first: one taken after a batch already put back goes right
+        behind it (the fetch lane may put back the batch it was preparing after the others went)."""
         if not held:
             return
-        with self.redis.pipeline() as pipe:
-            for h in reversed(held):
+        with self.returning, self.redis.pipeline() as pipe:
+            for h in sorted(held, key=lambda h: h.taken, reverse=True):
                 h.execution.delete(job=h.job, pipeline=pipe)
                 h.job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                h.queue.push_job_id(h.job.id, pipeline=pipe, at_front=True)
+                before = [r for r in self.returned if r.queue.key == h.queue.key and r.taken < h.taken]
+                behind = max(before, key=lambda r: r.taken).batch_id if before else ""
+                run_script(pipe, _PUT_BACK, [h.queue.key], [h.job.id, behind])
             pipe.execute()
+            self.returned.extend(held)
         for h in held:
             self.worker.executions.pop(h.execution.id, None)
             if h.prepared is not None:
@@ -288,6 +300,15 @@ class Drain:
         for queue in {h.queue.name: h.queue for h in held}.values():
             logger.info("worker %s: put back at the front of queue %s: %s", self.worker.name, queue.name,
                         ", ".join(h.batch_id for h in held if h.queue is queue))
+
+
+# KEYS: the queue. ARGV: the batch id, and the id of the batch put back earlier that it goes right behind
+# ("": none, or that one was taken again since): then it goes to the front.
+_PUT_BACK = """
+if ARGV[2] ~= '' and redis.call('LINSERT', KEYS[1], 'AFTER', ARGV[2], ARGV[1]) > 0 then return 1 end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 0
+"""
 
 
 def _get(inbox: lanes.Queue, drain: Drain) -> object:
