@@ -107,6 +107,9 @@ class Settings:
     allow_eviction: bool = False
     # Job records and RQ results stay in Redis this long after a job ends (Mongo keeps them).
     result_ttl: int = 7 * 24 * 3600
+    # Seconds a chunk text waits in `chunks` for its batch to store its vector (a batch deletes its chunks
+    # once stored; the rest, of failed or cancelled batches, go after this): as long as the job records stay.
+    chunk_retention: int = 7 * 24 * 3600
     # Throughput a dry run assumes until the ledger has measured the model: instructor-xl in
     # bf16 on an A10G, a deliberately low guess (~35% of its bf16 peak would give ~19k).
     default_tokens_per_second: float = 10_000.0
@@ -168,7 +171,7 @@ class Settings:
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
                      "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches", "notify_timeout_s",
-                     "body_seconds"):
+                     "body_seconds", "chunk_retention"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):

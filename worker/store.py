@@ -119,6 +119,7 @@ def vector_doc(
         "text": chunk.text,
         "text_sha256": chunk.text_sha256,
         "text_key": key,
+        "n_tokens": chunk.n_tokens,
         "model": spec.model,
         "instruction": spec.instruction,
         "vector_key": spec.key,
