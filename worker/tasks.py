@@ -249,7 +249,7 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
     batch, spec = prepared.batch, prepared.batch.spec
     embedded_at = datetime.now(UTC)
     docs = prepared.reused + [
-        vector_doc(chunk, spec, key, to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
+        vector_doc(chunk, spec, key, to_bson_vector(vector, spec.dtype), dim=embedder.dim, job_id=batch.job_id,
                    batch_id=batch.batch_id, embedded_at=embedded_at)
         for (key, chunks), vector in zip(prepared.groups, computed.vectors, strict=True)
         for chunk in chunks
