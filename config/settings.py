@@ -40,6 +40,10 @@ DEFAULT_GPU_PRICES = "A10=1.10,L4=0.80,A100=2.10,A100-80GB=2.50,H100=3.95,cpu=0.
 # Kinds of jobs, in the order their queues are taken (see `Settings.queue_names`).
 JOB_KINDS = ("ingest", "nightly", "backfill")
 
+# How vectors are stored: BSON float32, int8 (each unit vector scaled by 127 / its largest component) or
+# packed bits (the sign of each component).
+VECTOR_DTYPES = ("float32", "int8", "binary")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -107,6 +111,11 @@ class Settings:
     allow_eviction: bool = False
     # Job records and RQ results stay in Redis this long after a job ends (Mongo keeps them).
     result_ttl: int = 7 * 24 * 3600
+    # Seconds a chunk text waits in `chunks` for its batch to store its vector (a batch deletes its chunks
+    # once stored; the rest, of failed or cancelled batches, go after this): as long as the job records stay.
+    chunk_retention: int = 7 * 24 * 3600
+    # float32 keeps every vector whole; int8 (a quarter of the bytes) and binary (1/32) trade recall for size.
+    vector_dtype: str = "float32"
     # Throughput a dry run assumes until the ledger has measured the model: instructor-xl in
     # bf16 on an A10G, a deliberately low guess (~35% of its bf16 peak would give ~19k).
     default_tokens_per_second: float = 10_000.0
@@ -168,7 +177,7 @@ class Settings:
                      "micro_batch_size", "job_timeout",
                      "default_tokens_per_second", "max_request_bytes", "heartbeat_interval", "maintenance_interval",
                      "mongo_timeout_ms", "first_contact_seconds", "prefetch_batches", "notify_timeout_s",
-                     "body_seconds"):
+                     "body_seconds", "chunk_retention"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {getattr(self, name)}")
         for name in ("chunk_overlap_tokens", "max_forward_tokens", "producer_processes"):
@@ -183,6 +192,8 @@ class Settings:
         if self.backfill_share is not None and not 0 < self.backfill_share < 1:
             raise ConfigError(f"{PREFIX}BACKFILL_SHARE must be between 0 and 1 (exclusive), a fraction of the "
                               f"batches such as 0.2, got {self.backfill_share}")
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise ConfigError(f"{PREFIX}VECTOR_DTYPE={self.vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
         names = self.queue_names()
         if not all(name.strip() for name in names) or len(set(names)) != len(names):
             raise ConfigError(f"{PREFIX}QUEUE_NAME, {PREFIX}QUEUE_NIGHTLY and {PREFIX}QUEUE_BACKFILL must be three "

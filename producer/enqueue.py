@@ -78,6 +78,7 @@ def vector_spec(settings: Settings, instruction: str | None = None) -> VectorSpe
         instruction=settings.instruction if instruction is None else instruction,
         pool_instruction=settings.pools_instruction(),
         normalize=settings.normalize,
+        dtype=settings.vector_dtype,
     )
 
 

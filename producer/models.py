@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from config.errors import PayloadError, TranscriptFormatError
+from config.settings import VECTOR_DTYPES
 
 # What `podcast_key` keeps of a podcast's name to stay readable in ids.
 _SLUG_CHARS = re.compile(r"[^a-z0-9]+")
@@ -144,10 +145,15 @@ class VectorSpec:
     instruction: str
     pool_instruction: bool
     normalize: bool
+    # How the vector is stored (`PODEMBED_VECTOR_DTYPE`): float32, int8 or binary (packed bits).
+    dtype: str = "float32"
 
     @property
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if self.dtype == "float32":
+            del fields["dtype"]  # the keys of float32 vectors stay those stored before dtypes existed
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
@@ -212,9 +218,12 @@ class BatchTicket:
         match = BATCH_ID.fullmatch(batch_id)
         if match is None or match["job"] != job_id:
             raise PayloadError(f"payload.batch_id {batch_id[:40]!r} is not a batch of job {job_id}")
-        spec = _fields(fields["spec"], "payload.spec", {"model": str, "revision": (str, type(None)),
-                                                        "instruction": str, "pool_instruction": bool,
-                                                        "normalize": bool})
+        # Batches queued before vector dtypes existed carry no `dtype`: float32.
+        spec = _fields({"dtype": "float32", **fields["spec"]} if isinstance(fields["spec"], dict) else fields["spec"],
+                       "payload.spec", {"model": str, "revision": (str, type(None)), "instruction": str,
+                                        "pool_instruction": bool, "normalize": bool, "dtype": str})
+        if spec["dtype"] not in VECTOR_DTYPES:
+            raise PayloadError(f"payload.spec.dtype {spec['dtype'][:20]!r} is not one of {', '.join(VECTOR_DTYPES)}")
         if not 0 < len(spec["model"]) <= MAX_ID_CHARS or len(spec["instruction"]) > MAX_INSTRUCTION_CHARS:
             raise PayloadError("payload.spec: model or instruction of a length no batch has")
         chunk_ids = fields["chunk_ids"]

@@ -50,6 +50,14 @@ def test_eval_runs_from_the_vendored_corpus() -> None:
     assert (report["episodes"], report["queries"], report["chunk_tokens"]) == ("E01-E02", titles, 256)
     for figures in (report["bm25"], *report["search (query instruction '')"].values()):
         assert 0 < figures["recall@1"] <= figures["recall@5"] <= figures["recall@10"] <= 1
+    forms = report["dtypes"]
+    assert list(forms) == ["float32", "int8", "binary", "binary_rescored"]
+    for figures in forms.values():
+        assert 0 < figures["recall_at_1"] <= figures["recall_at_5"] <= figures["recall_at_10"] <= 1
+        assert 0 < figures["mrr"] <= 1 and figures["scan_queries_per_s"] > 0
+    # int8 holds a byte a dimension, packed bits one bit: a quarter and a 32nd of the float32 cache.
+    assert forms["float32"]["cache_bytes"] == 4 * forms["int8"]["cache_bytes"] == 32 * forms["binary"]["cache_bytes"]
+    assert forms["int8"]["recall_at_5"] >= forms["float32"]["recall_at_5"] - 0.01
     scan = report["exact_scan"]
     assert (scan["engine"], scan["vectors"], scan["vector_hits_per_query"], scan["hybrid_hits_per_query"]) == (
         "exact", 1500, 10, 10)

@@ -50,7 +50,7 @@ def _tampered(payload: dict, change: str) -> dict:
     ("batch-not-of-job", "has no such batch"),
     ("extra-field", "payload: fields"),
     ("model-path", "payload.spec.revision: must be"),
-    ("unstored-chunk", "chunk(s) of the batch are not in"),
+    ("unstored-chunk", "chunk(s) of the batch are gone from"),
 ])
 def test_forged_payload_fails_at_once_and_stores_nothing(
     settings: Settings, redis: Redis, db: Database, change: str, reason: str

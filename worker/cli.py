@@ -203,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="print the definition; create nothing")
     p.add_argument("--model", help="vectors of this model (default: PODEMBED_MODEL)")
     p.add_argument("--instruction", help="vectors embedded with this instruction (default: PODEMBED_INSTRUCTION)")
+    p.add_argument("--quantization", choices=("none", "scalar", "binary"), default="none",
+                   help="Atlas's automatic quantization of float32 vectors in the index: scalar needs about a "
+                        "quarter of the RAM, binary about a 24th (default: none)")
+
+    p = command("storage", cmd_storage, "what MongoDB keeps per embedded chunk, and what N chunks would take on "
+                                        "disk and in Atlas Vector Search index RAM")
+    p.add_argument("--chunks", type=_positive_int, action="append", metavar="N",
+                   help="project for N chunks (repeatable; default 1M, 14M and 100M)")
+    p.add_argument("--dims", type=_positive_int, help="recompute the vector bytes for this many dimensions "
+                                                      "(default: those stored)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = command("launch", cmd_launch, "spawn on Modal the GPU drains the queued backlog needs")
     p.add_argument("--dry-run", action="store_true", help="print the plan; spawn nothing (no Modal credentials needed)")
@@ -596,13 +607,38 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     if args.model and args.model != settings.model:
         settings = settings.replace(model=args.model, model_path=None)
     db = reach_mongo(settings)
-    definition = index_definition(settings, db, vector_spec(settings, args.instruction))
+    definition = index_definition(settings, db, vector_spec(settings, args.instruction), args.quantization)
     if args.print:
         _print_json(definition)
         return 0
     outcome = create_index(db, definition)
     print(f"search index {definition['name']!r} {outcome} on {db.name}.embeddings; Atlas builds it in the "
           f"background, and podembed search uses it once it is queryable")
+    return 0
+
+
+def cmd_storage(settings: Settings, args: argparse.Namespace) -> int:
+    from producer.connections import reach_mongo
+    from producer.enqueue import vector_spec
+    from worker.storage import PROJECT_CHUNKS, storage_report
+
+    spec = vector_spec(settings)
+    report = storage_report(reach_mongo(settings), spec.key, spec.dtype, chunks=tuple(args.chunks or PROJECT_CHUNKS),
+                            dims=args.dims)
+    if args.json:
+        _print_json(asdict(report))
+        return 0
+    print(f"{report.embedded_chunks:,} embedded chunks, {report.dimensions}-d {report.dtype} vectors "
+          f"(vector key {report.vector_key})")
+    for name, value in report.bytes_per_embedded_chunk.items():
+        print(f"  {name:<20} {value:>10,.0f} B per embedded chunk")
+    ram_per_vector = report.index_ram_bytes_per_vector
+    print("  index RAM per vector: " + ", ".join(f"{q} {b:,.0f} B" for q, b in ram_per_vector.items()))
+    for row in report.projections:
+        ram = ", ".join(f"{q} {row[f'index_ram_gb_{q}']:,.1f}" for q in report.index_ram_bytes_per_vector)
+        print(f"  {row['chunks']:>13,} chunks: {row['disk_gb']:,.1f} GB on disk; index RAM GB: {ram}")
+    for note in report.notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -786,6 +822,16 @@ def _date(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _version() -> str:

@@ -473,7 +473,8 @@ class Computed:
     def add(self, computed: ComputedBatch) -> None:
         groups = computed.prepared.groups
         self.batches.append((computed.prepared.batch.batch_id, {
-            key: to_bson_vector(vector) for (key, _), vector in zip(groups, computed.vectors, strict=True)}))
+            key: to_bson_vector(vector, computed.prepared.batch.spec.dtype)
+            for (key, _), vector in zip(groups, computed.vectors, strict=True)}))
 
     def reuse(self, prepared: PreparedBatch, dim: int) -> PreparedBatch:
         """The batch reusing what was computed for its texts; not what an earlier run of the same batch

@@ -35,8 +35,16 @@ MAX_K = 1000
 # Query vectors scored against the cache at once: bounds the score matrix (64 x 100k floats: 25 MB).
 QUERY_BLOCK = 64
 # Atlas advises numCandidates of 10 to 20 times the limit for good recall; it allows at most 10,000.
-CANDIDATES_PER_RESULT = 20
+# A quantized index ranks its candidates by the reduced vectors before rescoring them with the full ones:
+# more of them for the coarser forms (binary keeps one bit a dimension).
+CANDIDATES_PER_RESULT = {"none": 20, "scalar": 30, "binary": 60}
 MAX_CANDIDATES = 10_000
+# Atlas Vector Search's `quantization` of a float vector field: none, scalar (int8) or binary (one bit).
+QUANTIZATIONS = ("none", "scalar", "binary")
+# Binary vectors: how many candidates per result the Hamming scan hands to the float rescoring.
+BINARY_RESCORE = 10
+# Stored rows widened to float32 at once for the int8 scan (numpy has no int8 matrix product): 16 MB at 384-d.
+INT8_ROWS = 10_000
 HIT_FIELDS = {"chunk_id": 1, "episode_id": 1, "podcast": 1, "start": 1, "end": 1, "text": 1}
 
 
@@ -93,6 +101,8 @@ class ExactScan:
         self.cache = VectorCache(cache_path(settings.data_dir, settings.mongo_uri, settings.mongo_db, vector_key),
                                  vector_key, timedelta(seconds=settings.search_refresh_overlap_s))
         self._bm25: tuple[int, BM25] | None = None
+        self._norms: tuple[int, np.ndarray] | None = None
+        self.rescore = BINARY_RESCORE
 
     def refresh(self) -> None:
         self.cache.refresh(self.embeddings)
@@ -107,19 +117,37 @@ class ExactScan:
         ids = self.cache.ids if rows is None else self.cache.ids[rows]
         if not len(ids):
             return [[] for _ in vectors]
-        if matrix.shape[1] != vectors.shape[1]:
-            raise SearchError(f"query vectors have {vectors.shape[1]} dimensions, stored ones {matrix.shape[1]}")
+        stored_dims = matrix.shape[1] * 8 if matrix.dtype == np.uint8 else matrix.shape[1]
+        if not 0 <= stored_dims - vectors.shape[1] < (8 if matrix.dtype == np.uint8 else 1):
+            raise SearchError(f"query vectors have {vectors.shape[1]} dimensions, stored ones {stored_dims}")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        queries = vectors / np.where(norms > 0, norms, 1.0)
+        queries = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        scale = None
+        if matrix.dtype == np.int8:
+            scale = self._inverse_norms() if rows is None else self._inverse_norms()[rows]
         out: list[list[tuple[str, float]]] = []
         top = min(k, len(ids))
+        # Binary: the Hamming ranking's best `rescore` x k are scored again against the float query.
+        wide = min(len(ids), top * self.rescore) if matrix.dtype == np.uint8 and self.rescore else top
         for block in range(0, len(queries), QUERY_BLOCK):
-            scores = queries[block:block + QUERY_BLOCK] @ matrix.T
-            best = np.argpartition(-scores, top - 1, axis=1)[:, :top]
-            for row, candidates in zip(scores, best, strict=True):
+            part = queries[block:block + QUERY_BLOCK]
+            scores = _scores(part, matrix, scale)
+            best = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
+            for query, row, candidates in zip(part, scores, best, strict=True):
+                if wide != top:
+                    row = np.full(len(ids), -np.inf, dtype=np.float32)
+                    row[candidates] = _signs(matrix[candidates], len(query)) @ query
+                    candidates = candidates[np.argpartition(-row[candidates], top - 1)[:top]]
                 ranked = candidates[np.lexsort((candidates, -row[candidates]))]
                 out.append([(ids[i], float(row[i])) for i in ranked])
         return out
+
+    def _inverse_norms(self) -> np.ndarray:
+        """1 / the length of each int8 row, kept until the cache changes."""
+        if self._norms is None or self._norms[0] != self.cache.version:
+            lengths = np.sqrt(np.einsum("ij,ij->i", self.cache.vectors, self.cache.vectors, dtype=np.float32))
+            self._norms = (self.cache.version, 1.0 / np.where(lengths > 0, lengths, 1.0))
+        return self._norms[1]
 
     def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
         if self._bm25 is None or self._bm25[0] != self.cache.version:
@@ -134,10 +162,11 @@ class AtlasSearch:
 
     name = "atlas"
 
-    def __init__(self, db: Database, index: str, vector_key: str) -> None:
+    def __init__(self, db: Database, index: str, vector_key: str, quantization: str = "none") -> None:
         self.embeddings = db.embeddings
         self.index = index
         self.vector_key = vector_key
+        self.quantization = quantization
 
     def refresh(self) -> None:
         """Atlas keeps its index up to date itself."""
@@ -146,7 +175,8 @@ class AtlasSearch:
                ) -> list[list[tuple[str, float]]]:
         out = []
         for vector in vectors:
-            pipeline = atlas_pipeline(self.index, vector, k, self.vector_key, podcast, episode_id)
+            pipeline = atlas_pipeline(self.index, vector, k, self.vector_key, podcast, episode_id,
+                                      quantization=self.quantization)
             try:
                 found = list(self.embeddings.aggregate(pipeline))
             except PyMongoError as exc:
@@ -160,9 +190,34 @@ class AtlasSearch:
                           "$rankFusion (see the README)")
 
 
+def _scores(queries: np.ndarray, matrix: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Cosine of unit `queries` with every stored row: float32 rows are unit vectors, int8 rows are scaled by
+    `scale` (1 / their length), binary rows score 1 - 2 x Hamming distance / dimensions with the query's signs."""
+    if matrix.dtype == np.float32:
+        return queries @ matrix.T
+    if matrix.dtype == np.int8:
+        scores = np.empty((len(queries), len(matrix)), dtype=np.float32)
+        for start in range(0, len(matrix), INT8_ROWS):
+            block = matrix[start:start + INT8_ROWS]
+            scores[:, start:start + len(block)] = queries @ block.T.astype(np.float32)
+        return scores * scale
+    # 64-bit words where the row width allows: eight times fewer XORs and bit counts.
+    words = matrix.view(np.uint64) if matrix.shape[1] % 8 == 0 and matrix.flags.c_contiguous else matrix
+    bits = np.packbits(queries > 0, axis=1)
+    bits = bits.view(np.uint64) if words.dtype == np.uint64 else bits
+    distance = np.stack([np.bitwise_count(words ^ q).sum(axis=1, dtype=np.int32) for q in bits])
+    return 1.0 - 2.0 * distance.astype(np.float32) / queries.shape[1]
+
+
+def _signs(packed: np.ndarray, dims: int) -> np.ndarray:
+    """Packed bits as unit vectors of -1/+1 components."""
+    return (np.unpackbits(packed, axis=1)[:, :dims].astype(np.float32) * 2 - 1) / np.sqrt(dims)
+
+
 def atlas_pipeline(index: str, vector: np.ndarray, k: int, vector_key: str, podcast: str | None,
-                   episode_id: str | None) -> list[dict]:
-    """The `$vectorSearch` stage for one query vector and the score projection."""
+                   episode_id: str | None, *, quantization: str = "none") -> list[dict]:
+    """The `$vectorSearch` stage for one query vector and the score projection; `numCandidates` grows with how
+    coarse the index's quantization is."""
     conditions: list[dict] = [{"vector_key": {"$eq": vector_key}}]
     if podcast is not None:
         conditions.append({"podcast": {"$eq": podcast}})
@@ -171,7 +226,7 @@ def atlas_pipeline(index: str, vector: np.ndarray, k: int, vector_key: str, podc
     return [
         {"$vectorSearch": {
             "index": index, "path": "embedding", "queryVector": to_bson_vector(vector),
-            "numCandidates": min(MAX_CANDIDATES, max(100, CANDIDATES_PER_RESULT * k)), "limit": k,
+            "numCandidates": min(MAX_CANDIDATES, max(100, CANDIDATES_PER_RESULT[quantization] * k)), "limit": k,
             "filter": conditions[0] if len(conditions) == 1 else {"$and": conditions},
         }},
         {"$project": {"_id": 1, "score": {"$meta": "vectorSearchScore"}}},
@@ -186,8 +241,12 @@ def open_engine(settings: Settings, db: Database, vector_key: str) -> Engine:
         indexes = []  # a server without search indexes at all
     except PyMongoError as exc:
         raise StoreError(f"cannot reach {db.name}.embeddings: {exc}") from exc
-    if any(i.get("type") == "vectorSearch" and i.get("queryable") is True for i in indexes):
-        return AtlasSearch(db, settings.vector_index, vector_key)
+    for index in indexes:
+        if index.get("type") == "vectorSearch" and index.get("queryable") is True:
+            fields = (index.get("latestDefinition") or {}).get("fields") or [{}]
+            quantization = next((f.get("quantization") for f in fields if f.get("type") == "vector"), None)
+            return AtlasSearch(db, settings.vector_index, vector_key,
+                               quantization if quantization in QUANTIZATIONS else "none")
     return ExactScan(settings, db, vector_key)
 
 
@@ -256,8 +315,14 @@ class Searcher:
                 for hits in ranked]
 
 
-def index_definition(settings: Settings, db: Database, spec: VectorSpec) -> dict:
-    """The Atlas Vector Search index for the stored vectors of `spec`: dimensions and norm read from them."""
+def index_definition(settings: Settings, db: Database, spec: VectorSpec, quantization: str = "none") -> dict:
+    """The Atlas Vector Search index for the stored vectors of `spec`: dimensions and norm read from them, with
+    Atlas's automatic `quantization` of float32 vectors (none, scalar or binary)."""
+    if quantization not in QUANTIZATIONS:
+        raise SearchError(f"unknown quantization {quantization!r} (one of {', '.join(QUANTIZATIONS)})")
+    if quantization != "none" and spec.dtype != "float32":
+        raise SearchError(f"the vectors are stored as {spec.dtype} already: Atlas quantizes only float32 vectors "
+                          "(use --quantization none, or store float32 with PODEMBED_VECTOR_DTYPE=float32)")
     try:
         sample = [from_bson_vector(d["embedding"])
                   for d in db.embeddings.find({"vector_key": spec.key}, {"embedding": 1}).limit(200)]
@@ -268,14 +333,18 @@ def index_definition(settings: Settings, db: Database, spec: VectorSpec) -> dict
     dims = {len(v) for v in sample}
     if len(dims) > 1:
         raise SearchError(f"vector key {spec.key} holds vectors of {sorted(dims)} dimensions")
-    # Unit vectors: dot product is the cosine, and Atlas computes it faster.
+    # Unit vectors: dot product is the cosine, and Atlas computes it faster. Atlas indexes int1 (packed bit)
+    # vectors by euclidean distance only: for ±1 vectors it ranks as cosine does.
     unit = all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-3 for v in sample)
+    similarity = "euclidean" if spec.dtype == "binary" else "dotProduct" if unit else "cosine"
+    vector = {"type": "vector", "path": "embedding", "numDimensions": dims.pop(), "similarity": similarity}
+    if quantization != "none":  # Atlas's default: the definition without it is the one stored before
+        vector["quantization"] = quantization
     return {
         "name": settings.vector_index,
         "type": "vectorSearch",
         "definition": {"fields": [
-            {"type": "vector", "path": "embedding", "numDimensions": dims.pop(),
-             "similarity": "dotProduct" if unit else "cosine"},
+            vector,
             {"type": "filter", "path": "vector_key"},
             {"type": "filter", "path": "podcast"},
             {"type": "filter", "path": "episode_id"},

@@ -19,14 +19,41 @@ from pymongo.errors import PyMongoError
 from config.errors import StoreError
 from producer.models import Chunk, VectorSpec
 
+# int8 vectors: each vector times INT8_MAX / its largest absolute component, rounded. The scale differs per
+# vector and is not kept: cosine (the only score search computes) is the same for a vector and its multiples.
+INT8_MAX = 127
 
-def to_bson_vector(vector: np.ndarray) -> Binary:
-    return Binary.from_vector(vector.astype(np.float32, copy=False), BinaryVectorDtype.FLOAT32)
+
+def to_bson_vector(vector: np.ndarray, dtype: str = "float32") -> Binary:
+    """The BSON vector (subtype 9) of `vector` stored as `dtype`: float32, int8 (scaled as INT8_MAX says) or
+    binary (packed bits, 1 where the component is positive; Atlas's int1)."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if dtype == "int8":
+        peak = float(np.abs(vector).max()) or 1.0
+        return Binary.from_vector(np.rint(vector * (INT8_MAX / peak)).astype(np.int8), BinaryVectorDtype.INT8)
+    if dtype == "binary":
+        bits = np.packbits(vector > 0).tolist()
+        return Binary.from_vector(bits, BinaryVectorDtype.PACKED_BIT, padding=-len(vector) % 8)
+    return Binary.from_vector(vector, BinaryVectorDtype.FLOAT32)
+
+
+def read_bson_vector(value: bytes | Binary) -> np.ndarray:
+    """The stored form: float32, int8, or packed bits as uint8 (nx-27017 hands vectors back as plain bytes,
+    a real server as Binary: read both)."""
+    found = Binary(bytes(value), 9).as_vector(return_numpy=True)
+    kind = {BinaryVectorDtype.FLOAT32: np.float32, BinaryVectorDtype.INT8: np.int8,
+            BinaryVectorDtype.PACKED_BIT: np.uint8}[found.dtype]
+    return np.asarray(found.data, dtype=kind)
 
 
 def from_bson_vector(value: bytes | Binary) -> np.ndarray:
-    """nx-27017 hands vectors back as plain bytes, a real server as Binary: read both."""
-    return np.asarray(Binary(bytes(value), 9).as_vector(return_numpy=True).data, dtype=np.float32)
+    """The vector as float32: int8 as stored (a multiple of the vector), bits as -1 and +1."""
+    stored = read_bson_vector(value)
+    if stored.dtype == np.uint8:
+        padding = Binary(bytes(value), 9).as_vector().padding
+        bits = np.unpackbits(stored)
+        return (bits[:len(bits) - padding].astype(np.float32) * 2 - 1)
+    return stored.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -119,6 +146,7 @@ def vector_doc(
         "text": chunk.text,
         "text_sha256": chunk.text_sha256,
         "text_key": key,
+        "n_tokens": chunk.n_tokens,
         "model": spec.model,
         "instruction": spec.instruction,
         "vector_key": spec.key,

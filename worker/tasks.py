@@ -107,11 +107,13 @@ def init_context(settings: Settings, redis: Redis | None = None) -> WorkerContex
     db = mongo_database(settings)
     store = VectorStore(db)
     store.ensure_indexes()
+    chunks = ChunkStore(db)
+    chunks.ensure_retention(settings.chunk_retention)
     _context = WorkerContext(
         settings=settings,
         records=JobRecords(redis or redis_client(settings), db, settings.result_ttl),
         store=store,
-        chunks=ChunkStore(db),
+        chunks=chunks,
     )
     return _context
 
@@ -173,7 +175,7 @@ def prepare_batch(ctx: WorkerContext, ticket: BatchTicket, claimed: object) -> P
     began = time.perf_counter()
     counted = ctx.records.claimed(ticket.job_id, ticket.batch_id, claimed)
     batch = Batch(job_id=ticket.job_id, batch_id=ticket.batch_id, spec=ticket.spec,
-                  chunks=ctx.chunks.load(ticket.chunk_ids), force=ticket.force)
+                  chunks=ctx.chunks.load(ticket.chunk_ids, ticket.spec), force=ticket.force)
     spec = batch.spec
     keys = [text_key(c.text, spec) for c in batch.chunks]
     waited = time.perf_counter()
@@ -247,13 +249,15 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
     batch, spec = prepared.batch, prepared.batch.spec
     embedded_at = datetime.now(UTC)
     docs = prepared.reused + [
-        vector_doc(chunk, spec, key, to_bson_vector(vector), dim=embedder.dim, job_id=batch.job_id,
+        vector_doc(chunk, spec, key, to_bson_vector(vector, spec.dtype), dim=embedder.dim, job_id=batch.job_id,
                    batch_id=batch.batch_id, embedded_at=embedded_at)
         for (key, chunks), vector in zip(prepared.groups, computed.vectors, strict=True)
         for chunk in chunks
     ]
     waited = time.perf_counter()
     ctx.store.upsert(docs)
+    # The claim check is consumed: the texts are in `embeddings` now (a rerun of this batch reads them there).
+    ctx.chunks.consume(batch.chunks)
     store_wait = prepared.store_wait + time.perf_counter() - waited
 
     embedded = sum(len(chunks) for _, chunks in prepared.groups)

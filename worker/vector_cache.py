@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 
 from config.errors import SearchError, StoreError
 from config.services import private_dir, replacing
-from worker.store import from_bson_vector
+from worker.store import read_bson_vector
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class RefreshStats:
 
 
 class VectorCache:
-    """Unit-length vectors of one vector key with the fields search filters on and the texts, row by row.
+    """The vectors of one vector key as stored (float32 ones at unit length, int8 as stored, binary as packed
+    bits), with the fields search filters on and the texts, row by row.
 
     `version` changes whenever the rows do, so what is built from them (the BM25 index) knows when to rebuild.
     """
@@ -94,12 +95,13 @@ class VectorCache:
     def _merge(self, docs: list[dict]) -> int:
         if not docs:
             return 0
-        vectors = np.stack([from_bson_vector(d["embedding"]) for d in docs])
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors /= np.where(norms > 0, norms, 1.0)
-        if len(self.ids) and vectors.shape[1] != self.vectors.shape[1]:
-            raise SearchError(f"vector key {self.vector_key} holds vectors of {self.vectors.shape[1]} and "
-                              f"{vectors.shape[1]} dimensions")
+        vectors = np.stack([read_bson_vector(d["embedding"]) for d in docs])
+        if vectors.dtype == np.float32:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= np.where(norms > 0, norms, 1.0)
+        if len(self.ids) and (vectors.shape[1], vectors.dtype) != (self.vectors.shape[1], self.vectors.dtype):
+            raise SearchError(f"vector key {self.vector_key} holds {self.vectors.dtype} vectors of "
+                              f"{self.vectors.shape[1]} components and {vectors.dtype} ones of {vectors.shape[1]}")
         fresh = [i for i, d in enumerate(docs) if d["_id"] not in self._row]
         known = [(self._row[d["_id"]], i) for i, d in enumerate(docs) if d["_id"] in self._row]
         if known:

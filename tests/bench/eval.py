@@ -7,6 +7,11 @@ nx-27017) under the chunk settings given, and every title is searched over every
 episodes with `podembed search`'s own `Searcher`. BM25 over the same chunks is the lexical anchor;
 `hybrid` is `podembed search --hybrid`: the dense and BM25 rankings fused by reciprocal rank.
 
+`dtypes` scores the same titles (dense, exact engine) over the same vectors stored as float32,
+int8 and binary (packed bits; Hamming ranking alone, and rescored against the float query), each
+form written from the float32 vectors as a worker stores it, with the scan's queries/s over those
+chunks and the bytes the search cache holds.
+
 Then `--scale` vectors are written straight into MongoDB under the same vector key, and the
 titles are searched again with the cache warm: queries per second of `--queries` mode.
 """
@@ -36,7 +41,7 @@ from producer.enqueue import ingest, parse_files, vector_spec  # noqa: E402
 from tests.bench.corpus import seenunseen_titles, seenunseen_vtt  # noqa: E402
 from worker.loop import run_worker  # noqa: E402
 from worker.search import Searcher, query_instruction  # noqa: E402
-from worker.store import to_bson_vector  # noqa: E402
+from worker.store import from_bson_vector, to_bson_vector  # noqa: E402
 
 # Tuned on the first episodes; the reported figure is on the last ones, never looked at while tuning.
 TUNE_EPISODES = "E01-E30"
@@ -108,6 +113,39 @@ def evaluate(settings: Settings, episodes: list[str], query_instructions: list[s
             mode: metrics([[row[h.chunk_id] for h in hits] for hits in searcher.search(titles, DEPTH, hybrid=hybrid)],
                           relevant)
             for mode, hybrid in (("dense", False), ("hybrid", True))}
+    out["dtypes"] = dtypes(settings, titles, relevant, row)
+    return out
+
+
+def dtypes(settings: Settings, titles: list[str], relevant: list[set[int]], row: dict[str, int]) -> dict:
+    """Recall, MRR, scan speed and cache bytes of each stored form of the float32 vectors."""
+    db = mongo_database(settings)
+    full = vector_spec(settings)
+    docs = list(db.embeddings.find({"vector_key": full.key}))
+    out: dict = {}
+    for name, dtype, rescore in (("float32", "float32", None), ("int8", "int8", None), ("binary", "binary", 0),
+                                 ("binary_rescored", "binary", None)):
+        stored = settings.replace(vector_dtype=dtype)
+        spec = vector_spec(stored)
+        if spec.key != full.key and not db.embeddings.find_one({"vector_key": spec.key}, {"_id": 1}):
+            db.embeddings.insert_many([d | {"_id": spec.embedding_id(d["chunk_id"]), "vector_key": spec.key,
+                                            "embedding": to_bson_vector(from_bson_vector(d["embedding"]), dtype)}
+                                       for d in docs])
+        searcher = Searcher(stored, db)
+        engine = searcher.engine
+        engine.refresh()
+        if rescore is not None:
+            engine.rescore = rescore
+        vectors = searcher.encode(titles)
+        began = time.perf_counter()
+        found = engine.search(vectors, DEPTH, None, None)
+        scan = time.perf_counter() - began
+        ranked = [[row[doc_id.partition("|")[0]] for doc_id, _ in hits] for hits in found]
+        figures = metrics(ranked, relevant)
+        out[name] = {"recall_at_1": figures["recall@1"], "recall_at_5": figures["recall@5"],
+                     "recall_at_10": figures["recall@10"], "mrr": figures["mrr"],
+                     "scan_queries_per_s": round(len(titles) / scan, 1),
+                     "cache_bytes": int(engine.cache.vectors.nbytes)}
     return out
 
 
@@ -118,7 +156,7 @@ def scan_speed(settings: Settings, titles: list[str], scale: int) -> dict:
     # Real chunks' fields and texts, cycled, so BM25 meets a real vocabulary; random unit vectors.
     templates = list(db.embeddings.find({"vector_key": key}, {"_id": 0, "embedding": 0}))
     rng = np.random.default_rng(0)
-    stored = db.embeddings.count_documents({})
+    stored = db.embeddings.count_documents({"vector_key": key})  # not the other dtypes' copies
     stored_at = datetime.now(UTC) - timedelta(days=1)
     began = time.perf_counter()
     for start in range(0, scale - stored, 2000):

@@ -47,6 +47,7 @@ from producer.jobs import JOBS_INDEX, JobRecords  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from tests.soak.harness import start_worker, wait_until, worker_env  # noqa: E402
+from worker.storage import bytes_per_embedded_chunk  # noqa: E402
 
 _TIMING = re.compile(r"-->")
 PODCASTS = 10
@@ -192,9 +193,14 @@ def run_resumed(settings: Settings, env: dict[str, str], catalog: Path, episodes
     for job_id in (first, second["job_id"]):
         for batch in Job.fetch_many(records.batch_ids(job_id), connection=redis, serializer=JSONSerializer):
             queued.update(batch.args[0]["chunk_ids"])
-    stored = {d["_id"] for d in db.chunks.find({}, {"_id": 1})}
+    # A chunk whose batch stored its vector left `chunks` (the claim check is consumed).
+    waiting = {d["_id"] for d in db.chunks.find({}, {"_id": 1})}
+    embedded = {d["chunk_id"] for d in db.embeddings.find({}, {"chunk_id": 1})}
+    stored = waiting | embedded
     return {
         "mongo_bytes_per_vector_doc": bson_bytes(db.embeddings),
+        # From collStats: vector documents, their indexes where the server reports them, texts left behind.
+        "mongo_bytes_per_embedded_chunk": round(bytes_per_embedded_chunk(db, len(waiting & embedded))),
         "resume_ok": len(queued) == len(stored) == chunks and set(queued) == stored and max(queued.values()) == 1
         and records.status(first).enqueue_done is False and records.status(second["job_id"]).enqueue_done,
         "resume_interrupted_job": first,
