@@ -250,6 +250,7 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(settings: Settings, db: 
 
 
 def test_cache_writers_use_their_own_private_temporary_files(settings: Settings, db: Database, tmp_path: Path) -> None:
+    settings = settings.replace(data_dir=tmp_path / "data")  # the planted link stays out of the services' folder
     rng = np.random.default_rng(5)
     _put(db, "k", range(20), rng.standard_normal((20, 16)).astype(np.float32), datetime.now(UTC))
     scan = ExactScan(settings, db, "k")
