@@ -1,6 +1,6 @@
 """Producer chunking throughput on real transcripts, printed as one JSON document.
 
-Parses the 120 WebVTT episodes of ../shared/data/seenunseen (MIT licence, see its LICENSE),
+Parses the 120 WebVTT episodes vendored in tests/data/seenunseen.tar.xz (MIT licence, see its LICENSE),
 then chunks them with the default settings and the model's own tokenizer, one process.
 Reports parse and chunk seconds and tokens per second (chunk tokens, overlap included).
 The CPU is shared with other work: compare figures from one run, not across runs.
@@ -21,22 +21,18 @@ from config.settings import Settings  # noqa: E402
 from producer.chunking import ChunkLimits, chunk_episode  # noqa: E402
 from producer.parsing import parse_file  # noqa: E402
 from producer.tokens import load_tokenizer  # noqa: E402
-
-# ../shared beside the checkout, or beside the folder of worktrees.
-SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()),
-              ROOT.parent / "shared")
-DATA = SHARED / "data" / "seenunseen" / "vtt"
+from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=None, help="a folder of .vtt files (default: the vendored corpus)")
     parser.add_argument("--episodes", type=int, default=120)
     args = parser.parse_args()
     settings = Settings()
     tokenizer = load_tokenizer(settings)
     limits = ChunkLimits(settings.chunk_tokens, settings.chunk_overlap_tokens, settings.instruction)
-    files = sorted(args.data.glob("*.vtt"))[: args.episodes]
+    files = (seenunseen_vtt() if args.data is None else sorted(args.data.glob("*.vtt")))[: args.episodes]
 
     began = time.perf_counter()
     episodes = [parse_file(path) for path in files]
