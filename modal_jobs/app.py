@@ -47,7 +47,7 @@ image = (
         "DISABLE_SAFETENSORS_CONVERSION": "1",
         **MODAL.to_env(),
     })
-    # The dashboard's page, script and stylesheet (producer/static) travel with the code.
+    # The dashboard's page, script and stylesheet (producer/web/static) travel with the code.
     .add_local_python_source("config", "producer", "worker", "modal_jobs",
                              ignore=~modal.FilePatternMatcher("**/*.py", "**/static/*"))
     # Where the container's own `pinned()` reads it (packages are added under /root): the preflight compares.
@@ -194,7 +194,7 @@ def preflight() -> str:
 @modal.asgi_app()
 def web():
     """The HTTP API of `podembed serve` (status by job id, enqueue), reachable from anywhere."""
-    from producer.api import create_app
+    from producer.web.api import create_app
 
     log_to_stderr()
     # The tokenizer that chunks a POST /jobs body comes from the volume. Modal serves the endpoint

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from config.settings import Settings
-from producer.api import create_app
+from producer.web.api import create_app
 from tests.conftest import ROOT
 
 RULES = ROOT / "config" / "alerts.yml"

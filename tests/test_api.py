@@ -20,9 +20,9 @@ from redis import Redis
 
 from config.services import free_port
 from config.settings import Settings
-from producer.api import create_app
 from producer.enqueue import ingest, parse_files
 from producer.jobs import JOBS_INDEX, JobRecords
+from producer.web.api import create_app
 from tests.conftest import DATA, EXAMPLES, ROOT, run_cli
 from worker.loop import run_worker
 

@@ -17,9 +17,9 @@ from redis import Redis
 
 from config.services import free_port
 from config.settings import Settings
-from producer.api import MAX_INSTRUCTION_CHARS, create_app
 from producer.jobs import JOBS_INDEX
 from producer.parsing import parse_file
+from producer.web.api import MAX_INSTRUCTION_CHARS, create_app
 from tests.conftest import EXAMPLES
 from tests.test_api import TOKEN, _serve, _wait_healthy
 

@@ -14,7 +14,7 @@ from redis import Redis
 from schemathesis.checks import not_a_server_error
 
 from config.settings import Settings
-from producer.api import create_app
+from producer.web.api import create_app
 
 TOKEN = "schema-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

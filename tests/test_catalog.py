@@ -23,8 +23,8 @@ from producer.sources import DirectorySource
 from tests.conftest import DATA, EXAMPLES
 from tests.test_cli import _run
 from worker.loop import run_worker
+from worker.read.vector_cache import VectorCache, cache_path
 from worker.store import from_bson_vector
-from worker.vector_cache import VectorCache, cache_path
 
 SHOW = "The Seen and the Unseen"
 OTHER = "Cooking Weekly"

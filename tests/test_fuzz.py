@@ -26,9 +26,9 @@ from redis import Redis
 
 from config.errors import TranscriptFormatError
 from config.settings import Settings, redact_url
-from producer.api import create_app
 from producer.jobs import JOBS_INDEX
 from producer.parsing import parse_bytes
+from producer.web.api import create_app
 from tests.conftest import DATA, EXAMPLES
 
 # Every suffix the parsers pick by, upper case, none, and ones they refuse.

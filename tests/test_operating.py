@@ -20,8 +20,8 @@ from rq.worker import WorkerStatus
 from config.settings import Settings
 from modal_jobs.drain import WorkerRecord, save_worker
 from producer import notify
-from producer.api import create_app
 from producer.jobs import JobRecords
+from producer.web.api import create_app
 from tests.conftest import DATA, EXAMPLES, run_cli
 from worker.loop import make_worker, run_worker
 

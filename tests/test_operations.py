@@ -452,7 +452,7 @@ def test_cli_status_watch_follows_the_job_to_its_end(settings: Settings, redis: 
 
 
 def test_operator_commands_do_not_import_torch() -> None:
-    code = ("import sys, worker.cli, producer.operations, producer.sources, producer.api, uvicorn; "
+    code = ("import sys, worker.cli, producer.operations, producer.sources, producer.web.api, uvicorn; "
             "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False False", out.stderr

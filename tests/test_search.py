@@ -22,9 +22,9 @@ from tests.conftest import EXAMPLES, run_cli
 from tests.test_api import api_settings as api_settings  # noqa: F401 (fixture)
 from tests.test_api import base_url, client  # noqa: F401 (fixtures)
 from worker.loop import run_worker
-from worker.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
+from worker.read.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
+from worker.read.vector_cache import VectorCache
 from worker.store import from_bson_vector, to_bson_vector
-from worker.vector_cache import VectorCache
 
 PODCAST = "The Seen and the Unseen"
 

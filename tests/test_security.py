@@ -22,11 +22,11 @@ from rq.serializers import JSONSerializer
 
 from config.errors import PodembedError
 from config.settings import Settings
-from producer import api
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import TASK, batch_queue, ingest, parse_files
 from producer.jobs import JOBS_INDEX, JobRecords
 from producer.sources import DirectorySource
+from producer.web import api
 from tests.conftest import EXAMPLES
 from tests.soak.harness import run_cli, worker_env
 from worker.loop import run_worker
@@ -216,7 +216,7 @@ def test_only_loopback_and_allowed_host_names_are_answered(settings: Settings, r
             assert open_api.get("/jobs", headers={"Host": host}).status_code == 200, host
 
 
-FORGED = "\n2026-12-07 03:00:00,000 ERROR producer.api: forged line"
+FORGED = "\n2026-12-07 03:00:00,000 ERROR producer.web.api: forged line"
 
 
 def test_control_characters_in_names_are_refused_and_never_logged(client: TestClient, settings: Settings,

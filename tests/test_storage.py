@@ -20,7 +20,7 @@ from producer.jobs import JobRecords
 from producer.operations import retry
 from tests.conftest import EXAMPLES, run_cli
 from worker.loop import run_worker
-from worker.search import Searcher, atlas_pipeline, index_definition
+from worker.read.search import Searcher, atlas_pipeline, index_definition
 from worker.storage import bytes_per_embedded_chunk, collection_bytes
 from worker.store import from_bson_vector
 from worker.tasks import init_context

@@ -495,7 +495,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
-    from worker.catalog import Selection, export_vectors
+    from worker.read.catalog import Selection, export_vectors
 
     selection = Selection(args.podcast, args.episode, args.model or settings.model)
     result = export_vectors(reach_mongo(settings), selection, args.format, args.out, sys.stdout.buffer)
@@ -511,8 +511,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
-    from worker.catalog import Selection, delete_vectors, require_stored
-    from worker.vector_cache import cache_paths
+    from worker.read.catalog import Selection, delete_vectors, require_stored
+    from worker.read.vector_cache import cache_paths
 
     db = reach_mongo(settings)
     selection = Selection(None if args.no_podcast else args.podcast, args.episode)
@@ -540,7 +540,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from config.services import LOOPBACK
-    from producer.api import create_app
+    from producer.web.api import create_app
 
     open_access = not settings.api_token
     if open_access and not args.insecure_loopback:
@@ -557,8 +557,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
-    from worker.catalog import require_stored
-    from worker.search import Searcher
+    from worker.read.catalog import require_stored
+    from worker.read.search import Searcher
 
     if args.query is None and args.queries is None:
         raise ConfigError("no query: give one (podembed search \"what to find\"), or --queries FILE")
@@ -602,7 +602,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo
     from producer.enqueue import vector_spec
-    from worker.search import create_index, index_definition
+    from worker.read.search import create_index, index_definition
 
     if args.model and args.model != settings.model:
         settings = settings.replace(model=args.model, model_path=None)

@@ -177,7 +177,7 @@ def _index_check(db: Database) -> Check:
 
 
 def _search_index_check(settings: Settings, db: Database) -> Check:
-    from worker.search import atlas_pipeline
+    from worker.read.search import atlas_pipeline
 
     name = f"vector search index {settings.vector_index}"
     try:

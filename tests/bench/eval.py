@@ -40,7 +40,7 @@ from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import ingest, parse_files, vector_spec  # noqa: E402
 from tests.bench.corpus import seenunseen_titles, seenunseen_vtt  # noqa: E402
 from worker.loop import run_worker  # noqa: E402
-from worker.search import Searcher, query_instruction  # noqa: E402
+from worker.read.search import Searcher, query_instruction  # noqa: E402
 from worker.store import from_bson_vector, to_bson_vector  # noqa: E402
 
 # Tuned on the first episodes; the reported figure is on the last ones, never looked at while tuning.

@@ -34,7 +34,7 @@ from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import batch_queues  # noqa: E402
 from producer.fleet import ledger_series  # noqa: E402
 from producer.jobs import TOTALS_KEY, JobRecords, NewJob  # noqa: E402
-from producer.metrics import metrics_registry  # noqa: E402
+from producer.web.metrics import metrics_registry  # noqa: E402
 
 INSERT_BATCH = 2000
 

@@ -52,11 +52,11 @@ from rq.serializers import JSONSerializer  # noqa: E402
 
 from config.services import local_services, on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from producer.api import create_app  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import batch_queue, ingest, parse_files, vector_spec  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
 from producer.streaming import chunk_episodes  # noqa: E402
+from producer.web.api import create_app  # noqa: E402
 from tests.bench.corpus import seenunseen_vtt  # noqa: E402
 from tests.soak.harness import (  # noqa: E402
     WorkerProcess,

@@ -2,7 +2,7 @@
 
 Every route but `/healthz`, `/docs` and `/openapi.json` needs `Authorization: Bearer <PODEMBED_API_TOKEN>`
 (the API's description holds no data, and a browser opening `/docs` sends no token); the dashboard's page
-and `/metrics` are in `producer.dashboard`. `podembed serve`
+and `/metrics` are in `producer.web.dashboard`. `podembed serve`
 runs the app with uvicorn; the Modal web endpoint imports `create_app`. Routes are plain
 `def`s: FastAPI runs them in its thread pool, as Redis, pymongo and chunking block, so the
 event loop stays free. A request with a body shows its token before anything of it is read; then
@@ -50,13 +50,13 @@ from config.services import LOOPBACK
 from config.settings import Settings, redact_url
 from producer.chunking import ChunkLimits, text_budget
 from producer.connections import mongo_database, redis_client
-from producer.dashboard import add_browser_routes
 from producer.enqueue import collect_episodes, ingest
 from producer.jobs import JobRecords, JobStatus
 from producer.models import MAX_LABEL_CHARS, Episode
 from producer.operations import CancelResult, RetryResult, cancel, retry
 from producer.parsing import parse_bytes
 from producer.tokens import load_tokenizer
+from producer.web.dashboard import add_browser_routes
 
 # Most specific first: the HTTP status each of our errors answers with (other errors: 409).
 ERROR_STATUS: list[tuple[type[PodembedError], int]] = [
@@ -218,7 +218,7 @@ def create_app(settings: Settings, *, open_access: bool = False) -> FastAPI:
         """The `k` stored chunks closest to the query, under the configured model and instruction."""
         # The searcher (its model, its vector cache) is built on the first query, not at start-up;
         # one query at a time keeps the cache refresh single-threaded.
-        from worker.search import Searcher
+        from worker.read.search import Searcher
 
         with search_lock:
             if not searcher:

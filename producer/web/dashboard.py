@@ -1,6 +1,6 @@
 """The browser's side of `podembed serve`: the dashboard at `/`, its data at `/fleet`, `/metrics`, and `/docs`.
 
-The dashboard is one HTML page and one script (`producer/static/`), served with a Content-Security-Policy
+The dashboard is one HTML page and one script (`producer/web/static/`), served with a Content-Security-Policy
 that allows nothing but this server: it reads `/fleet`, `/fleet/ledger` and the same `/jobs` routes the CLI's commands
 mirror, with the token the person types once (kept in the tab's sessionStorage, sent as a bearer header,
 never in a URL). The page and its script hold no data, so they need no token; `/fleet` does, and so does
@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from config.settings import Settings
 from producer import fleet
 from producer.jobs import JobRecords
-from producer.metrics import metrics_registry
+from producer.web.metrics import metrics_registry
 
 STATIC = Path(__file__).parent / "static"
 SWAGGER_UI = "/static/swagger-ui"

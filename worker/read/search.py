@@ -23,9 +23,9 @@ from config.errors import SearchError, StoreError
 from config.settings import Settings
 from producer.enqueue import vector_spec
 from producer.models import VectorSpec, normal_podcast
-from worker.lexical import BM25, FUSION_DEPTH, fuse
+from worker.read.lexical import BM25, FUSION_DEPTH, fuse
+from worker.read.vector_cache import VectorCache, cache_path
 from worker.store import from_bson_vector, to_bson_vector
-from worker.vector_cache import VectorCache, cache_path
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from config.errors import ConfigError, PodembedError, SelectionError, StoreError
 from config.services import replacing
 from producer.models import normal_podcast
 from producer.watermark import forget_episodes
+from worker.read.vector_cache import drop_cached
 from worker.store import from_bson_vector
-from worker.vector_cache import drop_cached
 
 FORMATS = ("jsonl", "parquet")
 # Columns every exported vector carries besides the vector itself.
