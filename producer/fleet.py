@@ -23,7 +23,7 @@ from rq.worker import Worker
 from config.errors import QueueError, StoreError
 from config.settings import Settings
 from producer.enqueue import batch_queues
-from producer.jobs import ENDED_STATES, TOTALS, TOTALS_KEY, JobRecords
+from producer.jobs import TOTALS, TOTALS_KEY, JobRecords, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +131,10 @@ def count_jobs(records: JobRecords) -> dict[str, int]:
     """Jobs by state: ended ones counted in MongoDB `jobs` (indexed), the others read live from Redis."""
     try:
         # One round trip for the ended states (nx-27017 answers each count_documents as a pipeline of its own).
-        ended = records.db.jobs.aggregate([{"$match": {"state": {"$in": sorted(ENDED_STATES)}}},
+        ended = records.db.jobs.aggregate([{"$match": {"state": {"$in": sorted(JobState.ENDED)}}},
                                            {"$group": {"_id": "$state", "n": {"$sum": 1}}}])
         counts = {d["_id"]: d["n"] for d in ended}
-        undone = [d["_id"] for d in records.db.jobs.find({"state": {"$nin": sorted(ENDED_STATES)}}, {"_id": 1})]
+        undone = [d["_id"] for d in records.db.jobs.find({"state": {"$nin": sorted(JobState.ENDED)}}, {"_id": 1})]
     except PyMongoError as exc:
         raise StoreError(f"cannot count jobs in MongoDB: {exc}") from exc
     for job_id in undone:

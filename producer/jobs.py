@@ -17,7 +17,8 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum, nonmember
+from typing import Any, NamedTuple
 
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
@@ -27,15 +28,12 @@ from redis.exceptions import RedisError
 
 from config.errors import JobNotFoundError, PayloadError, QueueError, StoreError
 from config.settings import redact_url
-from producer.connections import run_script
+from producer import scripts
 from producer.models import BATCH_ID, JOB_ID
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "podembed:job:"
-# States after which a job's counts no longer change (but for batches running when it was cancelled);
-# an `interrupted` job's change until what it enqueued has run (`JobStatus.ended`).
-ENDED_STATES = ("finished", "partial", "failed", "cancelled")
 JOBS_INDEX = "podembed:jobs"
 # Running totals of every batch counted, for /metrics: `{counter}\t{device}\t{model}` -> value (never expires).
 TOTALS_KEY = "podembed:totals"
@@ -49,78 +47,45 @@ NOTIFY_DELIVERY_FIELDS = ("notify_state", "notify_attempts", "notify_error")
 # What `count_finished`'s script answers.
 ALREADY_COUNTED, COUNTED, JOB_ENDED = 0, 1, 2
 
-# Shared end of the scripts, whose last two ARGV are always `now` and `ttl`: the job is over once
-# it is wholly enqueued (records written before streaming have no flag) and every batch is done or
-# failed for good; every key of the job (the first nine) lives `ttl` past the last change. Answers
-# JOB_ENDED or COUNTED.
-_BATCH_ENDED = """
-local ended = redis.call('SCARD', KEYS[2]) + redis.call('HLEN', KEYS[4])
-local over = redis.call('HGET', KEYS[1], 'enqueue_done') ~= '0'
-   and ended >= tonumber(redis.call('HGET', KEYS[1], 'batches_total'))
-if over then redis.call('HSET', KEYS[1], 'finished_at', ARGV[#ARGV - 1]) end
-for i = 1, 9 do redis.call('EXPIRE', KEYS[i], ARGV[#ARGV]) end
-if over then return 2 end
-return 1
-"""
 
-# KEYS as below. ARGV: now, ttl.
-_ENQUEUE_DONE = """
-redis.call('HSET', KEYS[1], 'enqueue_done', '1')
-""" + _BATCH_ENDED
+class JobState(StrEnum):
+    """A job's state, as its status document spells it."""
 
-# KEYS: hash, done, running, failed, errors, batches, episodes, cancelled, progress, sizes (they expire
-# together), totals. ARGV: batch_id, embedded, skipped, gpu_seconds, cost_usd, device, model, tokens, now,
-# ttl. A batch counted before (run again after its count, say a crash or a MongoDB error came between)
-# still leaves the running set.
-_FINISH_BATCH = """
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[9], ARGV[1])
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'embedded', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'skipped', ARGV[3])
-redis.call('HINCRBYFLOAT', KEYS[1], 'gpu_seconds', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
-redis.call('HSET', KEYS[1], 'device', ARGV[6])
-local at = '\t' .. ARGV[6] .. '\t' .. ARGV[7]
-redis.call('HINCRBY', KEYS[11], 'batches' .. at, 1)
-redis.call('HINCRBY', KEYS[11], 'embedded' .. at, ARGV[2])
-redis.call('HINCRBY', KEYS[11], 'skipped' .. at, ARGV[3])
-redis.call('HINCRBY', KEYS[11], 'tokens' .. at, ARGV[8])
-redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds' .. at, ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[11], 'cost_usd' .. at, ARGV[5])
-""" + _BATCH_ENDED
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    PARTIAL = "partial"  # some batches failed for good
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # its producer stopped short: what it enqueued runs, the rest never will
+
+    # States after which a job's counts no longer change (but for batches running when it was cancelled);
+    # an `interrupted` job's change until what it enqueued has run (`JobStatus.ended`).
+    ENDED = nonmember(frozenset({FINISHED, PARTIAL, FAILED, CANCELLED}))
+    # Ended states that left some of the job's episodes unembedded.
+    UNDONE = nonmember(frozenset({PARTIAL, FAILED, CANCELLED}))
 
 
-# KEYS: hash, done, running. ARGV: batch_id, its index in the job. -1 if the job has no such batch
-# (it ended and expired, or never existed); else the batch is marked running, and the answer is
-# 1 if an earlier run counted it already, 0 if not.
-_CLAIM_BATCH = """
-local total = redis.call('HGET', KEYS[1], 'batches_total')
-if not total or tonumber(ARGV[2]) < 0 or tonumber(ARGV[2]) >= tonumber(total) then return -1 end
-redis.call('SADD', KEYS[3], ARGV[1])
-return redis.call('SISMEMBER', KEYS[2], ARGV[1])
-"""
+class JobKeys(NamedTuple):
+    """A job's Redis keys, by name; the first ten expire together (`producer.scripts.JOB_KEYS`)."""
 
+    record: str  # hash: kind, model, counters, `enqueue_done`, `cancelled`, `finished_at`, the webhook's fields
+    done: str  # set: the batches counted finished
+    running: str  # set: the batches running
+    failed: str  # hash: failed batch -> its chunks
+    errors: str  # hash: failed batch -> its reason
+    batches: str  # list: its batch ids, in enqueue order
+    episodes: str  # set: the keys of the episodes it wholly enqueued
+    cancelled: str  # hash: cancelled batch -> its chunks
+    progress: str  # hash: running batch -> chunks stored so far
+    sizes: str  # hash: batch -> its chunks
+    producer: str  # its producer's name (host:pid) while it works, refreshed within PRODUCER_TTL_SECONDS
+    totals: str = TOTALS_KEY  # every job's batches counted, for /metrics
 
-# KEYS as above. ARGV: batch_id, n_chunks, reason, now, ttl.
-_FAIL_BATCH = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[9], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
-""" + _BATCH_ENDED
-
-
-# KEYS as above. ARGV: batch_id, chunks stored, ttl. A batch already counted keeps no progress entry.
-_STORED_SO_FAR = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-redis.call('HINCRBY', KEYS[9], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[9], ARGV[3])
-return 1
-"""
+    @classmethod
+    def of(cls, job_id: str) -> JobKeys:
+        base = KEY_PREFIX + job_id
+        return cls(base, *(f"{base}:{name}" for name in cls._fields[1:-1]))
 
 
 def now_iso() -> str:
@@ -165,7 +130,7 @@ class JobStatus:
 
     job_id: str
     kind: str
-    state: str
+    state: JobState
     created_at: str
     finished_at: str | None
     model: str
@@ -190,8 +155,8 @@ class JobStatus:
     @property
     def ended(self) -> bool:
         """Whether its counts no longer change: an ended state, or interrupted with nothing left queued or running."""
-        return self.state in ENDED_STATES or (self.state == "interrupted" and not self.batches.queued
-                                               and not self.batches.running)
+        return self.state in JobState.ENDED or (self.state is JobState.INTERRUPTED and not self.batches.queued
+                                                and not self.batches.running)
 
 
 @dataclass(frozen=True)
@@ -225,15 +190,6 @@ class JobRecords:
         self.db = db
         self.ttl = ttl_seconds
 
-    def _keys(self, job_id: str) -> list[str]:
-        base = KEY_PREFIX + job_id
-        return [base, base + ":done", base + ":running", base + ":failed", base + ":errors", base + ":batches",
-                base + ":episodes", base + ":cancelled", base + ":progress", base + ":sizes"]
-
-    @staticmethod
-    def _producer_key(job_id: str) -> str:
-        return f"{KEY_PREFIX}{job_id}:producer"
-
     def create(self, job: NewJob) -> JobStatus:
         """Record a job with nothing enqueued yet: in MongoDB first, so a job that MongoDB cannot
         keep never reaches the queue, then in Redis with its producer's key."""
@@ -256,17 +212,18 @@ class JobRecords:
         }
         if job.notify_url:
             fields["notify_url"] = job.notify_url
-        status = JobStatus(job_id=job.job_id, kind=job.kind, state="queued", created_at=job.created_at,
+        status = JobStatus(job_id=job.job_id, kind=job.kind, state=JobState.QUEUED, created_at=job.created_at,
                            finished_at=None, model=job.model, instruction=job.instruction, episodes=0,
                            chunks=ChunkCounts(), batches=BatchCounts(), gpu_seconds=0.0, cost_usd=0.0, device="",
                            enqueue_done=False, queue=job.queue,
                            notify=NotifyStatus(redact_url(job.notify_url)) if job.notify_url else None)
         self.save(status)
         created = datetime.fromisoformat(job.created_at).timestamp()
+        keys = JobKeys.of(job.job_id)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._keys(job.job_id)[0], mapping=fields)
-                pipe.set(self._producer_key(job.job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
+                pipe.hset(keys.record, mapping=fields)
+                pipe.set(keys.producer, _producer_name(), ex=PRODUCER_TTL_SECONDS)
                 pipe.zadd(JOBS_INDEX, {job.job_id: created})
                 # The index lists jobs while Redis holds their records; older ones live on in MongoDB `jobs`.
                 pipe.zremrangebyscore(JOBS_INDEX, "-inf", created - self.ttl)
@@ -278,23 +235,24 @@ class JobRecords:
     def add_window(self, job_id: str, window: Window, pipe: Pipeline) -> None:
         """Add the window's counts to `pipe`, the transaction that also enqueues its batches, so
         a window is on the queue and counted whole or not at all."""
-        hash_key, *_, batches_key, episodes_key, _, _, sizes_key = self._keys(job_id)
-        pipe.hincrby(hash_key, "chunks_total", window.chunks)
-        pipe.hincrby(hash_key, "skipped", window.skipped)
-        pipe.hincrby(hash_key, "batches_total", len(window.batches))
-        pipe.hincrby(hash_key, "episodes", len(window.episode_keys))
+        keys = JobKeys.of(job_id)
+        pipe.hincrby(keys.record, "chunks_total", window.chunks)
+        pipe.hincrby(keys.record, "skipped", window.skipped)
+        pipe.hincrby(keys.record, "batches_total", len(window.batches))
+        pipe.hincrby(keys.record, "episodes", len(window.episode_keys))
         if window.batches:
-            pipe.rpush(batches_key, *window.batches)
-            pipe.hset(sizes_key, mapping=window.batches)
+            pipe.rpush(keys.batches, *window.batches)
+            pipe.hset(keys.sizes, mapping=window.batches)
         if window.episode_keys:
-            pipe.sadd(episodes_key, *window.episode_keys)
-        pipe.set(self._producer_key(job_id), _producer_name(), ex=PRODUCER_TTL_SECONDS)
+            pipe.sadd(keys.episodes, *window.episode_keys)
+        pipe.set(keys.producer, _producer_name(), ex=PRODUCER_TTL_SECONDS)
 
     def finish_enqueue(self, job_id: str) -> JobStatus:
         """Mark the job wholly enqueued (it may be finished already) and keep its status in MongoDB."""
+        keys = JobKeys.of(job_id)
         try:
-            run_script(self.redis, _ENQUEUE_DONE, self._keys(job_id), [now_iso(), self.ttl])
-            self.redis.delete(self._producer_key(job_id))
+            scripts.ENQUEUE_DONE.run(self.redis, keys._asdict(), now=now_iso(), ttl=self.ttl)
+            self.redis.delete(keys.producer)
         except RedisError as exc:
             raise QueueError(f"cannot mark job {job_id} enqueued in Redis: {exc}") from exc
         status = self.status(job_id)
@@ -304,13 +262,13 @@ class JobRecords:
     def release_producer(self, job_id: str) -> None:
         """Say the job's producer stopped short (best effort: Redis may be what failed)."""
         try:
-            self.redis.delete(self._producer_key(job_id))
+            self.redis.delete(JobKeys.of(job_id).producer)
         except RedisError as exc:
             logger.warning("job %s: cannot release its producer key: %s", job_id, exc)
 
     def producer_alive(self, job_id: str) -> bool:
         """Whether the process enqueueing the job may still be at work."""
-        return _alive(self.redis.get(self._producer_key(job_id)))
+        return _alive(self.redis.get(JobKeys.of(job_id).producer))
 
     def has_batch(self, job_id: str, batch_id: str) -> bool:
         """Whether the job exists and enqueued a batch of this id."""
@@ -318,7 +276,7 @@ class JobRecords:
         if index is None:
             return False
         try:
-            total = self.redis.hget(self._keys(job_id)[0], "batches_total")
+            total = self.redis.hget(JobKeys.of(job_id).record, "batches_total")
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
         return total is not None and index < int(total)
@@ -329,7 +287,8 @@ class JobRecords:
         The worker sends it in the transaction that registers the batch as started in rq.
         """
         index = _batch_index(job_id, batch_id)
-        run_script(pipe, _CLAIM_BATCH, self._keys(job_id)[:3], [batch_id, -1 if index is None else index])
+        scripts.CLAIM_BATCH.run(pipe, JobKeys.of(job_id)._asdict(), batch_id=batch_id,
+                                index=-1 if index is None else index)
 
     @staticmethod
     def claimed(job_id: str, batch_id: str, answer: object) -> bool:
@@ -344,23 +303,23 @@ class JobRecords:
 
     def forget_episodes(self, job_id: str, episode_keys: list[str]) -> None:
         if episode_keys:
-            self.redis.srem(self._keys(job_id)[6], *episode_keys)
+            self.redis.srem(JobKeys.of(job_id).episodes, *episode_keys)
 
     def enqueued_episodes(self, job_id: str) -> set[str]:
         """Keys of the episodes whose chunks the job has wholly enqueued."""
-        return {k.decode() for k in self.redis.smembers(self._keys(job_id)[6])}
+        return {k.decode() for k in self.redis.smembers(JobKeys.of(job_id).episodes)}
 
     def batch_ids(self, job_id: str) -> list[str]:
-        return [b.decode() for b in self.redis.lrange(self._keys(job_id)[5], 0, -1)]
+        return [b.decode() for b in self.redis.lrange(JobKeys.of(job_id).batches, 0, -1)]
 
     def open_batches(self, job_id: str) -> list[str]:
         """The job's batches not counted finished, failed or cancelled: queued, running, or gone from rq."""
-        _, done, _, failed, _, batches, _, cancelled, *_ = self._keys(job_id)
+        keys = JobKeys.of(job_id)
         with self.redis.pipeline() as pipe:
-            pipe.lrange(batches, 0, -1)
-            pipe.smembers(done)
-            pipe.hkeys(failed)
-            pipe.hkeys(cancelled)
+            pipe.lrange(keys.batches, 0, -1)
+            pipe.smembers(keys.done)
+            pipe.hkeys(keys.failed)
+            pipe.hkeys(keys.cancelled)
             listed, *counted = pipe.execute()
         ended = set().union(*counted)
         return [b.decode() for b in listed if b not in ended]
@@ -369,7 +328,7 @@ class JobRecords:
         """How many chunks each of these batches carries (0 for a job enqueued before podembed kept it)."""
         if not batch_ids:
             return {}
-        sizes = self.redis.hmget(self._keys(job_id)[9], batch_ids)
+        sizes = self.redis.hmget(JobKeys.of(job_id).sizes, batch_ids)
         return {b: int(n or 0) for b, n in zip(batch_ids, sizes, strict=True)}
 
     def open_jobs(self) -> list[str]:
@@ -377,11 +336,11 @@ class JobRecords:
         job_ids = [j.decode() for j in self.redis.zrange(JOBS_INDEX, 0, -1)]
         with self.redis.pipeline() as pipe:
             for job_id in job_ids:
-                hash_key, done, _, failed, _, _, _, cancelled, *_ = self._keys(job_id)
-                pipe.hget(hash_key, "batches_total")
-                pipe.scard(done)
-                pipe.hlen(failed)
-                pipe.hlen(cancelled)
+                keys = JobKeys.of(job_id)
+                pipe.hget(keys.record, "batches_total")
+                pipe.scard(keys.done)
+                pipe.hlen(keys.failed)
+                pipe.hlen(keys.cancelled)
             answers = pipe.execute()
         rows = [answers[i : i + 4] for i in range(0, len(answers), 4)]
         return [job_id for job_id, (total, *counted) in zip(job_ids, rows, strict=True)
@@ -393,40 +352,41 @@ class JobRecords:
     ) -> None:
         """Add a batch's counts once, to its job and to the totals, in `pipe`, whose result for it is
         ALREADY_COUNTED, COUNTED or JOB_ENDED."""
-        args = [batch_id, embedded, skipped, repr(gpu_seconds), repr(cost_usd), device, model, tokens, now_iso(),
-                self.ttl]
-        run_script(pipe, _FINISH_BATCH, [*self._keys(job_id), TOTALS_KEY], args)
+        scripts.FINISH_BATCH.run(pipe, JobKeys.of(job_id)._asdict(), batch_id=batch_id, embedded=embedded,
+                                 skipped=skipped, gpu_seconds=repr(gpu_seconds), cost_usd=repr(cost_usd),
+                                 device=device, model=model, tokens=tokens, now=now_iso(), ttl=self.ttl)
 
     def counted(self, job_id: str, batch_id: str) -> bool:
         """Whether the batch's counts were added already (by this run or an earlier one)."""
-        return bool(self.redis.sismember(self._keys(job_id)[1], batch_id))
+        return bool(self.redis.sismember(JobKeys.of(job_id).done, batch_id))
 
     def mark_stored(self, job_id: str, batch_id: str, n_chunks: int) -> None:
         """Count `n_chunks` of a running batch as embedded (after each forward pass), until the batch is counted."""
-        run_script(self.redis, _STORED_SO_FAR, self._keys(job_id), [batch_id, n_chunks, self.ttl])
+        scripts.STORED_SO_FAR.run(self.redis, JobKeys.of(job_id)._asdict(), batch_id=batch_id, stored=n_chunks,
+                                  ttl=self.ttl)
 
     def mark_retrying(self, job_id: str, batch_id: str) -> None:
-        self.redis.srem(self._keys(job_id)[2], batch_id)
+        self.redis.srem(JobKeys.of(job_id).running, batch_id)
 
     def mark_failed(self, job_id: str, batch_id: str, n_chunks: int, reason: str) -> None:
         """Count a batch failed for good, with its reason (a batch already counted done stays done)."""
-        keys = self._keys(job_id)
-        run_script(self.redis, _FAIL_BATCH, keys, [batch_id, n_chunks, reason[:500], now_iso(), self.ttl])
+        scripts.FAIL_BATCH.run(self.redis, JobKeys.of(job_id)._asdict(), batch_id=batch_id, n_chunks=n_chunks,
+                               reason=reason[:500], now=now_iso(), ttl=self.ttl)
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, from Redis while it is there, else from MongoDB."""
         check_job_id(job_id)
-        keys = self._keys(job_id)
+        keys = JobKeys.of(job_id)
         try:
             with self.redis.pipeline() as pipe:
-                pipe.hgetall(keys[0])
-                pipe.scard(keys[1])
-                pipe.scard(keys[2])
-                pipe.hgetall(keys[3])
-                pipe.hgetall(keys[4])
-                pipe.hgetall(keys[7])
-                pipe.hvals(keys[8])
-                pipe.get(self._producer_key(job_id))
+                pipe.hgetall(keys.record)
+                pipe.scard(keys.done)
+                pipe.scard(keys.running)
+                pipe.hgetall(keys.failed)
+                pipe.hgetall(keys.errors)
+                pipe.hgetall(keys.cancelled)
+                pipe.hvals(keys.progress)
+                pipe.get(keys.producer)
                 record, done, running, failed, errors, cancelled, progress, producer = pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
@@ -499,6 +459,7 @@ class JobRecords:
         if doc is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         doc.pop("_id", None)
+        doc["state"] = JobState(doc["state"])
         doc["chunks"] = ChunkCounts(**doc["chunks"])
         doc["batches"] = BatchCounts(**doc["batches"])
         if doc.get("notify"):
@@ -507,18 +468,18 @@ class JobRecords:
 
     def cancelled(self, job_id: str) -> bool:
         try:
-            return self.redis.hget(self._keys(job_id)[0], "cancelled") == b"1"
+            return self.redis.hget(JobKeys.of(job_id).record, "cancelled") == b"1"
         except RedisError as exc:
             raise QueueError(f"cannot read job {job_id} from Redis: {exc}") from exc
 
     def mark_cancelled(self, job_id: str) -> None:
         """Flag the job cancelled (its state from now on) and stamp when; a no-op once Redis forgot it."""
-        hash_key = self._keys(job_id)[0]
+        record = JobKeys.of(job_id).record
         try:
-            if self.redis.exists(hash_key):
+            if self.redis.exists(record):
                 with self.redis.pipeline() as pipe:
-                    pipe.hset(hash_key, "cancelled", "1")
-                    pipe.hsetnx(hash_key, "finished_at", now_iso())
+                    pipe.hset(record, "cancelled", "1")
+                    pipe.hsetnx(record, "finished_at", now_iso())
                     pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot mark job {job_id} cancelled in Redis: {exc}") from exc
@@ -527,7 +488,7 @@ class JobRecords:
         """Count these batches (batch id -> chunks) cancelled: taken off the queue before they ran."""
         if not removed:
             return
-        key = self._keys(job_id)[7]
+        key = JobKeys.of(job_id).cancelled
         try:
             with self.redis.pipeline() as pipe:
                 pipe.hset(key, mapping=removed)
@@ -541,12 +502,12 @@ class JobRecords:
         its end will be notified again."""
         if not batch_ids:
             return
-        hash_key, _, _, failed, errors, *_ = self._keys(job_id)
+        keys = JobKeys.of(job_id)
         try:
             with self.redis.pipeline() as pipe:
-                pipe.hdel(failed, *batch_ids)
-                pipe.hdel(errors, *batch_ids)
-                pipe.hdel(hash_key, "finished_at", *NOTIFY_DELIVERY_FIELDS)
+                pipe.hdel(keys.failed, *batch_ids)
+                pipe.hdel(keys.errors, *batch_ids)
+                pipe.hdel(keys.record, "finished_at", *NOTIFY_DELIVERY_FIELDS)
                 pipe.execute()
         except RedisError as exc:
             raise QueueError(f"cannot clear failed batches of job {job_id} in Redis: {exc}") from exc
@@ -604,17 +565,17 @@ def _alive(producer: bytes | None) -> bool:
     return True
 
 
-def _state(batches: BatchCounts, *, cancelled: bool, enqueue_done: bool = True, producing: bool = False) -> str:
+def _state(batches: BatchCounts, *, cancelled: bool, enqueue_done: bool = True, producing: bool = False) -> JobState:
     if cancelled:
-        return "cancelled"
+        return JobState.CANCELLED
     if not enqueue_done:
         if not producing:
-            return "interrupted"  # its producer stopped short: what it enqueued runs, the rest never will
-        return "running" if batches.running or batches.finished or batches.failed else "queued"
+            return JobState.INTERRUPTED
+        return JobState.RUNNING if batches.running or batches.finished or batches.failed else JobState.QUEUED
     if batches.finished == batches.total:
-        return "finished"
+        return JobState.FINISHED
     if batches.finished + batches.failed == batches.total:
-        return "partial" if batches.finished else "failed"
+        return JobState.PARTIAL if batches.finished else JobState.FAILED
     if batches.running or batches.finished or batches.failed:
-        return "running"
-    return "queued"
+        return JobState.RUNNING
+    return JobState.QUEUED

@@ -32,21 +32,12 @@ from redis.exceptions import RedisError
 
 from config.errors import NotifyError, PodembedError
 from config.settings import Settings, redact_url
-from producer.connections import run_script
-from producer.jobs import ENDED_STATES, KEY_PREFIX, JobRecords, JobStatus
+from producer import scripts
+from producer.jobs import JobKeys, JobRecords, JobState, JobStatus
 
 logger = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Podembed-Signature"
-
-# KEYS: the job's hash. The notify URL if this caller now owns the delivery; nil if the job asked for
-# none or another process claimed it first.
-_CLAIM = """
-local url = redis.call('HGET', KEYS[1], 'notify_url')
-if not url then return false end
-if redis.call('HSETNX', KEYS[1], 'notify_state', 'sending') == 0 then return false end
-return url
-"""
 
 # One thread sends every delivery of the process, in order. Its threads are joined at interpreter exit,
 # so a CLI command or a burst worker that ends a job still delivers before the process is gone.
@@ -94,7 +85,7 @@ def check_url(url: str, *, allow_private: bool) -> None:
 
 def job_ended(settings: Settings, records: JobRecords, status: JobStatus) -> None:
     """Send the job's end to its notify URL on the sending thread, if it ended and asked for one."""
-    if status.notify is None or status.state not in ENDED_STATES:
+    if status.notify is None or status.state not in JobState.ENDED:
         return
     global _sender
     with _sender_lock:
@@ -117,10 +108,11 @@ def deliver(settings: Settings, records: JobRecords, job_id: str) -> bool:
     True if it was claimed here (sent or failed for good); its outcome is in the job's status.
     """
     status = records.status(job_id)
-    if status.state not in ENDED_STATES:
+    if status.state not in JobState.ENDED:
         return False
-    hash_key = KEY_PREFIX + job_id
-    url = run_script(records.redis, _CLAIM, [hash_key], [])
+    keys = JobKeys.of(job_id)
+    hash_key = keys.record
+    url = scripts.CLAIM_NOTIFY.run(records.redis, keys._asdict())
     if url is None:
         return False
     url = url.decode()

@@ -24,7 +24,7 @@ from config.settings import Settings
 from producer import notify
 from producer.chunkstore import ChunkStore
 from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
-from producer.jobs import JobRecords
+from producer.jobs import JobRecords, JobState
 from producer.models import Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.sources import EpisodeFilter, TranscriptSource
@@ -95,7 +95,7 @@ class BackfillRun:
 @dataclass
 class RetryResult:
     job_id: str
-    state: str
+    state: JobState
     requeued: list[str] = field(default_factory=list)
     # Failed batches deleted outside podembed: their chunk ids went with them, so they cannot be requeued.
     deleted: list[str] = field(default_factory=list)
@@ -104,7 +104,7 @@ class RetryResult:
 @dataclass
 class CancelResult:
     job_id: str
-    state: str
+    state: JobState
     removed: list[str] = field(default_factory=list)
 
 
@@ -231,8 +231,8 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     """
     records = JobRecords(redis, db, settings.result_ttl)
     status = records.status(job_id)
-    if status.state == "cancelled":
-        return RetryResult(job_id=job_id, state="cancelled")
+    if status.state is JobState.CANCELLED:
+        return RetryResult(job_id=job_id, state=JobState.CANCELLED)
     # The queue the job was enqueued on, even if the settings have named other queues since.
     registry = batch_queue(settings, redis, status.kind, name=status.queue).failed_job_registry
     requeued: list[str] = []
@@ -264,7 +264,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     """
     records = JobRecords(redis, db, settings.result_ttl)
     status = records.status(job_id)
-    if status.state in ("finished", "partial", "failed"):
+    if status.state in JobState.ENDED - {JobState.CANCELLED}:  # a cancel run again finishes the removal
         return CancelResult(job_id=job_id, state=status.state)
     # Flag first: a worker that dequeues a batch meanwhile runs it, and a rerun finishes the removal.
     records.mark_cancelled(job_id)
@@ -284,7 +284,7 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     except RedisError as exc:
         raise QueueError(f"cannot remove batches of job {job_id} from the queue: {exc}") from exc
     status = records.status(job_id)
-    status.state = "cancelled"  # also where only MongoDB still knows the job
+    status.state = JobState.CANCELLED  # also where only MongoDB still knows the job
     records.save(status)
     notify.job_ended(settings, records, status)
     logger.info("job %s: cancelled, %d queued batches removed", job_id, len(removed))

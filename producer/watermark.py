@@ -14,11 +14,8 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from config.errors import JobNotFoundError, StoreError
-from producer.jobs import JobRecords, now_iso
+from producer.jobs import JobRecords, JobState, now_iso
 from producer.models import Episode, episode_key
-
-# A job that ended in one of these states left some of its episodes unembedded.
-UNDONE_STATES = ("cancelled", "failed", "partial")
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ def _undone_jobs(records: JobRecords, job_ids: Iterable[str]) -> set[str]:
     undone = set()
     for job_id in job_ids:
         try:
-            if records.status(job_id).state in UNDONE_STATES:
+            if records.status(job_id).state in JobState.UNDONE:
                 undone.add(job_id)
         except JobNotFoundError:
             continue  # forgotten by Redis and MongoDB alike: nothing says it failed

@@ -94,6 +94,10 @@ def test_requests_without_the_token_get_401(base_url: str, redis: Redis) -> None
     assert schema["components"]["securitySchemes"]["HTTPBearer"] == {"type": "http", "scheme": "bearer"}
     assert schema["paths"]["/jobs"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]
+    assert schema["components"]["schemas"]["JobState"]["enum"] == [
+        "queued", "running", "finished", "partial", "failed", "cancelled", "interrupted"]
+    assert schema["components"]["schemas"]["JobStatus"]["properties"]["state"] == {
+        "$ref": "#/components/schemas/JobState"}
 
 
 def test_post_poll_list_and_finish_a_job(

@@ -249,4 +249,5 @@ def test_workers_and_lost_containers_in_metrics_and_fleet(settings: Settings, re
     assert {(w["name"], w["device"], w["state"]) for w in fleet["workers"]} == {
         (worker.name, "unknown", "idle"), ("ta-live", "NVIDIA A10G", "between drains")}
     assert fleet["workers_lost"] == 1
+    assert fleet["ended_states"] == ["cancelled", "failed", "finished", "partial"]
     worker.register_death()

@@ -176,6 +176,52 @@ def test_killed_producer_resumes_and_nothing_is_embedded_twice(settings: Setting
     assert len(ledger) == len(batch_ids) and sum(e["n_embedded"] for e in ledger) == len(chunk_ids)
 
 
+def test_status_watch_on_a_killed_producers_job_returns_interrupted_once_its_batches_ran(
+    settings: Settings, redis: Redis, db: Database, tmp_path: Path
+) -> None:
+    # The second file is a pipe nobody writes to: the producer blocks on it with the first file's batches queued.
+    shutil.copy(FILES[0], tmp_path / FILES[0].name)
+    stalled = tmp_path / "E99.vtt"
+    os.mkfifo(stalled)
+    env = worker_env(settings.redis_url, settings.mongo_uri, settings.mongo_db, enqueue_window_chunks=10,
+                     producer_processes=1)
+    records = JobRecords(redis, db, settings.result_ttl)
+    producer = subprocess.Popen([sys.executable, "-m", "worker.cli", "ingest", str(tmp_path / FILES[0].name),
+                                 str(stalled), "--podcast", SHOW, "--json"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        job_id = wait_until_value(lambda: next((j.decode() for j in redis.zrange(JOBS_INDEX, 0, 0)), None),
+                                  timeout=60, what="a job")
+        wait_until(lambda: records.status(job_id).episodes == 1, timeout=60, what="the first file enqueued")
+    finally:
+        producer.send_signal(signal.SIGKILL)
+        producer.wait()
+
+    watch = [sys.executable, "-m", "worker.cli", "status", job_id, "--watch", "--json", "--interval", "0.1"]
+    watcher = subprocess.Popen(watch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stderr is not None
+        first = watcher.stderr.readline()  # its first poll: nothing has run, so it keeps watching
+        run_worker(settings, burst=True, redis=redis)
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err
+    total = records.status(job_id).chunks.total
+    assert first.startswith(f"[{'.' * 30}] 0/{total} chunks") and first.rstrip().endswith("  interrupted")
+    status = json.loads(out)
+    assert (status["state"], status["enqueue_done"], status["episodes"]) == ("interrupted", False, 1)
+    batches = status["batches"]
+    assert (batches["queued"], batches["running"], batches["failed"]) == (0, 0, 0)
+    assert batches["finished"] == batches["total"] > 0 and status["chunks"]["embedded"] == total
+    assert err.splitlines()[-1].startswith(f"[{'#' * 30}] {total}/{total} chunks")
+
+    # With nothing left to run, a watch returns at its first poll.
+    again = run_cli(env, "status", job_id, "--watch", "--json", "--interval", "0.1")
+    assert (again.returncode, json.loads(again.stdout)["state"], len(again.stderr.splitlines())) == (
+        0, "interrupted", 1), again.stderr
+
+
 def test_two_ctrl_cs_then_a_full_run_queue_every_chunk_once(settings: Settings, redis: Redis, db: Database,
                                                               tmp_path: Path) -> None:
     # Six real episodes; the third and fifth are pipes nobody writes to yet, where a run blocks: the first

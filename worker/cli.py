@@ -42,8 +42,6 @@ EXIT_NOT_FOUND = 2
 EXIT_BROKEN_PIPE = 141
 # What a shell reports for a command ended by Ctrl-C (SIGINT).
 EXIT_INTERRUPTED = 130
-# The `jobs` table's state column: its longest state, `interrupted`.
-STATE_WIDTH = 11
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,7 +429,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis
-    from producer.jobs import JobRecords
+    from producer.jobs import JobRecords, JobState
 
     if args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
@@ -439,25 +437,27 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([s.to_dict() for s in statuses])
         return 0
-    print(f"{'job':<12}  {'kind':<8}  {'state':<{STATE_WIDTH}}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
+    width = max(map(len, JobState))  # the state column: its longest state
+    print(f"{'job':<12}  {'kind':<8}  {'state':<{width}}  {'created':<25}  {'chunks done':>13}  {'failed':>6}  "
           f"{'cancelled':>9}  {'cost':<9}  queue")
     for s in statuses:
         # Done is embedded or already there (skipped); failed and cancelled chunks are counted apart.
         done = f"{s.chunks.embedded + s.chunks.skipped}/{s.chunks.total}"
         cost = f"${s.cost_usd:.4f}"
-        print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<{STATE_WIDTH}}  {s.created_at:<25}  {done:>13}  "
+        print(f"{s.job_id:<12}  {s.kind:<8}  {s.state:<{width}}  {s.created_at:<25}  {done:>13}  "
               f"{s.chunks.failed:>6}  {s.chunks.cancelled:>9}  {cost:<9}  {s.queue or '-'}")
     return 0
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis
+    from producer.jobs import JobState
     from producer.operations import retry
 
     result = retry(settings, reach_redis(settings), reach_mongo(settings), args.job_id)
     if args.json:
         _print_json(asdict(result))
-    elif result.state == "cancelled":
+    elif result.state is JobState.CANCELLED:
         print(f"job {result.job_id}: cancelled, nothing to retry")
     else:
         print(f"job {result.job_id}: {_count(len(result.requeued), 'failed batch')} requeued; now {result.state}")

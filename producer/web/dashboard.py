@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config.settings import Settings
 from producer import fleet
-from producer.jobs import JobRecords
+from producer.jobs import JobRecords, JobState
 from producer.web.metrics import metrics_registry
 
 STATIC = Path(__file__).parent / "static"
@@ -47,7 +47,7 @@ def add_browser_routes(app: FastAPI, settings: Settings, records: JobRecords, au
 
     @app.get("/fleet", tags=["operating"], dependencies=guarded, responses=unauthorized)
     def read_fleet() -> dict:
-        """Queues and workers now: the dashboard's data besides the jobs."""
+        """Queues and workers now, and the states in which a job has ended: the dashboard's data besides the jobs."""
         now = datetime.now(UTC)
         workers = fleet.read_workers(settings, records.redis, records.db, now)
         return {
@@ -55,6 +55,7 @@ def add_browser_routes(app: FastAPI, settings: Settings, records: JobRecords, au
             "queues": [asdict(q) for q in fleet.read_queues(settings, records.redis, now)],
             "workers": [asdict(w) for w in workers.live],
             "workers_lost": workers.lost,
+            "ended_states": sorted(JobState.ENDED),
         }
 
     @app.get("/fleet/ledger", tags=["operating"], dependencies=guarded, responses=unauthorized)

@@ -5,7 +5,7 @@ const REFRESH_MS = 2000;
 // The 24 h chart is read again after this, or as soon as a job's counts moved (new batches in the ledger).
 const CHART_MS = 60000;
 const TOKEN_KEY = "podembed-token";
-const ENDED = new Set(["finished", "partial", "failed", "cancelled"]);
+let ended = new Set();  // the states in which a job has ended, as /fleet names them
 const seen = new Map();  // job id -> {done, at}: chunks/s between two refreshes
 let timer = null;
 let chart = {at: 0, progress: null};
@@ -70,7 +70,7 @@ function action(job, verb) {
 function jobRow(job, now) {
   const c = job.chunks;
   const done = c.embedded + c.skipped + c.failed + c.cancelled;
-  const pct = c.total ? Math.floor(100 * done / c.total) : (ENDED.has(job.state) ? 100 : 0);
+  const pct = c.total ? Math.floor(100 * done / c.total) : (ended.has(job.state) ? 100 : 0);
   const before = seen.get(job.job_id);
   const embedded = c.embedded + c.skipped + c.in_progress;  // cancelled and failed chunks are not throughput
   seen.set(job.job_id, {done: embedded, at: now});
@@ -83,10 +83,10 @@ function jobRow(job, now) {
   const progress = el("td"); progress.append(bar, el("span", `${pct} %`, {class: "pct"}));
   const buttons = el("td");
   if (job.batches.failed && job.state !== "cancelled") buttons.append(action(job.job_id, "retry"));
-  if (!ENDED.has(job.state)) buttons.append(action(job.job_id, "cancel"));
-  const ended = ENDED.has(job.state);
-  const eta = !ended && rate > 0 ? seconds(c.pending / rate) : "-";
-  const tr = row([job.job_id, job.kind, job.state, progress, ended || rate === null ? "-" : rate.toFixed(1), eta,
+  const over = ended.has(job.state);
+  if (!over) buttons.append(action(job.job_id, "cancel"));
+  const eta = !over && rate > 0 ? seconds(c.pending / rate) : "-";
+  const tr = row([job.job_id, job.kind, job.state, progress, over || rate === null ? "-" : rate.toFixed(1), eta,
                   cell(el("span", `$${job.cost_usd.toFixed(6)}`, {class: "cost"})), buttons]);
   tr.setAttribute("data-job", job.job_id);
   tr.setAttribute("data-state", job.state);
@@ -132,6 +132,7 @@ async function refresh() {
       drawChart(await api("/fleet/ledger"));
       chart = {at: now, progress};
     }
+    ended = new Set(fleet.ended_states);
     document.getElementById("login").hidden = true;
     document.getElementById("data").hidden = false;
     fill("queues", fleet.queues.map(q => row([q.queue, q.batches.queued, seconds(q.oldest_age_seconds),
@@ -145,7 +146,7 @@ async function refresh() {
       for (const [batch, reason] of Object.entries(j.errors)) {
         const buttons = el("td");
         if (j.state !== "cancelled") buttons.append(action(j.job_id, "retry"));
-        if (!ENDED.has(j.state)) buttons.append(action(j.job_id, "cancel"));
+        if (!ended.has(j.state)) buttons.append(action(j.job_id, "cancel"));
         failed.push(row([j.job_id, batch, el("td", reason, {class: "error"}), buttons]));
       }
     }
