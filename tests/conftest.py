@@ -7,11 +7,12 @@ dropped afterwards. The model is the real small one, loaded once per session.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from config.services import on_spare_ports, services_down, services_up
 from config.settings import Settings
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import batch_queues
+from worker.cli import main
 from worker.loop import make_worker
 from worker.pipeline import Drain
 from worker.priority import PriorityTake
@@ -77,6 +79,45 @@ def run_cli(settings: Settings, *args: str, **extra_env: str) -> subprocess.Comp
     """`podembed ARGS` in a fresh process on the services and database of `settings`."""
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=cli_env(settings, **extra_env),
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> Callable[..., subprocess.CompletedProcess]:
+    """`podembed ARGS` without a new interpreter: `main(ARGS)` in this process, with exactly the `PODEMBED_*`
+    variables of `env` (as `cli_env` or the soak harness's `worker_env` give); the session's model serves it.
+    For what does not depend on the process: what does (exit by signal, the interpreter's own output, what a
+    command imports) keeps a real one."""
+
+    def run(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess:
+        for name in [n for n in os.environ if n.startswith("PODEMBED_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            if name.startswith("PODEMBED_"):
+                monkeypatch.setenv(name, value)
+        # `main` configures logging as in its own process: on stderr, at its level; pytest's handlers wait.
+        root, pymongo, rq_worker = (logging.getLogger(name) for name in ("", "pymongo", "rq.worker"))
+        kept = root.handlers[:], root.level, pymongo.level, rq_worker.filters[:]
+        for handler in kept[0]:
+            root.removeHandler(handler)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse refusing the arguments
+            code = exit_.code
+        finally:
+            for handler in root.handlers[:]:
+                root.removeHandler(handler)
+            for handler in kept[0]:
+                root.addHandler(handler)
+            root.setLevel(kept[1])
+            pymongo.setLevel(kept[2])
+            rq_worker.filters[:] = kept[3]
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -41,7 +41,7 @@ def test_t5_xl_flop_count_matches_its_parameters() -> None:
 
 def test_eval_runs_from_the_vendored_corpus() -> None:
     out = subprocess.run(
-        [sys.executable, "tests/bench/eval.py", "--episodes", "E01-E02", "--scale", "1500"],
+        [sys.executable, "tests/bench/eval.py", "--episodes", "E01-E02", "--scale", "1500", "--scan-queries", "40"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )
     report = json.loads(out.stdout)

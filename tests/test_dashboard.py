@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import CompletedProcess
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,7 +23,7 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from config.services import free_port
 from config.settings import Settings
-from tests.conftest import EXAMPLES, ROOT, cli_env, run_cli
+from tests.conftest import EXAMPLES, ROOT, cli_env
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "dashboard-test-token"
@@ -82,14 +83,25 @@ def log_in(page: Page, token: str) -> None:
     page.click("#login button")
 
 
-def ingest(settings: Settings, *paths: Path, podcast: str) -> str:
-    out = run_cli(settings, "ingest", *map(str, paths), "--podcast", podcast, "--json")
+@pytest.fixture
+def podembed(settings: Settings, cli_in_process: Callable[..., CompletedProcess]) -> Callable[..., CompletedProcess]:
+    """`podembed ARGS` in this process (the model loaded once), on the services and database `serve` uses."""
+
+    def run(*args: str, **extra_env: str) -> CompletedProcess:
+        return cli_in_process(cli_env(settings, **extra_env), *args)
+
+    return run
+
+
+def ingest(podembed: Callable[..., CompletedProcess], *paths: Path, podcast: str) -> str:
+    out = podembed("ingest", *map(str, paths), "--podcast", podcast, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["job_id"]
 
 
 def test_dashboard_shows_a_job_to_its_end_cancels_a_queued_one_and_retries_a_failed_one(
-    settings: Settings, server: Server, browser: Browser, tmp_path: Path, request: pytest.FixtureRequest
+    podembed: Callable[..., CompletedProcess], server: Server, browser: Browser, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     elsewhere: list[str] = []
     page = offline_page(browser, server, elsewhere)
@@ -104,16 +116,16 @@ def test_dashboard_shows_a_job_to_its_end_cancels_a_queued_one_and_retries_a_fai
 
     log_in(page, TOKEN)
     expect(page.locator("#data")).to_be_visible()
-    job = ingest(settings, EXAMPLES, podcast="The Seen and the Unseen")
+    job = ingest(podembed, EXAMPLES, podcast="The Seen and the Unseen")
     row = page.locator(f'#jobs tr[data-job="{job}"]')
     expect(row).to_have_attribute("data-state", "queued", timeout=10_000)
     expect(page.locator("#queues tbody tr").first).to_contain_text("podembed")
 
-    worker = run_cli(settings, "work", "--burst")
+    worker = podembed("work", "--burst")
     assert worker.returncode == 0, worker.stderr
     expect(row.locator(".bar")).to_have_attribute("data-percent", "100", timeout=15_000)
     expect(row).to_have_attribute("data-state", "finished")
-    status = json.loads(run_cli(settings, "status", job, "--json").stdout)
+    status = json.loads(podembed("status", job, "--json").stdout)
     expect(row.locator(".cost")).to_have_text(f"${status['cost_usd']:.6f}")
     assert status["cost_usd"] > 0
     # The chart's last point holds this batch: both lines drawn, and a non-zero peak.
@@ -125,17 +137,17 @@ def test_dashboard_shows_a_job_to_its_end_cancels_a_queued_one_and_retries_a_fai
     assert page.evaluate("sessionStorage.getItem('podembed-token')") == TOKEN
     assert TOKEN not in page.url
 
-    queued = ingest(settings, Path(__file__).parent / "data" / "E03.srt", podcast="Cancel Me")
+    queued = ingest(podembed, Path(__file__).parent / "data" / "E03.srt", podcast="Cancel Me")
     queued_row = page.locator(f'#jobs tr[data-job="{queued}"]')
     expect(queued_row).to_have_attribute("data-state", "queued", timeout=10_000)
     queued_row.locator('button[data-action="cancel"]').click()
     expect(queued_row).to_have_attribute("data-state", "cancelled", timeout=10_000)
-    assert json.loads(run_cli(settings, "status", queued, "--json").stdout)["state"] == "cancelled"
+    assert json.loads(podembed("status", queued, "--json").stdout)["state"] == "cancelled"
 
     # A batch the model refuses (a text over the forward-pass cap) fails for good: its error line shows,
     # and its retry button puts it back on the queue.
-    failing = ingest(settings, Path(__file__).parent / "data" / "E06.vtt", podcast="Too Long")
-    refused = run_cli(settings, "work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")
+    failing = ingest(podembed, Path(__file__).parent / "data" / "E06.vtt", podcast="Too Long")
+    refused = podembed("work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")
     assert refused.returncode == 0, refused.stderr
     failed_row = page.locator("#failed tbody tr").filter(has_text=failing)
     expect(failed_row).to_contain_text("EmbeddingError", timeout=10_000)
@@ -143,8 +155,8 @@ def test_dashboard_shows_a_job_to_its_end_cancels_a_queued_one_and_retries_a_fai
     failed_row.locator('button[data-action="retry"]').click()
     expect(page.locator(f'#jobs tr[data-job="{failing}"]')).to_have_attribute("data-state", "queued",
                                                                              timeout=10_000)
-    assert json.loads(run_cli(settings, "status", failing, "--json").stdout)["batches"]["queued"] == 1
-    run_cli(settings, "work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")  # failed again: the picture shows it
+    assert json.loads(podembed("status", failing, "--json").stdout)["batches"]["queued"] == 1
+    podembed("work", "--burst", PODEMBED_MAX_FORWARD_TOKENS="8")  # failed again: the picture shows it
     expect(failed_row).to_contain_text("EmbeddingError", timeout=10_000)
 
     shot = tmp_path / "dashboard.png"

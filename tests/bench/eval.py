@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--query-instructions", nargs="+", help="query instructions to compare "
                                                                  "(default: the configured one)")
     parser.add_argument("--scale", type=int, default=100_000, help="stored vectors for the speed run (0: none)")
+    parser.add_argument("--scan-queries", type=int, default=1000, help="titles searched in the speed run "
+                                                                         "(default 1000)")
     args = parser.parse_args()
 
     overrides = {k: v for k, v in (("chunk_tokens", args.chunk_tokens),
@@ -220,7 +222,7 @@ def main() -> None:
                 **evaluate(settings, episodes, instructions),
             }
             if args.scale:
-                titles = [q[0] for q in labelled_queries(episode_range("E01-E120"))][:1000]
+                titles = [q[0] for q in labelled_queries(episode_range("E01-E120"))][:args.scan_queries]
                 report["exact_scan"] = scan_speed(settings, titles, args.scale)
         finally:
             services_down(settings)
