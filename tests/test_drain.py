@@ -256,7 +256,7 @@ def test_the_housekeeper_thread_counts_an_abandoned_batch_with_no_retries_left_f
     cannot be set there, and skipped it; the batch was never counted failed and its job never ended."""
     d, held = _abandoned(settings, redis, db)
     queue = d.queues[0]
-    redis.hset(held.job.key, "retries_left", 0)
+    redis.hset(held.rq_job.key, "retries_left", 0)
     job_id = held.ticket.job_id
 
     housekeeper = threading.Thread(target=upkeep.maintain, args=(queue, d.worker),

@@ -117,7 +117,7 @@ def test_put_back_returns_each_batch_to_the_front_of_its_own_queue(
     drain = taking_drain(settings, redis)
     held = [drain.take() for _ in range(4)]
     assert [h.batch_id for h in held] == [*ingest_order, *backfill_order[:2]]
-    assert [h.job.get_status() for h in held] == ["started"] * 4
+    assert [h.rq_job.get_status() for h in held] == ["started"] * 4
     drain.put_back(held)
     assert (queues[0].job_ids, queues[1].job_ids, queues[2].job_ids) == (ingest_order, [], backfill_order)
     assert all(redis.llen(q.intermediate_queue_key) == 0 and q.started_job_registry.count == 0 for q in queues)

@@ -165,14 +165,14 @@ class Drain:
                 if until is None or time.monotonic() >= until or self.stopping.wait(TAKE_POLL_SECONDS):
                     return taken
                 continue
-            job = lifecycle.load_taken(taken, keep_seconds=self.keep_seconds)
-            if job is not None:
+            rq_job = lifecycle.load_taken(taken, keep_seconds=self.keep_seconds)
+            if rq_job is not None:
                 break
         # Only the fetch lane takes: the count read here is the one incremented below.
-        held = lifecycle.register(self.worker, taken.queue, job, self.ctx.records, taken=self.taken, kind=Held)
+        held = lifecycle.register(self.worker, taken.queue, rq_job, self.ctx.records, taken=self.taken, kind=Held)
         with self.lock:
             self.taken += 1
-            self.held[job.id] = held
+            self.held[held.batch_id] = held
         return held
 
     def registered(self) -> bool:
@@ -510,7 +510,7 @@ class Housekeeper(threading.Thread):
 
 def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
     """The prepare stage of a held batch; a payload the take could not read fails here, with why."""
-    ticket = held.ticket if held.ticket is not None else read_ticket(held.job)
+    ticket = held.ticket if held.ticket is not None else read_ticket(held.rq_job)
     return prepare_batch(ctx, ticket, held.claimed)
 
 

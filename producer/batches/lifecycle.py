@@ -36,7 +36,7 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 class Registered:
     """A batch this worker took off the queue: registered as started, beating until it ends."""
 
-    job: Job
+    rq_job: Job  # the batch as rq holds it
     execution: Execution
     queue: Queue  # the queue it came from, where rq's finish, failure and retry put it
     ticket: BatchTicket | None  # None: its payload does not parse (the prepare stage fails it, saying why)
@@ -45,7 +45,7 @@ class Registered:
 
     @property
     def batch_id(self) -> str:
-        return self.job.id
+        return self.rq_job.id
 
 
 R = TypeVar("R", bound=Registered)
@@ -54,39 +54,39 @@ R = TypeVar("R", bound=Registered)
 def load_taken(taken: Taken, *, keep_seconds: int) -> Job | None:
     """The taken batch's rq job; None (and its id off the intermediate list) if it is gone or poison."""
     queue = taken.queue
-    job = load_batch(queue, taken.batch_id, keep_seconds=keep_seconds, raw=taken.raw)
-    if job is None:
+    rq_job = load_batch(queue, taken.batch_id, keep_seconds=keep_seconds, raw=taken.raw)
+    if rq_job is None:
         queue.connection.lrem(queue.intermediate_queue_key, 1, taken.batch_id)  # gone, or poison (evicted)
-    return job
+    return rq_job
 
 
-def register(worker: DrainWorker, queue: Queue, job: Job, records: JobRecords, *, taken: int,
+def register(worker: DrainWorker, queue: Queue, rq_job: Job, records: JobRecords, *, taken: int,
              kind: type[R]) -> R:
     """Register the batch as started by `worker` and claim it for its job: one round trip. The worker's
     own hash is not touched (a drain's first take runs while the worker registers). `kind`: the record the
     caller keeps, `Registered` or a subclass whose other fields have defaults."""
-    ttl = worker.get_heartbeat_ttl(job)
+    ttl = worker.get_heartbeat_ttl(rq_job)
     try:
-        ticket: BatchTicket | None = read_ticket(job)
+        ticket: BatchTicket | None = read_ticket(rq_job)
     except Exception:  # whatever a foreign payload raises: the prepare stage raises it again
         ticket = None
     with queue.connection.pipeline() as pipe:
         # rq 3.0.0: `Execution.create` is how `Worker.prepare_execution` registers an execution.
-        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
-        job.heartbeat(now(), ttl, pipeline=pipe)
-        job.prepare_for_execution(worker.name, pipeline=pipe)
-        pipe.persist(job.key)
-        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        execution = Execution.create(rq_job, ttl, pipeline=pipe, worker_name=worker.name)
+        rq_job.heartbeat(now(), ttl, pipeline=pipe)
+        rq_job.prepare_for_execution(worker.name, pipeline=pipe)
+        pipe.persist(rq_job.key)
+        pipe.lrem(queue.intermediate_queue_key, 1, rq_job.id)
         # rq's maintenance marks a batch it sees in the intermediate list between a take and this
         # registration, and fails it as stuck if it sees it there again a minute later (a retry, or
         # the failed registry without our callback): the mark goes with the batch's registration.
         # rq 3.0.0: `IntermediateQueue.get_first_seen_key` names that mark.
-        pipe.delete(queue.intermediate_queue.get_first_seen_key(job.id))
+        pipe.delete(queue.intermediate_queue.get_first_seen_key(rq_job.id))
         if ticket is not None:
             records.claim(pipe, ticket.job_id, ticket.batch_id)
         answers = pipe.execute()
     worker.executions[execution.id] = execution
-    return kind(job, execution, queue, ticket, None if ticket is None else answers[-1], taken)
+    return kind(rq_job, execution, queue, ticket, None if ticket is None else answers[-1], taken)
 
 
 def finish(worker: DrainWorker, held: Registered, pipe: Pipeline, result: dict) -> None:
@@ -96,26 +96,26 @@ def finish(worker: DrainWorker, held: Registered, pipe: Pipeline, result: dict) 
     Batches have no dependents, repeats, success callback or webhooks (the producer sets none,
     and `BatchJob` refuses a foreign callback), so rq's WATCH on the dependents is not needed.
     """
-    job, execution = held.job, held.execution
-    job.ended_at = now()
+    rq_job, execution = held.rq_job, held.execution
+    rq_job.ended_at = now()
     # rq 3.0.0: `Worker.handle_job_success` sets `Job._result` and calls `Job._handle_success`; neither has
     # a public counterpart that joins a caller's pipeline.
-    job._result = result
-    ttl = job.get_result_ttl(worker.default_result_ttl)
+    rq_job._result = result
+    ttl = rq_job.get_result_ttl(worker.default_result_ttl)
     worker.increment_successful_job_count(pipeline=pipe)
-    worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
-    job._handle_success(ttl, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
-                        execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
-    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+    worker.increment_total_working_time(rq_job.ended_at - rq_job.started_at, pipe)
+    rq_job._handle_success(ttl, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
+                           execution_started_at=execution.created_at, execution_ended_at=rq_job.ended_at)
+    rq_job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    worker.cleanup_execution(rq_job, pipeline=pipe, execution=execution)
 
 
 def fail(worker: DrainWorker, held: Registered, exc_info: ExcInfo) -> None:
     """rq's failure path for the batch: our failure callback, then `Retry` or the failed registry."""
-    held.job.ended_at = now()
+    held.rq_job.ended_at = now()
     # rq 3.0.0: `Worker._finalize_failure` is `handle_job_failure` with the failure callback first, as
     # `perform_job` runs them.
-    worker._finalize_failure(held.job, held.queue, held.execution, exc_info)
+    worker._finalize_failure(held.rq_job, held.queue, held.execution, exc_info)
 
 
 def put_back(worker: DrainWorker, held: Sequence[Registered], returned: Sequence[Registered]) -> None:
@@ -123,11 +123,11 @@ def put_back(worker: DrainWorker, held: Sequence[Registered], returned: Sequence
     one taken after a batch already put back (`returned`) goes right behind it."""
     with worker.connection.pipeline() as pipe:
         for h in sorted(held, key=lambda h: h.taken, reverse=True):
-            h.execution.delete(job=h.job, pipeline=pipe)
-            h.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            h.execution.delete(job=h.rq_job, pipeline=pipe)
+            h.rq_job.set_status(JobStatus.QUEUED, pipeline=pipe)
             before = [r for r in returned if r.queue.key == h.queue.key and r.taken < h.taken]
             behind = max(before, key=lambda r: r.taken).batch_id if before else ""
-            run_script(pipe, PUT_BACK, [h.queue.key], list(PutBackArgv(batch_id=h.job.id, behind=behind)))
+            run_script(pipe, PUT_BACK, [h.queue.key], list(PutBackArgv(batch_id=h.rq_job.id, behind=behind)))
         pipe.execute()
     for h in held:
         worker.executions.pop(h.execution.id, None)
@@ -140,7 +140,7 @@ def beat(worker: DrainWorker, held: Sequence[Registered]) -> None:
         # rq's loop sets the state per batch; the drain's lanes do not, so `rq info` would show `?`.
         worker.set_state(WorkerStatus.BUSY if held else WorkerStatus.IDLE, pipeline=pipe)
         for h in held:
-            ttl = worker.get_heartbeat_ttl(h.job)
-            h.execution.heartbeat(h.job.started_job_registry, ttl, pipeline=pipe)
-            h.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            ttl = worker.get_heartbeat_ttl(h.rq_job)
+            h.execution.heartbeat(h.rq_job.started_job_registry, ttl, pipeline=pipe)
+            h.rq_job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
         pipe.execute()
