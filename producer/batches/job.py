@@ -79,10 +79,10 @@ def fetch_batches(redis: Redis, batch_ids: list[str]) -> list[Job]:
     return [j for j in Job.fetch_many(batch_ids, connection=redis, serializer=JSONSerializer) if j is not None]
 
 
-def read_ticket(job: Job) -> BatchTicket:
-    """The batch a job carries; `BatchJob` refuses a job naming anything but podembed's task."""
-    job.func  # noqa: B018
-    return BatchTicket.from_payload(job.args[0])
+def read_ticket(batch: Job) -> BatchTicket:
+    """What the batch's rq job carries; `BatchJob` refuses one naming anything but podembed's task."""
+    batch.func  # noqa: B018
+    return BatchTicket.from_payload(batch.args[0])
 
 
 def load_batch(queue: Queue, batch_id: str, *, keep_seconds: int, raw: dict | None = None) -> Job | None:
@@ -95,9 +95,9 @@ def load_batch(queue: Queue, batch_id: str, *, keep_seconds: int, raw: dict | No
             return queue.job_class.fetch(batch_id, connection=queue.connection, serializer=queue.serializer)
         if not raw:
             return None
-        job = queue.job_class(batch_id, connection=queue.connection, serializer=queue.serializer)
-        job.restore(raw)
-        return job
+        batch = queue.job_class(batch_id, connection=queue.connection, serializer=queue.serializer)
+        batch.restore(raw)
+        return batch
     except NoSuchJobError:
         return None
     except RedisError:

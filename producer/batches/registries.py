@@ -110,19 +110,19 @@ def existing_batches(redis: Redis, batch_ids: Sequence[str]) -> list[bool]:
 def failed_batches(queue: Queue, batch_ids: Sequence[str]) -> list[str]:
     """Those of `batch_ids` in the queue's failed registry whose hashes are still there."""
     registry = queue.failed_job_registry
-    return [job.id for job in fetch_batches(queue.connection, [b for b in batch_ids if b in registry])]
+    return [batch.id for batch in fetch_batches(queue.connection, [b for b in batch_ids if b in registry])]
 
 
 def requeue_failed(queue: Queue, batch_ids: Sequence[str]) -> list[str]:
     """Put failed batches back on the queue; those another requeue took meanwhile are left out."""
     registry = queue.failed_job_registry
     requeued = []
-    for job in fetch_batches(queue.connection, list(batch_ids)):
+    for batch in fetch_batches(queue.connection, list(batch_ids)):
         try:
-            registry.requeue(job)
+            registry.requeue(batch)
         except InvalidJobOperation:
             continue  # another retry requeued it meanwhile
-        requeued.append(job.id)
+        requeued.append(batch.id)
     return requeued
 
 
