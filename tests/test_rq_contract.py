@@ -5,6 +5,7 @@ which pyproject and the Modal image both install.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import tomllib
@@ -116,3 +117,22 @@ def test_pyproject_pins_the_rq_the_image_installs() -> None:
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert [d for d in dependencies if re.match(r"rq\b", d)] == [f"rq=={pin}"]
     assert rq.__version__ == pin
+
+
+# The producer's enqueue builds rq's Queue, Retry and Callback for the batches it enqueues.
+RQ_USERS = {"producer/enqueue.py"}
+
+
+def test_only_producer_batches_imports_rq() -> None:
+    """Every other module goes through `producer.batches`: an rq upgrade is checked in one place."""
+    importers = []
+    for path in sorted(p for top in ("config", "producer", "worker", "modal_jobs") for p in (ROOT / top).rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name.startswith("producer/batches/") or name in RQ_USERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(m == "rq" or m.startswith("rq.") for m in modules):
+                importers.append(name)
+    assert importers == []
