@@ -22,10 +22,11 @@ from config.errors import ConfigError, DeviceError, StoreError
 from config.settings import Settings
 from modal_jobs.launcher import read_backlog
 from modal_jobs.spawns import SpawnLedger
+from producer.batches.worker import DrainWorker
 from producer.enqueue import vector_spec
 from worker.embedder import Embedder, cuda_report, get_embedder, move_embedder, weight_bytes
-from worker.loop import DrainWorker, make_worker
 from worker.loop import drain as drain_queue
+from worker.loop import make_worker
 
 logger = logging.getLogger(__name__)
 

@@ -17,17 +17,13 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
-from rq.job import Job
-from rq.registry import StartedJobRegistry
-from rq.serializers import JSONSerializer
-from rq.utils import as_text
 
 from config.devices import is_gpu
 from config.errors import PodembedError, QueueError, StoreError
 from config.settings import Settings
 from modal_jobs.settings import ModalSettings, drain_budget
 from modal_jobs.spawns import SpawnLedger
+from producer.batches.registries import batch_metas, waiting_batches, worker_keys
 from producer.enqueue import batch_queue
 from producer.operations import THROUGHPUT_WINDOW, nightly
 from producer.sources import MONGO, open_source
@@ -105,29 +101,16 @@ def queue_backlog(settings: Settings, redis: Redis, name: str, now: float) -> Ba
     """One queue's backlog at `now`; a batch without `n_tokens` in its meta counts as a full one."""
     queue = batch_queue(settings, redis, name=name)
     try:
-        queued = queue.get_job_ids()
-        with redis.pipeline() as pipe:
-            pipe.zrange(queue.scheduled_job_registry.key, 0, -1, withscores=True)
-            pipe.zrangebyscore(queue.started_job_registry.key, 0, now)
-            scheduled, started = pipe.execute()
-        due = [as_text(job_id) for job_id, at in scheduled if at <= now]
-        later = [at for _, at in scheduled if at > now]
-        # An entry is `job_id:execution_id`; a batch may have two executions when a retry raced.
-        abandoned = sorted({StartedJobRegistry.parse_job_id(as_text(entry)) for entry in started})
-        job_ids = [*queued, *due, *abandoned]
-        with redis.pipeline() as pipe:
-            for job_id in job_ids:
-                pipe.hget(Job.key_for(job_id), "meta")
-            metas = pipe.execute()
+        waiting = waiting_batches(queue, now)
+        batch_ids = [*waiting.queued, *waiting.due, *waiting.abandoned]
+        metas = batch_metas(redis, batch_ids)
     except RedisError as exc:
         raise QueueError(f"cannot read queue {queue.name!r}: {exc}") from exc
-    chunks = tokens = 0
-    for raw in metas:
-        meta = JSONSerializer.loads(raw) if raw else {}
-        chunks += int(meta.get("n_chunks", settings.batch_max_chunks))
-        tokens += int(meta.get("n_tokens", settings.batch_max_tokens))
-    return Backlog(batches=len(job_ids), chunks=chunks, tokens=tokens, queued=len(queued), retries_due=len(due),
-                   abandoned=len(abandoned), retries_later=len(later),
+    chunks = sum(int(meta.get("n_chunks", settings.batch_max_chunks)) for meta in metas)
+    tokens = sum(int(meta.get("n_tokens", settings.batch_max_tokens)) for meta in metas)
+    later = waiting.later
+    return Backlog(batches=len(batch_ids), chunks=chunks, tokens=tokens, queued=len(waiting.queued),
+                   retries_due=len(waiting.due), abandoned=len(waiting.abandoned), retries_later=len(later),
                    next_retry_in_s=round(min(later) - now, 3) if later else None)
 
 
@@ -135,7 +118,7 @@ def running_workers(settings: Settings, redis: Redis) -> int:
     """Workers on any of the queues (each drain listens on all of them), counted once."""
     names = settings.queue_names()
     try:
-        return len({key for name in names for key in Worker.all_keys(redis, batch_queue(settings, redis, name=name))})
+        return len(worker_keys([batch_queue(settings, redis, name=name) for name in names]))
     except RedisError as exc:
         raise QueueError(f"cannot count workers on {', '.join(names)}: {exc}") from exc
 

@@ -299,7 +299,7 @@ def enqueue_episodes(
     taken = stream.resume(run_key) if run_key is not None else {}
     todo = (e for e in episodes if e.key not in taken)
     try:
-        with StoreLane(stream, on_window) as lane:
+        with EnqueueLane(stream, on_window) as lane:
             for window in chunk_windows(settings, todo, spec):
                 if not lane.put(window):
                     logger.warning("job %s was cancelled while it was being enqueued: stopped", stream.job.job_id)
@@ -318,7 +318,7 @@ def enqueue_episodes(
 _END = object()
 
 
-class StoreLane:
+class EnqueueLane:
     """A thread that stores and enqueues windows in order while the next one is chunked.
 
     Its queue holds one window: memory stays bounded by two windows in flight. An error in
@@ -333,7 +333,7 @@ class StoreLane:
         self.cancelled = False
         self.thread = threading.Thread(target=self._run, name="enqueue", daemon=True)
 
-    def __enter__(self) -> StoreLane:
+    def __enter__(self) -> EnqueueLane:
         self.thread.start()
         return self
 

@@ -17,20 +17,15 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.job import Job
-from rq.worker import Worker
 
 from config.errors import QueueError, StoreError
 from config.settings import Settings
+from producer.batches.registries import count_batches, registered_workers
 from producer.enqueue import batch_queues
 from producer.jobs import TOTALS, TOTALS_KEY, JobRecords, JobState
 
 logger = logging.getLogger(__name__)
 
-# rq's registries of a queue, by the state its batches are in there.
-REGISTRIES = {"scheduled": "scheduled_job_registry", "started": "started_job_registry",
-              "failed": "failed_job_registry", "deferred": "deferred_job_registry",
-              "canceled": "canceled_job_registry"}
 # The most ledger entries one read takes: a histogram window or a chart holding more covers the latest only.
 MAX_LEDGER_READ = 20_000
 FIRST_LEDGER_READ = 32  # then 4x as many, until the window is covered
@@ -87,30 +82,16 @@ def read_queues(settings: Settings, redis: Redis, now: datetime) -> list[QueueSt
     """Each batch queue's depth, its registries' sizes, and how long its head has waited: two round trips."""
     queues = batch_queues(settings, redis)
     try:
-        with redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(queue.key)
-                for registry in REGISTRIES.values():
-                    pipe.zcard(getattr(queue, registry).key)
-                pipe.lindex(queue.key, 0)
-            answers = pipe.execute()
-        step = len(REGISTRIES) + 2
-        rows = [answers[i * step:(i + 1) * step] for i in range(len(queues))]
-        heads = [head.decode() for *_, head in rows if head]
-        with redis.pipeline(transaction=False) as pipe:
-            for head in heads:
-                pipe.hget(Job.key_for(head), "enqueued_at")
-            enqueued_at = dict(zip(heads, pipe.execute(), strict=True))
+        counts = count_batches(redis, queues)
     except RedisError as exc:
         raise QueueError(f"cannot read the queues from Redis: {exc}") from exc
     states = []
-    for queue, (depth, *sizes, head) in zip(queues, rows, strict=True):
+    for queue, count in zip(queues, counts, strict=True):
         age = None
-        at = enqueued_at.get(head.decode()) if head else None
-        if at:
-            age = max(0.0, (now - datetime.fromisoformat(at.decode().replace("Z", "+00:00"))).total_seconds())
-        counts = {"queued": depth, **dict(zip(REGISTRIES, sizes, strict=True))}
-        states.append(QueueState(queue=queue.name, batches=counts, oldest_age_seconds=age))
+        if count.head_enqueued_at:
+            at = datetime.fromisoformat(count.head_enqueued_at.replace("Z", "+00:00"))
+            age = max(0.0, (now - at).total_seconds())
+        states.append(QueueState(queue=queue.name, batches=count.batches, oldest_age_seconds=age))
     return states
 
 
@@ -148,13 +129,7 @@ def read_workers(settings: Settings, redis: Redis, db: Database, now: datetime) 
     """Workers registered with rq (local and Modal alike), with their container's record where there is one."""
     cutoff = now - timedelta(seconds=LOST_AFTER_BEATS * settings.heartbeat_interval)
     try:
-        # rq's set of workers holds their keys (`rq:worker:NAME`).
-        keys = sorted(k.decode() for k in redis.smembers(Worker.redis_workers_keys))
-        names = [k.removeprefix(Worker.redis_worker_namespace_prefix) for k in keys]
-        with redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hmget(key, "state", "last_heartbeat", "current_job")
-            registered = pipe.execute()
+        registered = registered_workers(redis)
     except RedisError as exc:
         raise QueueError(f"cannot read the workers from Redis: {exc}") from exc
     try:
@@ -165,9 +140,10 @@ def read_workers(settings: Settings, redis: Redis, db: Database, now: datetime) 
     except PyMongoError as exc:
         raise StoreError(f"cannot read {db.name}.workers: {exc}") from exc
     live = []
-    for name, (state, beat, current) in zip(names, registered, strict=True):
-        record = recent.pop(name, None)
-        live.append(_worker(name, record, state=_text(state) or "?", beat=_text(beat), current=_text(current)))
+    for worker in registered:
+        record = recent.pop(worker.name, None)
+        live.append(_worker(worker.name, record, state=worker.state or "?", beat=worker.last_heartbeat,
+                            current=worker.current_batch))
     # A container between drains is not registered with rq, but still billed.
     live += [_worker(name, record, state="between drains", beat=record["updated_at"].isoformat(), current=None)
              for name, record in sorted(recent.items())]
@@ -218,7 +194,3 @@ def _worker(name: str, record: dict | None, *, state: str, beat: str | None, cur
 def _aware(at: datetime) -> datetime:
     # A client without tz_aware hands back naive datetimes; the ledger's are UTC.
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode() if value else None

@@ -15,13 +15,11 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.exceptions import InvalidJobOperation
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from config.errors import QueueError, StoreError
 from config.settings import Settings
 from producer import notify
+from producer.batches.registries import cancel_waiting, existing_batches, failed_batches, requeue_failed
 from producer.chunkstore import ChunkStore
 from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
 from producer.jobs import JobRecords, JobState
@@ -234,21 +232,14 @@ def retry(settings: Settings, redis: Redis, db: Database, job_id: str) -> RetryR
     if status.state is JobState.CANCELLED:
         return RetryResult(job_id=job_id, state=JobState.CANCELLED)
     # The queue the job was enqueued on, even if the settings have named other queues since.
-    registry = batch_queue(settings, redis, status.kind, name=status.queue).failed_job_registry
-    requeued: list[str] = []
+    queue = batch_queue(settings, redis, status.kind, name=status.queue)
     try:
         fail_deleted_batches(records, job_id)
         deleted = [b for b, reason in records.status(job_id).errors.items() if reason == DELETED_REASON]
-        failed = [b for b in records.batch_ids(job_id) if b in registry]
-        jobs = [j for j in Job.fetch_many(failed, connection=redis, serializer=JSONSerializer) if j is not None]
+        failed = failed_batches(queue, records.batch_ids(job_id))
         # Counted failed no more first: a requeue that fails halfway is still in RQ's registry for a rerun.
-        records.clear_failed(job_id, [j.id for j in jobs])
-        for job in jobs:
-            try:
-                registry.requeue(job)
-            except InvalidJobOperation:
-                continue  # another retry requeued it meanwhile
-            requeued.append(job.id)
+        records.clear_failed(job_id, failed)
+        requeued = requeue_failed(queue, failed)
     except RedisError as exc:
         raise QueueError(f"cannot requeue batches of job {job_id}: {exc}") from exc
     status = records.status(job_id)
@@ -269,16 +260,13 @@ def cancel(settings: Settings, redis: Redis, db: Database, job_id: str) -> Cance
     # Flag first: a worker that dequeues a batch meanwhile runs it, and a rerun finishes the removal.
     records.mark_cancelled(job_id)
     queue = batch_queue(settings, redis, status.kind, name=status.queue)
-    scheduled = queue.scheduled_job_registry
     removed: dict[str, int] = {}  # batch id -> its chunks
     try:
         for batch_id in records.batch_ids(job_id):
-            # Off the queue (or the retry schedule) first: once removed, no worker can take it.
-            if queue.remove(batch_id) or scheduled.remove(batch_id):
-                batch = Job.fetch(batch_id, connection=redis, serializer=JSONSerializer)
-                batch.cancel()
+            meta = cancel_waiting(queue, batch_id)
+            if meta is not None:
                 # Counted at once: a cancel that stops halfway leaves nothing removed uncounted.
-                removed[batch_id] = int(batch.meta.get("n_chunks", 0))
+                removed[batch_id] = int(meta.get("n_chunks", 0))
                 records.count_cancelled(job_id, {batch_id: removed[batch_id]})
         fail_deleted_batches(records, job_id)  # never coming either: the counts add up at once
     except RedisError as exc:
@@ -299,10 +287,7 @@ def fail_deleted_batches(records: JobRecords, job_id: str) -> list[str]:
     counted finished when it ends after all, as its finish replaces the failure.
     """
     open_batches = records.open_batches(job_id)
-    with records.redis.pipeline(transaction=False) as pipe:
-        for batch_id in open_batches:
-            pipe.exists(Job.key_for(batch_id))
-        there = pipe.execute()
+    there = existing_batches(records.redis, open_batches)
     gone = [b for b, exists in zip(open_batches, there, strict=True) if not exists]
     for batch_id, n_chunks in records.batch_chunks(job_id, gone).items():
         records.mark_failed(job_id, batch_id, n_chunks, DELETED_REASON)

@@ -3,7 +3,10 @@
 A `Script` declares the names of its KEYS and ARGV in order, and its source starts by binding each name
 to its slot (`local record, done = KEYS[1], KEYS[2]`), so the Lua reads by name. `Script.run` takes the
 keys (a job's `JobKeys`, say) and the arguments by name and sends them in the declared order: no caller
-counts positions.
+counts positions. The take script alone has as many KEYS as there are queues: they come as a list, its ARGV
+by name (`ordered`).
+
+Two sections: the job-record scripts (`producer.jobs`), and the rq-side scripts (`producer.batches`).
 """
 
 from __future__ import annotations
@@ -140,3 +143,53 @@ if not url then return false end
 if redis.call('HSETNX', record, 'notify_state', 'sending') == 0 then return false end
 return url
 """)
+
+
+# rq-side scripts
+
+# Takes the next batch from the queues in priority order (`producer.batches.take`).
+# KEYS: the queues highest first, then their intermediate lists, then their scheduled registries (the same
+#   order), then the backfill's share credit.
+# ARGV: share (the backfill's share in `scale`ths, 0: strict priority), scale (what a whole share is worth),
+#   hash_prefix (the prefix of a batch's hash key, rq's job hash).
+# The batch's hash is not among KEYS (its id is known only here): fine on a single Redis, which is all rq
+# supports. Returns {index of the queue, batch id, the batch's hash as a flat list}, or, when every queue is
+# empty, {-1, the earliest scheduled retry's score (false: none)}.
+TAKE = Script(keys=(), argv=("share", "scale", "hash_prefix"), body="""
+share, scale = tonumber(share), tonumber(scale)
+local n = (#KEYS - 1) / 3
+local credit = KEYS[#KEYS]
+local pick = 0
+for i = 1, n do
+  if redis.call('LLEN', KEYS[i]) > 0 then pick = i; break end
+end
+if pick == 0 then
+  local due = false
+  for i = 2 * n + 1, 3 * n do
+    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')[2]
+    if first and (not due or tonumber(first) < tonumber(due)) then due = first end
+  end
+  return {-1, due}
+end
+if share > 0 and pick < n and redis.call('LLEN', KEYS[n]) > 0 then
+  if redis.call('INCRBY', credit, share) >= scale then
+    redis.call('DECRBY', credit, scale)
+    pick = n
+  end
+end
+local batch_id = redis.call('LMOVE', KEYS[pick], KEYS[n + pick], 'LEFT', 'RIGHT')
+return {pick - 1, batch_id, redis.call('HGETALL', hash_prefix .. batch_id)}
+""")
+
+
+# Puts a batch that was taken but not started back on its queue (`producer.batches.lifecycle`).
+# KEYS: queue.
+# ARGV: batch_id, behind (the batch put back earlier that this one goes right behind; "": none, or that one
+#   was taken again since: then it goes to the front).
+# Returns 1 when it went right behind `behind`, 0 when it went to the front.
+PUT_BACK = Script(keys=("queue",), argv=("batch_id", "behind"), body="""
+if behind ~= '' and redis.call('LINSERT', queue, 'AFTER', behind, batch_id) > 0 then return 1 end
+redis.call('LPUSH', queue, batch_id)
+return 0
+""")
+

@@ -21,12 +21,12 @@ from redis import Redis
 
 from config.services import on_spare_ports, services_down, services_up
 from config.settings import Settings
+from producer.batches.take import PriorityTake
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import batch_queues
 from worker.cli import main
 from worker.loop import make_worker
 from worker.pipeline import Drain
-from worker.priority import PriorityTake
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -22,12 +22,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from config.settings import Settings
+from producer.batches import upkeep
+from producer.batches.upkeep import scheduler_for
 from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, taking_drain
 from tests.soak.harness import audit, counters_exact, wait_until
-from worker import housekeeping
-from worker.housekeeping import scheduler_for
 from worker.loop import drain, make_worker
 from worker.pipeline import Ahead, Drain, Held, Housekeeper, prepare
 
@@ -215,14 +215,14 @@ def test_a_worker_killed_mid_maintenance_holds_the_queues_cleanup_no_longer_than
     started = queue.started_job_registry
     lock_ttl: list[int] = []
 
-    clean = housekeeping.clean_batch_registries
+    clean = upkeep.clean_batch_registries
 
     def cleaning(q: Queue) -> None:  # mid-pass: the lock a worker killed now would leave behind
         lock_ttl.append(redis.ttl(q.registry_cleaning_key))
         clean(q)
 
-    monkeypatch.setattr(housekeeping, "clean_batch_registries", cleaning)
-    housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl)
+    monkeypatch.setattr(upkeep, "clean_batch_registries", cleaning)
+    upkeep.maintain(queue, d.worker, keep_seconds=settings.result_ttl)
     assert lock_ttl and 0 < lock_ttl[0] <= 3 * settings.heartbeat_interval
     assert started.get_job_ids(cleanup=False) == [] and held.batch_id in queue.job_ids  # recovered
     assert not redis.exists(queue.registry_cleaning_key)  # released at the end of the pass
@@ -238,15 +238,15 @@ def test_a_fleet_runs_one_periodic_maintenance_pass_per_queue_per_interval(
     other = make_worker(settings, redis, name="another-drain")[0]
     every = settings.maintenance_interval
 
-    assert housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert upkeep.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
     assert held.batch_id in queue.job_ids  # the pass recovered the abandoned batch
-    assert not housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl, every=every)
-    assert not housekeeping.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
-    assert 0 < redis.ttl(housekeeping.recent_pass_key(queue)) <= every
+    assert not upkeep.maintain(queue, other, keep_seconds=settings.result_ttl, every=every)
+    assert not upkeep.maintain(queue, d.worker, keep_seconds=settings.result_ttl, every=every)
+    assert 0 < redis.ttl(upkeep.recent_pass_key(queue)) <= every
     # A drain's first pass.
-    assert housekeeping.maintain(queue, other, keep_seconds=settings.result_ttl)
+    assert upkeep.maintain(queue, other, keep_seconds=settings.result_ttl)
     # Each queue has its own interval.
-    assert housekeeping.maintain(d.queues[1], other, keep_seconds=settings.result_ttl, every=every)
+    assert upkeep.maintain(d.queues[1], other, keep_seconds=settings.result_ttl, every=every)
 
 
 def test_the_housekeeper_thread_counts_an_abandoned_batch_with_no_retries_left_failed(
@@ -256,10 +256,10 @@ def test_the_housekeeper_thread_counts_an_abandoned_batch_with_no_retries_left_f
     cannot be set there, and skipped it; the batch was never counted failed and its job never ended."""
     d, held = _abandoned(settings, redis, db)
     queue = d.queues[0]
-    redis.hset(held.job.key, "retries_left", 0)
+    redis.hset(held.rq_job.key, "retries_left", 0)
     job_id = held.ticket.job_id
 
-    housekeeper = threading.Thread(target=housekeeping.maintain, args=(queue, d.worker),
+    housekeeper = threading.Thread(target=upkeep.maintain, args=(queue, d.worker),
                                    kwargs={"keep_seconds": settings.result_ttl})
     housekeeper.start()
     housekeeper.join()
@@ -290,7 +290,7 @@ def test_poison_jobs_are_taken_out_of_the_way_and_the_real_batch_finishes(
     redis.zadd(queue.started_job_registry.key, {"poison-started:0": time.time() - 60})  # abandoned
     worker, _ = make_worker(settings, redis)
 
-    with caplog.at_level(logging.ERROR, logger="worker.housekeeping"):
+    with caplog.at_level(logging.ERROR, logger="producer.batches.job"):
         tally = drain(worker)
     assert (tally.batches, tally.failed) == (job.batches, 0)
     _exactly_once(settings, redis, db, job)

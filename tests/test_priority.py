@@ -22,13 +22,13 @@ from config.errors import ConfigError
 from config.settings import Settings
 from modal_jobs.launcher import first_clear_seconds, plan_launch, read_backlogs
 from modal_jobs.settings import ModalSettings
+from producer.batches.take import Idle, PriorityTake, credit_key
 from producer.enqueue import EnqueuedJob, batch_queue, batch_queues, enqueue_episodes, parse_files, vector_spec
 from producer.jobs import JobRecords
 from producer.operations import cancel, retry
 from tests.conftest import DATA, EXAMPLES, ROOT, run_cli, taking_drain
 from tests.soak.harness import start_worker, wait_until, worker_env
 from worker.loop import run_worker
-from worker.priority import Idle, PriorityTake, credit_key
 
 # Small chunks in small batches: a backfill of many quick batches.
 SMALL = {"chunk_tokens": 64, "chunk_overlap_tokens": 16}
@@ -81,7 +81,7 @@ def test_takes_follow_priority_and_the_share_in_one_script(settings: Settings, r
 
     strict = PriorityTake(redis, queues, None)
     order = [strict() for _ in range(17)]
-    assert [t.job_id for t in order[:16]] == ["i0", "i1", *(f"n{k}" for k in range(8)), *(f"b{k}" for k in range(6))]
+    assert [t.batch_id for t in order[:16]] == ["i0", "i1", *(f"n{k}" for k in range(8)), *(f"b{k}" for k in range(6))]
     assert order[16] == Idle(due=None)
     assert [t.queue.name for t in order[:3:2]] == [settings.queue_name, settings.queue_names()[1]]
     # Each id sits in its own queue's intermediate list, as rq's own dequeue leaves it; no hash: gone.
@@ -93,7 +93,7 @@ def test_takes_follow_priority_and_the_share_in_one_script(settings: Settings, r
         for k in range(n):
             redis.rpush(queue.key, f"{prefix}{k}")
     shared = PriorityTake(redis, queues, 0.2)
-    taken = [shared().job_id for _ in range(16)]
+    taken = [shared().batch_id for _ in range(16)]
     assert taken == ["i0", "i1", "n0", "n1", "b0", "n2", "n3", "n4", "n5", "b1", "n6", "n7",
                      "b2", "b3", "b4", "b5"]
     # The credit is one for all workers, in Redis: 12 contended takes earned 2.4, 2 were paid back; the
@@ -117,7 +117,7 @@ def test_put_back_returns_each_batch_to_the_front_of_its_own_queue(
     drain = taking_drain(settings, redis)
     held = [drain.take() for _ in range(4)]
     assert [h.batch_id for h in held] == [*ingest_order, *backfill_order[:2]]
-    assert [h.job.get_status() for h in held] == ["started"] * 4
+    assert [h.rq_job.get_status() for h in held] == ["started"] * 4
     drain.put_back(held)
     assert (queues[0].job_ids, queues[1].job_ids, queues[2].job_ids) == (ingest_order, [], backfill_order)
     assert all(redis.llen(q.intermediate_queue_key) == 0 and q.started_job_registry.count == 0 for q in queues)

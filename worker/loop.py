@@ -3,95 +3,20 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
-from rq.executions import Execution
-from rq.job import Job
-from rq.serializers import JSONSerializer
-from rq.timeouts import TimerDeathPenalty
 
-from config.errors import ForeignJobError, QueueError
+from config.errors import QueueError
 from config.settings import Settings
+from producer.batches.worker import DrainWorker, drain_worker
 from producer.connections import open_connections, redis_client
-from producer.enqueue import ON_FAILURE, TASK, vector_spec
+from producer.enqueue import vector_spec
 from worker.doctor import refuse_eviction
 from worker.pipeline import REDIS_THREADS, DrainTally, run_drain
 from worker.tasks import WorkerContext, current_context, init_context
 
 logger = logging.getLogger(__name__)
-
-
-class BatchJob(Job):
-    """An RQ job that resolves nothing but podembed's task and failure callback.
-
-    The JSON serializer keeps pickles out, but a JSON job still names any importable callable
-    (`os.system` and a shell command, say): whoever can write to Redis could run it here. rq
-    resolves a job's function and callbacks only through these properties.
-    """
-
-    @property
-    def func(self) -> Callable[..., Any]:
-        if self.func_name != TASK:
-            raise ForeignJobError(f"job {self.id}: refusing to run {self.func_name!r}, not a podembed task")
-        return super().func
-
-    @property
-    def failure_callback(self) -> Callable[..., Any] | None:
-        self._refuse_callback("failure", self._failure_callback_name, ON_FAILURE)
-        return super().failure_callback
-
-    @property
-    def success_callback(self) -> Callable[..., Any] | None:
-        self._refuse_callback("success", self._success_callback_name)
-        return super().success_callback
-
-    @property
-    def stopped_callback(self) -> Callable[..., Any] | None:
-        self._refuse_callback("stopped", self._stopped_callback_name)
-        return super().stopped_callback
-
-    def _refuse_callback(self, kind: str, name: str | None, ours: str | None = None) -> None:
-        if name and name != ours:
-            raise ForeignJobError(f"job {self.id}: refusing {kind} callback {name!r}, not podembed's")
-
-
-class DrainWorker(SimpleWorker):
-    """The rq worker whose bookkeeping `worker.pipeline` uses for each batch (and `work()` for a plain loop).
-
-    It beats while a batch runs. rq's SimpleWorker cannot (the batch holds its only thread),
-    so it registers each batch for the whole job timeout plus a minute: a worker killed mid-batch
-    would leave the batch unclaimed for half an hour. With beats the registration lasts three
-    beats, and once it lapses any worker's maintenance pass hands the batch to RQ's retry
-    (`StartedJobRegistry.cleanup`: abandoned jobs with retries left are retried, not failed).
-    """
-
-    # Failure callbacks run in the pipeline's lane threads, where SIGALRM timeouts cannot be set.
-    death_penalty_class = TimerDeathPenalty
-
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return 3 * self.job_monitoring_interval
-
-    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
-        stop = threading.Event()
-        beating = threading.Thread(target=self._beat, args=(job, execution, stop), name="heartbeat", daemon=True)
-        beating.start()
-        try:
-            return super().perform_job(job, queue, execution)
-        finally:
-            stop.set()
-            beating.join()
-
-    def _beat(self, job: Job, execution: Execution, stop: threading.Event) -> None:
-        while not stop.wait(self.job_monitoring_interval):
-            try:
-                self.maintain_heartbeats(job, execution)
-            except RedisError as exc:  # Redis away for a moment: the next beat tries again
-                logger.warning("worker %s: heartbeat for batch %s failed: %s", self.name, job.id, exc)
 
 
 def make_worker(
@@ -108,14 +33,8 @@ def make_worker(
     if name:
         ctx.name = name
     ctx.embedder(vector_spec(settings))
-    # By name, so the worker builds the queues (and their registries' cleanup) with `BatchJob`; all three,
-    # highest priority first, so rq counts and shows the worker on each.
-    worker = DrainWorker(list(settings.queue_names()), connection=redis, serializer=JSONSerializer,
-                         job_class=BatchJob, name=ctx.name, job_monitoring_interval=settings.heartbeat_interval,
-                         maintenance_interval=settings.maintenance_interval,
-                         # An idle worker blocks on the queue for worker_ttl - 15 s before its next
-                         # maintenance pass: keep that as short as the maintenance interval.
-                         worker_ttl=settings.maintenance_interval + 15)
+    worker = drain_worker(redis, settings.queue_names(), name=ctx.name, heartbeat_interval=settings.heartbeat_interval,
+                          maintenance_interval=settings.maintenance_interval)
     # Like the model, one connection per thread of a drain is made at start: a worker a WAN away from Redis
     # would pay a connect and a health check in each lane at its first drain.
     open_connections(redis, REDIS_THREADS)

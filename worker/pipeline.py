@@ -14,7 +14,10 @@ lane keeps `settings.prefetch_batches` full batches of work ahead of the model, 
 beats for every batch held (prefetched ones too), runs rq's maintenance and moves due retries onto
 the queue.
 
-The fetch lane takes from the queues in priority order (`worker.priority`): ingest, nightly,
+What rq records of each batch (its registration, finish, failure, put back, heartbeats) is
+`producer.batches`; the lanes here say only when.
+
+The fetch lane takes from the queues in priority order (`producer.batches.take`): ingest, nightly,
 backfill. It takes only when there is room ahead of the model, so once a higher batch is queued, a
 worker holds no more lower batches than it already had: at most `prefetch_batches + 1` fetched
 ahead, one on the model and the ones being stored.
@@ -40,32 +43,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from types import TracebackType
-from typing import Any
 
 from bson.binary import Binary
 from redis.client import Pipeline
 from redis.exceptions import RedisError
-from rq import Queue
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.scheduler import RQScheduler
-from rq.utils import now
-from rq.worker import WorkerStatus
 
 from config.errors import DrainError
 from config.settings import Settings
-from producer.connections import run_script
-from producer.models import BatchTicket
-from worker.housekeeping import (
+from producer.batches import lifecycle
+from producer.batches.job import read_ticket
+from producer.batches.lifecycle import ExcInfo, Registered
+from producer.batches.take import Idle, PriorityTake
+from producer.batches.upkeep import (
     enqueue_due_retries,
     fail_deleted_batches_of_open_jobs,
-    load_job,
     maintain,
     release_locks,
     scheduler_for,
 )
-from worker.priority import Idle, PriorityTake
+from producer.batches.worker import BatchQueue, DrainWorker, RetryScheduler
 from worker.store import to_bson_vector
 from worker.tasks import (
     BatchResult,
@@ -100,37 +96,24 @@ class DrainTally:
 
 
 @dataclass
-class Held:
-    """A batch this worker took off the queue: registered as started, beating until it ends."""
+class Held(Registered):
+    """A batch this worker took off the queue (`Registered` with rq), with what its stages made of it."""
 
-    job: Job
-    execution: Execution
-    queue: Queue  # the queue it came from, where rq's finish, failure and retry put it
-    ticket: BatchTicket | None  # None: its payload does not parse (the prepare stage fails it, saying why)
-    claimed: object  # the answer to its claim, sent with its registration
-    taken: int  # how many batches the drain had taken before it: the order a put back keeps
     prepared: PreparedBatch | None = None
     computed: ComputedBatch | None = None
-
-    @property
-    def batch_id(self) -> str:
-        return self.job.id
-
-
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
 @dataclass
 class Drain:
     """What the lanes of one drain share: the worker, the queues, the held batches and the stop flags."""
 
-    worker: Any  # worker.loop.DrainWorker (rq's bookkeeping for each batch)
+    worker: DrainWorker  # rq's bookkeeping for each batch
     ctx: WorkerContext
-    queues: list[Queue]  # highest priority first
+    queues: list[BatchQueue]  # highest priority first
     taker: PriorityTake
     deadline: float | None  # time.monotonic()
     burst: bool
-    scheduler: RQScheduler  # moves due retries while this worker holds rq's scheduler lock
+    scheduler: RetryScheduler  # moves due retries while this worker holds rq's scheduler lock
     stopping: threading.Event = field(default_factory=threading.Event)  # warm stop: take nothing new
     # The worker is registered with rq (its first batch is taken meanwhile): a batch's end, which counts it in
     # the worker's hash, waits for it; rq refuses to register a worker whose hash exists.
@@ -147,10 +130,6 @@ class Drain:
     # Batches put back so far: a lane that held one when the stop came puts it back after the others.
     returned: list[Held] = field(default_factory=list)
     returning: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def redis(self):  # noqa: ANN201 (redis-py's client)
-        return self.queues[0].connection
 
     @property
     def keep_seconds(self) -> int:
@@ -176,9 +155,8 @@ class Drain:
             return list(self.held.values())
 
     def take(self) -> Held | Idle:
-        """Move the next batch of the highest queue holding one to this worker (one round trip, its job
-        hash with it), register it as started and claim it for its job (another). The worker's own hash is
-        not touched: the first take runs while the worker registers, and the housekeeper beats for it."""
+        """Move the next batch of the highest queue holding one to this worker (one round trip, its
+        hash with it), register it as started and claim it for its job (another)."""
         # A long-running worker waits a second at most, looking at the stop flag between looks.
         until = None if self.burst else time.monotonic() + TAKE_WAIT_SECONDS
         while True:
@@ -187,35 +165,14 @@ class Drain:
                 if until is None or time.monotonic() >= until or self.stopping.wait(TAKE_POLL_SECONDS):
                     return taken
                 continue
-            queue = taken.queue
-            job = load_job(queue, taken.job_id, keep_seconds=self.keep_seconds, raw=taken.raw)
-            if job is not None:
+            rq_job = lifecycle.load_taken(taken, keep_seconds=self.keep_seconds)
+            if rq_job is not None:
                 break
-            self.redis.lrem(queue.intermediate_queue_key, 1, taken.job_id)  # gone, or poison (evicted)
-        worker = self.worker
-        ttl = worker.get_heartbeat_ttl(job)
-        try:
-            ticket: BatchTicket | None = read_ticket(job)
-        except Exception:  # whatever a foreign payload raises: the prepare stage raises it again
-            ticket = None
-        with self.redis.pipeline() as pipe:
-            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
-            job.heartbeat(now(), ttl, pipeline=pipe)
-            job.prepare_for_execution(worker.name, pipeline=pipe)
-            pipe.persist(job.key)
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            # rq's maintenance marks a batch it sees in the intermediate list between a take and this
-            # registration, and fails it as stuck if it sees it there again a minute later (a retry, or
-            # the failed registry without our callback): the mark goes with the batch's registration.
-            pipe.delete(queue.intermediate_queue.get_first_seen_key(job.id))
-            if ticket is not None:
-                self.ctx.records.claim(pipe, ticket.job_id, ticket.batch_id)
-            answers = pipe.execute()
-        worker.executions[execution.id] = execution
+        # Only the fetch lane takes: the count read here is the one incremented below.
+        held = lifecycle.register(self.worker, taken.queue, rq_job, self.ctx.records, taken=self.taken, kind=Held)
         with self.lock:
-            held = Held(job, execution, queue, ticket, None if ticket is None else answers[-1], self.taken)
             self.taken += 1
-            self.held[job.id] = held
+            self.held[held.batch_id] = held
         return held
 
     def registered(self) -> bool:
@@ -232,24 +189,10 @@ class Drain:
         return due - time.time() >= self.deadline - time.monotonic()
 
     def finish(self, held: Held, pipe: Pipeline, result: BatchResult) -> None:
-        """rq's success path for the batch (result, finished registry, execution cleanup, the worker's
-        counts), added to `pipe`: the transaction that counts the batch for its job, one round trip.
-
-        Batches have no dependents, repeats, success callback or webhooks (the producer sets none,
-        and `BatchJob` refuses a foreign callback), so rq's WATCH on the dependents is not needed.
-        """
+        """rq's success path for the batch, added to `pipe`: the transaction that counts it for its job."""
         if not self.registered():
             raise DrainError(f"worker {self.worker.name}: not registered with rq")
-        job, execution, worker = held.job, held.execution, self.worker
-        job.ended_at = now()
-        job._result = result.to_dict()
-        ttl = job.get_result_ttl(worker.default_result_ttl)
-        worker.increment_successful_job_count(pipeline=pipe)
-        worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
-        job._handle_success(ttl, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
-                            execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
-        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-        worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+        lifecycle.finish(self.worker, held, pipe, result.to_dict())
 
     def finished(self, held: Held, result: BatchResult) -> None:
         with self.lock:
@@ -268,8 +211,7 @@ class Drain:
         """
         if not self.registered():
             return
-        held.job.ended_at = now()
-        self.worker._finalize_failure(held.job, held.queue, held.execution, exc_info)
+        lifecycle.fail(self.worker, held, exc_info)
         with self.lock:
             self.held.pop(held.batch_id, None)
             self.tally.batches += 1
@@ -282,17 +224,10 @@ class Drain:
         behind it (the fetch lane may put back the batch it was preparing after the others went)."""
         if not held:
             return
-        with self.returning, self.redis.pipeline() as pipe:
-            for h in sorted(held, key=lambda h: h.taken, reverse=True):
-                h.execution.delete(job=h.job, pipeline=pipe)
-                h.job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                before = [r for r in self.returned if r.queue.key == h.queue.key and r.taken < h.taken]
-                behind = max(before, key=lambda r: r.taken).batch_id if before else ""
-                run_script(pipe, _PUT_BACK, [h.queue.key], [h.job.id, behind])
-            pipe.execute()
+        with self.returning:
+            lifecycle.put_back(self.worker, held, self.returned)
             self.returned.extend(held)
         for h in held:
-            self.worker.executions.pop(h.execution.id, None)
             if h.prepared is not None:
                 self.ctx.records.mark_retrying(h.prepared.batch.job_id, h.batch_id)
             with self.lock:
@@ -300,15 +235,6 @@ class Drain:
         for queue in {h.queue.name: h.queue for h in held}.values():
             logger.info("worker %s: put back at the front of queue %s: %s", self.worker.name, queue.name,
                         ", ".join(h.batch_id for h in held if h.queue is queue))
-
-
-# KEYS: the queue. ARGV: the batch id, and the id of the batch put back earlier that it goes right behind
-# ("": none, or that one was taken again since): then it goes to the front.
-_PUT_BACK = """
-if ARGV[2] ~= '' and redis.call('LINSERT', KEYS[1], 'AFTER', ARGV[2], ARGV[1]) > 0 then return 1 end
-redis.call('LPUSH', KEYS[1], ARGV[1])
-return 0
-"""
 
 
 def _get(inbox: lanes.Queue, drain: Drain) -> object:
@@ -578,42 +504,24 @@ class Housekeeper(threading.Thread):
             step()
 
     def beat(self) -> None:
-        """One pipeline: the worker's heartbeat and every held batch's (rq's `maintain_heartbeats`, batched)."""
-        d = self.drain
-        worker = d.worker
-        held_now = d.snapshot()
-        with d.redis.pipeline() as pipe:
-            worker.heartbeat(worker.job_monitoring_interval + 60, pipeline=pipe)
-            # rq's loop sets the state per job; the drain's lanes do not, so `rq info` would show `?`.
-            worker.set_state(WorkerStatus.BUSY if held_now else WorkerStatus.IDLE, pipeline=pipe)
-            for held in held_now:
-                ttl = worker.get_heartbeat_ttl(held.job)
-                held.execution.heartbeat(held.job.started_job_registry, ttl, pipeline=pipe)
-                held.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
-            pipe.execute()
-
-
-def read_ticket(job: Job) -> BatchTicket:
-    """The batch a job carries; `BatchJob` refuses a job naming anything but podembed's task."""
-    job.func  # noqa: B018
-    return BatchTicket.from_payload(job.args[0])
+        """The worker's heartbeat and every held batch's, in one pipeline."""
+        lifecycle.beat(self.drain.worker, self.drain.snapshot())
 
 
 def prepare(ctx: WorkerContext, held: Held) -> PreparedBatch:
     """The prepare stage of a held batch; a payload the take could not read fails here, with why."""
-    ticket = held.ticket if held.ticket is not None else read_ticket(held.job)
+    ticket = held.ticket if held.ticket is not None else read_ticket(held.rq_job)
     return prepare_batch(ctx, ticket, held.claimed)
 
 
-def run_drain(worker: Any, ctx: WorkerContext, *, time_budget_s: float | None = None,
+def run_drain(worker: DrainWorker, ctx: WorkerContext, *, time_budget_s: float | None = None,
               burst: bool = True) -> DrainTally:
     """Drain the queues through the three lanes until they are empty (`burst`), the budget is spent, or a signal.
 
     Raises the first error of a lane (a `RedisError` from rq's bookkeeping, say), naming its batch.
     """
     settings = ctx.settings
-    queues = [Queue(name, connection=worker.connection, serializer=worker.serializer, job_class=worker.job_class)
-              for name in settings.queue_names()]
+    queues = worker.batch_queues(settings.queue_names())
     d = Drain(worker=worker, ctx=ctx, queues=queues, burst=burst,
               taker=PriorityTake(worker.connection, queues, settings.backfill_share),
               deadline=None if time_budget_s is None else time.monotonic() + time_budget_s,

@@ -300,27 +300,28 @@ def embed_batch(payload: dict) -> dict:
     return result.to_dict()
 
 
-def on_batch_failure(job, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)
-    """RQ failure callback: a batch with no retries left is counted failed, with its reason."""
+def on_batch_failure(batch, connection, exc_type, exc_value, traceback) -> None:  # noqa: ANN001 (RQ's signature)
+    """RQ failure callback (`batch`: the batch's rq job): a batch with no retries left is counted failed,
+    with its reason."""
     records = current_context().records
-    batch_id, job_id = job.id, job.meta.get("podembed_job", "")
+    batch_id, job_id = batch.id, batch.meta.get("podembed_job", "")
     # The reason is shown by `status` and the HTTP API: a library's message may hold a URL.
     reason = redact_url(f"{exc_type.__name__}: {exc_value}")
     if not records.has_batch(job_id, batch_id):
         # Written by someone else into Redis: it stays in the failed registry, and no job counts it.
         logger.error("batch %s: not a batch of any job, failed: %s", batch_id, reason)
-        job.retries_left = 0
+        batch.retries_left = 0
         return
     if issubclass(exc_type, EmbeddingError | PayloadError):
         # The model refused this batch (a text over the cap, non-finite vectors), or its payload is not
         # one podembed wrote: trying again gives the same answer, so it fails now; RQ reads
         # `retries_left` after this callback.
-        job.retries_left = 0
-    if job.should_retry:
+        batch.retries_left = 0
+    if batch.should_retry:
         records.mark_retrying(job_id, batch_id)
-        logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, job.retries_left)
+        logger.warning("job %s batch %s: %s; will retry (%d left)", job_id, batch_id, reason, batch.retries_left)
         return
-    records.mark_failed(job_id, batch_id, int(job.meta.get("n_chunks", 0)), reason)
+    records.mark_failed(job_id, batch_id, int(batch.meta.get("n_chunks", 0)), reason)
     status = records.status(job_id)
     records.save(status)
     notify.job_ended(current_context().settings, records, status)

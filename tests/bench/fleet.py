@@ -57,16 +57,17 @@ from config.settings import Settings  # noqa: E402
 from modal_jobs.launcher import launch, plan_launch  # noqa: E402
 from modal_jobs.settings import ModalSettings  # noqa: E402
 from modal_jobs.spawns import SpawnLedger  # noqa: E402
+from producer.batches import upkeep  # noqa: E402
+from producer.batches.take import PriorityTake, Taken  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import EnqueuedJob, ingest, parse_files  # noqa: E402
 from producer.jobs import JobRecords  # noqa: E402
 from producer.models import Episode  # noqa: E402
 from tests.bench.scale import build_catalog, fresh  # noqa: E402
 from tests.soak.harness import audit, counters_exact  # noqa: E402
-from worker import housekeeping, pipeline  # noqa: E402
+from worker import pipeline  # noqa: E402
 from worker.embedder import Embedder, EncodeStats, ModelKey  # noqa: E402
 from worker.loop import make_worker  # noqa: E402
-from worker.priority import PriorityTake, Taken  # noqa: E402
 from worker.tasks import WorkerContext, init_context  # noqa: E402
 
 DIM = 768  # instructor-xl's
@@ -235,7 +236,7 @@ def _metered(meter: Meter) -> tuple[type[PriorityTake], Callable[..., bool]]:
             return taken
 
     def maintain(*args: object, **kwargs: object) -> bool:
-        ran = housekeeping.maintain(*args, **kwargs)
+        ran = upkeep.maintain(*args, **kwargs)
         if ran:
             meter.passes.append((time.time(), kwargs.get("every") is None))
         return ran

@@ -1,12 +1,6 @@
 """What a draining worker does besides batches: rq's registry maintenance, moving due retries onto
-the queue, taking poison jobs out of the way, and counting failed the batches deleted outside podembed.
-
-A poison job is a job hash rq cannot load (bad dates, missing fields, an unknown status).
-rq raises on it wherever it meets it: at dequeue, in the intermediate queue, in the scheduled
-and started registries. Left there, it stops every worker that comes along. Here it is taken
-off every list and registry of the queue with one log line naming it; its hash is kept (with a
-TTL) for inspection, and the worker goes on.
-"""
+the queue, taking poison batches out of the way (`producer.batches.job.evict`), and counting failed the
+batches deleted outside podembed."""
 
 from __future__ import annotations
 
@@ -16,10 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from rq.registry import (
-    BaseRegistry,
     DeferredJobRegistry,
     FailedJobRegistry,
     FinishedJobRegistry,
@@ -31,6 +22,7 @@ from rq.scripts import RELEASE_LOCK_SCRIPT
 from rq.timeouts import TimerDeathPenalty
 from rq.worker_registration import clean_worker_registry
 
+from producer.batches.job import load_batch
 from producer.connections import run_script
 from producer.jobs import JobRecords
 from producer.operations import fail_deleted_batches
@@ -47,50 +39,6 @@ DELETED_CHECK_SECONDS = 60
 DELETED_CHECK_LOCK = "podembed:housekeeping:deleted-batches"
 
 
-def load_job(queue: Queue, job_id: str, *, keep_seconds: int, raw: dict | None = None) -> Job | None:
-    """The job, or None if its hash is gone or it is poison (then it is evicted).
-
-    `raw`: its hash, already read (by the take script); else it is read here.
-    """
-    try:
-        if raw is None:
-            return queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
-        if not raw:
-            return None
-        job = queue.job_class(job_id, connection=queue.connection, serializer=queue.serializer)
-        job.restore(raw)
-        return job
-    except NoSuchJobError:
-        return None
-    except RedisError:
-        raise
-    except Exception as exc:  # rq's restore raises whatever a malformed field makes it raise
-        evict(queue, job_id, exc, keep_seconds=keep_seconds)
-        return None
-
-
-def evict(queue: Queue, job_id: str, exc: BaseException, *, keep_seconds: int) -> None:
-    """Take a job rq cannot load off the queue, its intermediate list and every registry."""
-    registries: list[BaseRegistry] = [queue.scheduled_job_registry, queue.started_job_registry,
-                                      queue.finished_job_registry, queue.failed_job_registry,
-                                      queue.deferred_job_registry, queue.canceled_job_registry]
-    redis = queue.connection
-    with redis.pipeline() as pipe:
-        pipe.lrem(queue.key, 0, job_id)
-        pipe.lrem(queue.intermediate_queue_key, 0, job_id)
-        for registry in registries:
-            pipe.zrem(registry.key, job_id)
-        # The started registry holds `job_id:execution_id` members.
-        started = queue.started_job_registry
-        for member in redis.zrange(started.key, 0, -1):
-            if started.parse_job_id(member) == job_id:
-                pipe.zrem(started.key, member)
-        pipe.expire(Job.key_for(job_id), keep_seconds)
-        pipe.execute()
-    logger.error("queue %s: job %s cannot be loaded (%s: %s); taken off the queue and its registries, "
-                 "its hash kept %d s", queue.name, job_id, type(exc).__name__, exc, keep_seconds)
-
-
 def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Queue, str]]], *, what: str,
             keep_seconds: int) -> None:
     """Run one of rq's maintenance steps; if a job it met broke it, evict the poison (each suspect
@@ -102,8 +50,8 @@ def guarded(step: Callable[[], object], suspects: Callable[[], Iterable[tuple[Qu
         raise
     except Exception as exc:
         logger.warning("%s failed (%s: %s); looking for jobs that cannot be loaded", what, type(exc).__name__, exc)
-    for queue, job_id in suspects():
-        load_job(queue, job_id, keep_seconds=keep_seconds)
+    for queue, batch_id in suspects():
+        load_batch(queue, batch_id, keep_seconds=keep_seconds)
     try:
         step()
     except RedisError:
@@ -127,6 +75,8 @@ def maintain(queue: Queue, worker: object, *, keep_seconds: int, every: float | 
     redis = queue.connection
     if every is not None and not redis.set(recent_pass_key(queue), 1, nx=True, ex=max(1, round(every))):
         return False
+    # rq 3.0.0: `Queue.registry_cleaning_key` is the lock rq's `Worker.clean_registries` takes (its own
+    # `acquire_maintenance_lock` sets it for 899 s).
     if not redis.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS):
         return False
     try:
@@ -208,6 +158,8 @@ def release_locks(scheduler: RQScheduler) -> None:
     """rq's `release_locks` in one round trip (rq runs one script a lock, each an EVALSHA that Redis
     may answer NOSCRIPT first)."""
     with scheduler.connection.pipeline() as pipe:
+        # rq 3.0.0: `RQScheduler.acquired_locks`, `get_locking_key` and `rq.scripts.RELEASE_LOCK_SCRIPT`
+        # are what its `release_locks` uses; none has a public counterpart.
         for name in scheduler.acquired_locks:
             run_script(pipe, RELEASE_LOCK_SCRIPT, [scheduler.get_locking_key(name)], [scheduler.name])
         pipe.execute()
