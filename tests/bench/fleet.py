@@ -651,14 +651,17 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=3.0,
                         help="multiplies the compute wait of the fleet runs (3: up to 64 drains leave this 2-core "
                              "host's CPU to the control plane)")
-    parser.add_argument("--launcher-time-scale", type=float, default=1.0,
-                        help="multiplies the compute wait of the launcher's drains (at most --max-containers)")
+    parser.add_argument("--launcher-time-scale", type=float, default=3.0,
+                        help="multiplies the compute wait of the launcher's drains (3, as the fleet runs: at 1 eight "
+                             "drains on this loaded 2-core host wait on its CPU, not on the stand-in)")
     parser.add_argument("--max-containers", type=int, default=8)
     parser.add_argument("--launcher-period", type=float, default=5.0, help="seconds between launcher plans")
     parser.add_argument("--cold-start", type=float, default=5.0, help="seconds from a spawn to its drain's start")
-    parser.add_argument("--drain-budget", type=int, default=60, help="each launched drain's time budget, seconds")
-    parser.add_argument("--launcher-batches", type=int, default=160, help="backfill batches before the nightly")
-    parser.add_argument("--nightly-batches", type=int, default=24)
+    parser.add_argument("--drain-budget", type=int, default=180,
+                        help="each launched drain's time budget, seconds (180: about 20 batches at "
+                             "--launcher-time-scale 3, as 60 s held at 1)")
+    parser.add_argument("--launcher-batches", type=int, default=96, help="backfill batches before the nightly")
+    parser.add_argument("--nightly-batches", type=int, default=16)
     parser.add_argument("--launcher-only", action="store_true",
                         help="only the launcher's simulation (no fleet runs, no faults or priority)")
     parser.add_argument("--out", type=Path, default=ROOT / ".podembed" / "fleet")
@@ -667,7 +670,9 @@ def main() -> None:
     per_drain = [] if args.launcher_only else [int(b) for b in args.batches_per_drain.split(",")]
     if len(per_drain) != len(sizes):
         raise SystemExit("fleet: --batches-per-drain needs one figure per --fleet size")
+    # A ping may wait on nx-27017 for longer than the 5 s default while 64 drains write on a loaded 2-core host.
     settings = Settings.from_env()
+    settings = settings.replace(first_contact_seconds=max(settings.first_contact_seconds, 30.0))
     compute_s = args.compute_s or settings.batch_max_tokens / settings.default_tokens_per_second
     seconds_per_token = compute_s * args.time_scale / settings.batch_max_tokens
     args.out.mkdir(parents=True, exist_ok=True)
