@@ -144,13 +144,15 @@ def measured_throughput(db: Database, *, model: str, gpu: str) -> Throughput | N
 
 
 def drains_needed(
-    backlog: Backlog, *, tokens_per_s: float, drain_budget_s: float, max_containers: int, running: int = 0
+    backlog: Backlog, *, tokens_per_s: float, work_s: float, max_containers: int, running: int = 0
 ) -> int:
-    """Drains to spawn: enough to clear the backlog in one budget, at least one while anything
-    waits, never more batches than there are nor more containers than allowed, less those running."""
+    """Drains to spawn: one for each `work_s` of the backlog's work, so that it clears in about the least
+    time the containers allow while each drain still gets that much work for its cold start; at least
+    one while anything waits, never more batches than there are nor more containers than allowed, less
+    those running."""
     if backlog.batches == 0:
         return 0
-    needed = math.ceil(backlog.tokens / (tokens_per_s * drain_budget_s))
+    needed = math.ceil(backlog.tokens / (tokens_per_s * work_s))
     needed = min(max(needed, 1), backlog.batches, max_containers)
     return max(0, needed - running)
 
@@ -185,7 +187,10 @@ def plan_launch(
                           largest_batch_s=throughput.largest_batch_s)
     running = running_workers(settings, redis)
     cold = SpawnLedger(redis, settings.queue_name).cold(modal_settings.cold_start_grace_s, now)
-    drains = drains_needed(backlog, tokens_per_s=throughput.tokens_per_s, drain_budget_s=budget,
+    # A launcher period of work a drain: sized for one budget instead, a backlog under max_containers budgets
+    # got fewer drains than allowed, and took up to max_containers times its least time.
+    drains = drains_needed(backlog, tokens_per_s=throughput.tokens_per_s,
+                           work_s=min(modal_settings.launcher_period_s, budget),
                            max_containers=modal_settings.max_containers, running=running + cold)
     first_queue, first_clear_s = first_clear_seconds(settings, queues, tokens_per_s=throughput.tokens_per_s,
                                                      containers=running + cold + drains)

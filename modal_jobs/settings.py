@@ -41,6 +41,7 @@ class ModalSettings:
     # (clamped to `timeout` less PODEMBED_JOB_TIMEOUT and less the longest batch the ledger measured).
     drain_budget_s: int = 3000
     # The launcher runs this often: retries that fall due and abandoned batches wait at most this long.
+    # Its plan spawns a drain for each period of the backlog's work (up to max_containers).
     launcher_period_s: int = 300
     # A spawned drain not started after this long never will (refused or lost): no longer counted as coming.
     cold_start_grace_s: int = 900

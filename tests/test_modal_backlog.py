@@ -131,9 +131,9 @@ def test_cold_drains_count_until_they_start_or_their_grace_ends(
 ) -> None:
     settings = settings.replace(batch_max_chunks=2, default_tokens_per_second=1.0)
     job = _ingest(settings, redis, db, DATA / "E03.srt")
-    modal = ModalSettings(drain_budget_s=1000, cold_start_grace_s=600)
+    modal = ModalSettings(drain_budget_s=1000, launcher_period_s=1000, cold_start_grace_s=600)
     first = run_launcher(settings, modal, redis, db, lambda budget, spawn_id: spawn_id)
-    # 2533 tokens at 1 token/s over 1000 s budgets.
+    # 2533 tokens at 1 token/s, 1000 s of work a drain.
     assert len(first["calls"]) == first["plan"]["drains"] == -(-job.tokens // 1000) == 3
     # A second launch before any container has started spawns nothing more.
     again = run_launcher(settings, modal, redis, db, lambda budget, spawn_id: spawn_id)

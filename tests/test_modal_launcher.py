@@ -29,8 +29,8 @@ from producer.enqueue import batch_queue, ingest, parse_files
 from tests.conftest import DATA, EXAMPLES, ROOT
 from worker.loop import run_worker
 
-# One container clears 8000 tokens/s x 3000 s = 24M tokens per drain.
-CAPACITY = 8000 * 3000
+# One drain for each launcher period of work: 8000 tokens/s x 300 s = 2.4M tokens.
+CAPACITY = 8000 * 300
 
 
 @pytest.mark.parametrize(("backlog", "running", "drains"), [
@@ -47,7 +47,7 @@ CAPACITY = 8000 * 3000
     (Backlog(batches=2000, chunks=250_000, tokens=int(2.5 * CAPACITY)), 5, 0),
 ])
 def test_drains_needed_for_backlogs(backlog: Backlog, running: int, drains: int) -> None:
-    assert drains_needed(backlog, tokens_per_s=8000, drain_budget_s=3000, max_containers=10,
+    assert drains_needed(backlog, tokens_per_s=8000, work_s=300, max_containers=10,
                          running=running) == drains
 
 
@@ -68,9 +68,9 @@ def test_plan_from_the_queue_without_history(settings: Settings, redis: Redis, d
     assert plan.throughput == Throughput(tokens_per_s=settings.default_tokens_per_second, measured_batches=0)
     assert (plan.drains, plan.running, plan.drain_budget_s, plan.max_containers) == (1, 0, 3000, 10)
 
-    # A slow default spreads the same backlog: 4904 tokens at 1 token/s over 1000 s budgets is 5 drains.
+    # A slow default spreads the same backlog: 4904 tokens at 1 token/s, 1000 s of work a drain, is 5 drains.
     slow = settings.replace(default_tokens_per_second=1.0)
-    short = ModalSettings(drain_budget_s=1000)
+    short = ModalSettings(drain_budget_s=1000, launcher_period_s=1000)
     assert plan_launch(slow, short, redis, db).drains == 5
     # ...of which a worker already on the queue is one.
     SimpleWorker([batch_queue(settings, redis)], connection=redis, name="already-draining").register_birth()
@@ -82,6 +82,24 @@ def test_plan_from_the_queue_without_history(settings: Settings, redis: Redis, d
     assert launch(busy, lambda budget, spawn_id: spawned.append(budget) or f"fc-{len(spawned)}", spawns) == [
         "fc-1", "fc-2", "fc-3", "fc-4"]
     assert spawned == [1000] * 4
+
+
+def test_plan_gives_each_drain_a_launcher_period_of_work_not_a_budget(
+        settings: Settings, redis: Redis, db: Database) -> None:
+    """A backlog that fewer drains could clear within their budgets still gets one drain for each launcher
+    period of its work, up to max_containers, so that it clears in about the least time the containers allow."""
+    settings = settings.replace(batch_max_chunks=4, default_tokens_per_second=1.0)
+    job = _ingest(settings, redis, db, EXAMPLES / "E01.vtt")
+    assert (job.batches, job.tokens) == (6, 4904)
+
+    # 4904 s of work: 2 drains of 3000 s budgets would do, taking 2452 s; 5 take 981 s.
+    plan = plan_launch(settings, ModalSettings(launcher_period_s=1000), redis, db)
+    assert (plan.drain_budget_s, plan.drains) == (3000, 5)
+    # No more than max_containers, nor than batches.
+    assert plan_launch(settings, ModalSettings(launcher_period_s=1000, max_containers=3), redis, db).drains == 3
+    assert plan_launch(settings, ModalSettings(launcher_period_s=300), redis, db).drains == 6
+    # A period longer than the budget: a budget's work a drain.
+    assert plan_launch(settings, ModalSettings(drain_budget_s=2000, launcher_period_s=3000), redis, db).drains == 3
 
 
 def test_plan_uses_the_throughput_measured_on_the_gpu(settings: Settings, redis: Redis, db: Database) -> None:
