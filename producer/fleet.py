@@ -22,7 +22,8 @@ from config.errors import QueueError, StoreError
 from config.settings import Settings
 from producer.batches.registries import count_batches, registered_workers
 from producer.enqueue import batch_queues
-from producer.jobs import TOTALS, TOTALS_KEY, JobRecords, JobState
+from producer.job_status import JobState
+from producer.jobs import TOTALS, TOTALS_KEY, JobRecords
 
 logger = logging.getLogger(__name__)
 

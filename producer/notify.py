@@ -33,7 +33,8 @@ from redis.exceptions import RedisError
 from config.errors import NotifyError, PodembedError
 from config.settings import Settings, redact_url
 from producer import scripts
-from producer.jobs import JobKeys, JobRecords, JobState, JobStatus
+from producer.job_status import JobState, JobStatus
+from producer.jobs import JobKeys, JobRecords
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from producer import notify
 from producer.batches.registries import cancel_waiting, existing_batches, failed_batches, requeue_failed
 from producer.chunkstore import ChunkStore
 from producer.enqueue import EnqueuedJob, batch_queue, enqueue_episodes, vector_spec
-from producer.jobs import JobRecords, JobState
+from producer.job_status import JobState
+from producer.jobs import JobRecords
 from producer.models import Episode, VectorSpec
 from producer.packing import pack_batches
 from producer.sources import EpisodeFilter, TranscriptSource

@@ -14,7 +14,8 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from config.errors import JobNotFoundError, StoreError
-from producer.jobs import JobRecords, JobState, now_iso
+from producer.job_status import JobState
+from producer.jobs import JobRecords, now_iso
 from producer.models import Episode, episode_key
 
 

@@ -9,7 +9,8 @@ from redis import Redis
 from config.settings import Settings
 from producer import scripts
 from producer.enqueue import ingest, parse_files
-from producer.jobs import JobKeys, JobRecords, JobState
+from producer.job_status import JobState
+from producer.jobs import JobKeys, JobRecords
 from tests.conftest import DATA
 from worker.loop import run_worker
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from config.services import local_services, services_up
 from config.settings import Settings
 from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files, vector_spec
-from producer.jobs import JobRecords, JobStatus
+from producer.job_status import JobStatus
+from producer.jobs import JobRecords
 from producer.models import Chunk
 from producer.operations import retry
 from producer.streaming import chunk_episodes

@@ -51,7 +51,8 @@ from config.settings import Settings, redact_url
 from producer.chunking import ChunkLimits, text_budget
 from producer.connections import mongo_database, redis_client
 from producer.enqueue import collect_episodes, ingest
-from producer.jobs import JobRecords, JobStatus
+from producer.job_status import JobStatus
+from producer.jobs import JobRecords
 from producer.models import MAX_LABEL_CHARS, Episode
 from producer.operations import CancelResult, RetryResult, cancel, retry
 from producer.parsing import parse_bytes

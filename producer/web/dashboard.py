@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config.settings import Settings
 from producer import fleet
-from producer.jobs import JobRecords, JobState
+from producer.job_status import JobState
+from producer.jobs import JobRecords
 from producer.web.metrics import metrics_registry
 
 STATIC = Path(__file__).parent / "static"

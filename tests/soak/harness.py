@@ -19,7 +19,7 @@ from pymongo.database import Database
 
 from config.services import on_spare_ports, services_down, services_up
 from config.settings import Settings
-from producer.jobs import JobStatus
+from producer.job_status import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")

@@ -18,7 +18,8 @@ from worker.cli.console import EXIT_ERROR, count, error, print_json
 
 if TYPE_CHECKING:
     from producer.enqueue import EnqueuedJob
-    from producer.jobs import JobRecords, JobStatus
+    from producer.job_status import JobStatus
+    from producer.jobs import JobRecords
     from producer.models import Episode
 
 
@@ -189,7 +190,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis
-    from producer.jobs import JobRecords, JobState
+    from producer.job_status import JobState
+    from producer.jobs import JobRecords
 
     if args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
@@ -211,7 +213,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     from producer.connections import reach_mongo, reach_redis
-    from producer.jobs import JobState
+    from producer.job_status import JobState
     from producer.operations import retry
 
     result = retry(settings, reach_redis(settings), reach_mongo(settings), args.job_id)
