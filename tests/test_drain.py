@@ -28,8 +28,9 @@ from producer.enqueue import EnqueuedJob, batch_queue, ingest, parse_files
 from producer.jobs import JobRecords
 from tests.conftest import DATA, EXAMPLES, taking_drain
 from tests.soak.harness import audit, counters_exact, wait_until
+from worker.lanes import Ahead, Held, prepare
 from worker.loop import drain, make_worker
-from worker.pipeline import Ahead, Drain, Held, Housekeeper, prepare
+from worker.pipeline import Drain, Housekeeper
 
 FAST = {"heartbeat_interval": 1, "maintenance_interval": 1}
 

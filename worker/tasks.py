@@ -1,7 +1,7 @@
 """The batch in three stages (prepare, compute, store), the RQ entry point, and the failure callback.
 
 They run in a worker process that holds the model (no fork), so the model and the
-Mongo client live in a process-wide context. `worker.pipeline` runs the stages of
+Mongo client live in a process-wide context. The lanes of `worker.lanes` run the stages of
 different batches at once; `embed_batch` runs them in series for a plain rq worker.
 """
 
@@ -289,7 +289,7 @@ def store_batch(ctx: WorkerContext, computed: ComputedBatch,
 
 
 def embed_batch(payload: dict) -> dict:
-    """RQ entry point (a plain rq worker): the three stages in series; `worker.pipeline` overlaps them."""
+    """RQ entry point (a plain rq worker): the three stages in series; the lanes of `worker.lanes` overlap them."""
     ctx = current_context()
     ticket = BatchTicket.from_payload(payload)
     with ctx.records.redis.pipeline() as pipe:
