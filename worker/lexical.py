@@ -24,6 +24,9 @@ import numpy as np
 from config.services import replacing
 
 logger = logging.getLogger(__name__)
+# bm25s sets its own logger to DEBUG when imported, so its notes ("Building index from tokens") passed the
+# level the CLI chose and reached stderr: it follows the root logger's level again.
+logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
 WORD = re.compile(r"\w+")
 # Okapi BM25's usual parameters. bm25s's "lucene" form scores idf x tf / (tf + k1 x (1 - b + b x length / mean
