@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -23,9 +21,11 @@ from tests.bench.corpus import seenunseen_titles
 from tests.conftest import EXAMPLES, cli_env, run_cli
 from tests.test_api import api_settings as api_settings  # noqa: F401 (fixture)
 from tests.test_api import base_url, client  # noqa: F401 (fixtures)
+from tests.test_lexical import bm25_scores
 from worker.loop import run_worker
+from worker.read.lexical import LexicalIndex
 from worker.read.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
-from worker.read.vector_cache import VectorCache
+from worker.read.vector_cache import VectorCache, drop_cached
 from worker.store import from_bson_vector, to_bson_vector
 
 PODCAST = "The Seen and the Unseen"
@@ -98,17 +98,7 @@ def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Datab
 def _bm25_brute_force(db: Database, key: str, query: str) -> list[str]:
     """Okapi BM25 (k1=1.5, b=0.75) of every stored chunk, document by document: chunk ids, best first."""
     docs = list(db.embeddings.find({"vector_key": key}, {"chunk_id": 1, "text": 1}))
-    texts = [re.findall(r"\w+", d["text"].lower()) for d in docs]
-    average = sum(map(len, texts)) / len(texts)
-    scores = []
-    for words in texts:
-        score = 0.0
-        for term in set(re.findall(r"\w+", query.lower())):
-            tf, df = words.count(term), sum(term in w for w in texts)
-            if tf:
-                idf = math.log(1 + (len(texts) - df + 0.5) / (df + 0.5))
-                score += idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * len(words) / average))
-        scores.append(score)
+    scores = bm25_scores([d["text"] for d in docs], query)
     return [docs[i]["chunk_id"] for i in sorted(range(len(docs)), key=lambda i: -scores[i]) if scores[i] > 0][:100]
 
 
@@ -195,11 +185,13 @@ def test_index_definition_uses_cosine_for_vectors_that_are_not_unit(settings: Se
     assert fields[0] == {"type": "vector", "path": "embedding", "numDimensions": 48, "similarity": "cosine"}
 
 
-def _put(db: Database, key: str, ids: range, vectors: np.ndarray, at: datetime) -> None:
-    for i in ids:
+def _put(db: Database, key: str, ids: range, vectors: np.ndarray, at: datetime, texts: list[str] | None = None
+         ) -> None:
+    for n, i in enumerate(ids):
         db.embeddings.update_one({"_id": f"c{i}"}, {"$set": {
             "vector_key": key, "chunk_id": f"c{i}", "episode_id": f"E{i % 3}", "podcast": PODCAST,
-            "embedding": to_bson_vector(vectors[i]), "embedded_at": at + timedelta(seconds=i)}}, upsert=True)
+            "embedding": to_bson_vector(vectors[i]), "embedded_at": at + timedelta(seconds=i)}
+            | ({"text": texts[n]} if texts else {})}, upsert=True)
 
 
 def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Database) -> None:
@@ -233,6 +225,38 @@ def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Databas
     assert (stats.rebuilt, len(warm.cache)) == (True, 39)
     assert "c3" not in [c for c, _ in warm.search(old[3:4], 39, None, None)[0]]
     assert {c for c, _ in warm.search(old[:1], 39, None, "E1")[0]} == {f"c{i}" for i in range(1, 40, 3)}
+
+
+def test_the_bm25_index_is_saved_beside_the_cache_and_follows_its_rows(settings: Settings, db: Database) -> None:
+    settings = settings.replace(search_refresh_overlap_s=3600)  # every refresh reads every chunk again
+    texts = [line.partition("]: ")[2] for line in (EXAMPLES / "E01.vtt").read_text().splitlines() if "]: " in line]
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((30, 16)).astype(np.float32)
+    _put(db, "k", range(30), vectors, datetime.now(UTC) - timedelta(minutes=5), texts)
+    scan = ExactScan(settings, db, "k")
+    scan.refresh()
+    path = scan.cache.lexical_path
+    assert (path.parent, path.suffix) == (scan.cache.path.parent, ".bm25") and not path.exists()
+    first = scan.lexical(["farmer in a village"], 5, None, None)
+    assert first[0][0] == f"c{int(np.argmax(bm25_scores(texts[:30], 'farmer in a village')))}"
+    assert path.stat().st_mode & 0o777 == 0o600 and LexicalIndex.load(path, scan.cache.version) is not None
+
+    # A new process loads it; chunks read again unchanged are no change, so it is neither built nor written again.
+    built = path.stat().st_mtime_ns
+    warm = ExactScan(settings, db, "k")
+    warm.refresh()
+    assert warm.cache.version == scan.cache.version
+    assert warm.lexical(["farmer in a village"], 5, None, None) == first and path.stat().st_mtime_ns == built
+
+    # A chunk's new text is a new version of the rows: the index is built again from them.
+    _put(db, "k", range(3, 4), vectors, datetime.now(UTC), ["a zeppelin drifting over the hut"])
+    warm.refresh()
+    assert warm.cache.version != scan.cache.version
+    assert warm.lexical(["zeppelin"], 5, None, None) == [["c3"]]
+    assert LexicalIndex.load(path, warm.cache.version) is not None
+
+    # Deleting a podcast's rows from the cache deletes the index that holds their words.
+    assert drop_cached(warm.cache.path, PODCAST, None) == 30 and not path.exists()
 
 
 def test_a_damaged_cache_file_is_rebuilt_with_a_warning(settings: Settings, db: Database, caplog) -> None:

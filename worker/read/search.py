@@ -23,7 +23,7 @@ from config.errors import SearchError, StoreError
 from config.settings import Settings
 from producer.enqueue import vector_spec
 from producer.models import VectorSpec, normal_podcast
-from worker.read.lexical import BM25, FUSION_DEPTH, fuse
+from worker.read.lexical import FUSION_DEPTH, LexicalIndex, fuse, lexical_index
 from worker.read.vector_cache import VectorCache, cache_path
 from worker.store import from_bson_vector, to_bson_vector
 
@@ -100,8 +100,8 @@ class ExactScan:
             raise StoreError(f"cannot index {self.embeddings.full_name}: {exc}") from exc
         self.cache = VectorCache(cache_path(settings.data_dir, settings.mongo_uri, settings.mongo_db, vector_key),
                                  vector_key, timedelta(seconds=settings.search_refresh_overlap_s))
-        self._bm25: tuple[int, BM25] | None = None
-        self._norms: tuple[int, np.ndarray] | None = None
+        self._lexical: LexicalIndex | None = None
+        self._norms: tuple[str, np.ndarray] | None = None
         self.rescore = BINARY_RESCORE
 
     def refresh(self) -> None:
@@ -150,11 +150,11 @@ class ExactScan:
         return self._norms[1]
 
     def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
-        if self._bm25 is None or self._bm25[0] != self.cache.version:
-            # Built on the first hybrid query and again only after the cache changed.
-            self._bm25 = (self.cache.version, BM25(self.cache.texts))
-        bm25, rows = self._bm25[1], self.cache.rows(podcast, episode_id)
-        return [[self.cache.ids[i] for i in bm25.rank(query, rows, k)] for query in queries]
+        if self._lexical is None or self._lexical.version != self.cache.version:
+            # Read from beside the cache file, or built on the first hybrid query after the cache changed.
+            self._lexical = lexical_index(self.cache.lexical_path, self.cache.texts, self.cache.version)
+        rows = self.cache.rows(podcast, episode_id)
+        return [[self.cache.ids[i] for i in self._lexical.rank(query, rows, k)] for query in queries]
 
 
 class AtlasSearch:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,14 +39,15 @@ class VectorCache:
     """The vectors of one vector key as stored (float32 ones at unit length, int8 as stored, binary as packed
     bits), with the fields search filters on and the texts, row by row.
 
-    `version` changes whenever the rows do, so what is built from them (the BM25 index) knows when to rebuild.
+    `version` changes whenever the rows do and is saved with them, so what is built from them (the BM25 index,
+    saved beside at `lexical_path`) knows when to rebuild, in this process or a later one.
     """
 
     def __init__(self, path: Path, vector_key: str, overlap: timedelta) -> None:
         self.path = path
         self.vector_key = vector_key
         self.overlap = overlap
-        self.version = 0
+        self.lexical_path = path.with_suffix(".bm25")
         self._clear()
         self._load()
 
@@ -90,7 +92,7 @@ class VectorCache:
         # When the last refresh began: what lands later has an `embedded_at` after it, less the overlap.
         self.checked: datetime | None = None
         self._row: dict[str, int] = {}
-        self.version += 1
+        self.version = _new_version()
 
     def _merge(self, docs: list[dict]) -> int:
         if not docs:
@@ -104,10 +106,15 @@ class VectorCache:
                               f"{self.vectors.shape[1]} components and {vectors.dtype} ones of {vectors.shape[1]}")
         fresh = [i for i, d in enumerate(docs) if d["_id"] not in self._row]
         known = [(self._row[d["_id"]], i) for i, d in enumerate(docs) if d["_id"] in self._row]
+        changed = False
         if known:
-            rows, new = zip(*known, strict=True)
-            self.vectors[list(rows)] = vectors[list(new)]
-            self.texts[list(rows)] = [docs[i].get("text", "") for i in new]
+            rows, new = (np.array(side) for side in zip(*known, strict=True))
+            texts = np.array([docs[i].get("text", "") for i in new], dtype=object)
+            # Writes within the overlap are read again at every refresh: only a new vector or text is a change.
+            differ = (self.vectors[rows] != vectors[new]).any(axis=1) | (self.texts[rows] != texts)
+            self.vectors[rows[differ]] = vectors[new[differ]]
+            self.texts[rows[differ]] = texts[differ]
+            changed = bool(differ.any())
         if fresh:
             base = len(self.ids)
             self._row.update((docs[i]["_id"], base + n) for n, i in enumerate(fresh))
@@ -118,7 +125,8 @@ class VectorCache:
                 [self.podcasts, np.array([docs[i].get("podcast") for i in fresh], dtype=object)])
             self.texts = np.concatenate([self.texts, np.array([docs[i].get("text", "") for i in fresh], dtype=object)])
             self.vectors = vectors[fresh] if not base else np.concatenate([self.vectors, vectors[fresh]])
-        self.version += 1
+        if fresh or changed:
+            self.version = _new_version()
         return len(docs)
 
     def _load(self) -> None:
@@ -133,6 +141,8 @@ class VectorCache:
                 texts = [buffer[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
                 checked = str(data["checked"])
                 self.checked = datetime.fromisoformat(checked) if checked else None
+                # A file written before versions were saved keeps the new one _clear gave.
+                version = str(data["version"]) if "version" in data.files else self.version
             if not len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(self.vectors):
                 raise ValueError("its arrays differ in length")
         except Exception as exc:  # whatever a damaged file raises: a cut zip, a bad array, a bad date
@@ -146,6 +156,7 @@ class VectorCache:
         self.podcasts = np.array([p or None for p in podcasts], dtype=object)
         self.texts = np.array(texts, dtype=object)
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
+        self.version = version
 
     def drop(self, podcast: str | None, episode_id: str | None) -> int:
         """Remove the rows of `podcast` (None: of no podcast), of one episode if `episode_id`; how many went."""
@@ -157,7 +168,7 @@ class VectorCache:
             self.ids[kept], self.episode_ids[kept], self.podcasts[kept], self.texts[kept])
         self.vectors = self.vectors[kept]
         self._row = {chunk_id: i for i, chunk_id in enumerate(self.ids)}
-        self.version += 1
+        self.version = _new_version()
         return int(gone.sum())
 
     def save(self) -> None:
@@ -169,7 +180,7 @@ class VectorCache:
             np.savez(file, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
                      ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
                      podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
-                     checked=np.array(self.checked.isoformat() if self.checked else ""))
+                     checked=np.array(self.checked.isoformat() if self.checked else ""), version=np.array(self.version))
 
 
 def cache_path(data_dir: Path, mongo_uri: str, mongo_db: str, vector_key: str) -> Path:
@@ -188,7 +199,13 @@ def drop_cached(path: Path, podcast: str | None, episode_id: str | None, *, dry_
     dropped = cache.drop(podcast, episode_id)
     if dropped and not dry_run:
         cache.save()
+        # The BM25 index holds the dropped chunks' words: it goes too (the next hybrid search builds it again).
+        cache.lexical_path.unlink(missing_ok=True)
     return dropped
+
+
+def _new_version() -> str:
+    return secrets.token_hex(8)
 
 
 def _where(mongo_uri: str, mongo_db: str) -> str:
