@@ -254,7 +254,7 @@ def fuzz(settings: Settings, n_parse: int, n_api: int) -> dict:
     api_settings = settings.replace(mongo_db="soak_fuzz", api_token=TOKEN)
     redis, db = redis_client(api_settings), mongo_database(api_settings)
     redis.flushdb()
-    client = TestClient(create_app(api_settings))
+    client = TestClient(create_app(api_settings), base_url="http://127.0.0.1")  # a host name `serve` answers
     assert AUTH["Authorization"].endswith(TOKEN)
     post_jobs = _count_examples(BODIES, n_api, lambda body: check_post(client, redis, db, body))
     db.client.drop_database(db.name)
