@@ -17,16 +17,16 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bm25s
 import numpy as np
 
 from config.services import replacing
 
+if TYPE_CHECKING:
+    import bm25s
+
 logger = logging.getLogger(__name__)
-# bm25s sets its own logger to DEBUG when imported, so its notes ("Building index from tokens") passed the
-# level the CLI chose and reached stderr: it follows the root logger's level again.
-logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
 WORD = re.compile(r"\w+")
 # Okapi BM25's usual parameters. bm25s's "lucene" form scores idf x tf / (tf + k1 x (1 - b + b x length / mean
@@ -39,6 +39,16 @@ FUSION_DEPTH = 100
 RRF_K = 60
 # A word held by more than this share of the chunks is a common one (see LexicalIndex).
 COMMON_SHARE = 0.05
+
+
+def _bm25(**params: object) -> bm25s.BM25:
+    """A bm25s index, imported only when hybrid search builds or loads one (scipy's import costs about 0.5 s)."""
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG when imported, so its notes ("Building index from tokens") passed the
+    # level the CLI chose and reached stderr: it follows the root logger's level again.
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s.BM25(**params)
 
 
 def words(text: str) -> list[str]:
@@ -69,7 +79,7 @@ class LexicalIndex:
         tokens = [words(t) for t in texts]
         if not any(tokens):
             return cls(None, len(texts), version)
-        retriever = bm25s.BM25(k1=K1, b=B, method="lucene")
+        retriever = _bm25(k1=K1, b=B, method="lucene")
         # No "" word: a query without words is answered here, before bm25s.
         retriever.index(tokens, create_empty_token=False, show_progress=False)
         return cls(retriever, len(texts), version)
@@ -160,7 +170,7 @@ class LexicalIndex:
             return None
         # What bm25s.BM25.load sets from its own files (bm25s 0.3.16); tests/test_search.py checks a loaded
         # index ranks as the built one.
-        retriever = bm25s.BM25(k1=K1, b=B, method="lucene")
+        retriever = _bm25(k1=K1, b=B, method="lucene")
         retriever.scores = scores | {"num_docs": size}
         retriever.vocab_dict = {word: n for n, word in enumerate(vocab)}
         retriever.unique_token_ids_set = set(range(len(vocab)))
