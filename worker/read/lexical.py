@@ -12,10 +12,11 @@ any change to the rows builds it anew.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
-from collections import Counter
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,13 @@ WORD = re.compile(r"\w+")
 # length)), idf = log(1 + (N - df + 0.5) / (df + 0.5)): Robertson's weight over k1 + 1, the same ranking.
 K1 = 1.5
 B = 0.75
+# A chunk looked up in a word's rows (a binary search) costs about as much as adding this many of its weights.
+LOOKUP_COST = 32
 # Ranks each list contributes to the fusion, and the constant of reciprocal rank fusion
 # (Cormack et al. 2009; also Atlas's $rankFusion default).
 FUSION_DEPTH = 100
 RRF_K = 60
-# A word held by more than this share of the chunks is a common one (see LexicalIndex).
-COMMON_SHARE = 0.05
+RRF_WEIGHTS = [1.0 / (RRF_K + rank + 1) for rank in range(FUSION_DEPTH)]
 
 
 def _bm25(**params: object) -> bm25s.BM25:
@@ -60,9 +62,11 @@ class LexicalIndex:
     """BM25 weights of every chunk's words (k1=1.5, b=0.75), built from one `version` of the cache's rows.
 
     bm25s builds the weights (a chunks x words sparse matrix, by column); `rank` reads them with MaxScore's
-    pruning (Turtle and Flood 1995): the words most chunks hold add next to nothing to a score, yet touch
-    nearly every chunk, so they are added only to the chunks that the rarer words leave in reach of the top k.
-    The ranking is the one that adding every weight to every chunk gives.
+    pruning (Turtle and Flood 1995). The words most chunks hold add next to nothing to a score, yet touch
+    nearly every chunk: once the chunks scored so far put the k-th best above what the remaining words could
+    add together, a chunk holding none of the words added so far can no longer reach the top k, and those
+    words are added only to the chunks still in reach. The ranking is the one that adding every weight to
+    every chunk gives.
     """
 
     def __init__(self, retriever: bm25s.BM25 | None, size: int, version: str) -> None:
@@ -91,51 +95,53 @@ class LexicalIndex:
                          else [], dtype=np.int64)
         if not len(terms):
             return []
-        # Weakest first: the words whose best weight is lowest are the ones pruning can leave out.
-        terms = terms[np.argsort(self.highest[terms], kind="stable")]
-        common = np.diff(self.starts)[terms] > COMMON_SHARE * self.size
+        allowed = None
+        if rows is not None:
+            allowed = np.zeros(self.size, dtype=bool)
+            allowed[rows] = True
+        terms = terms[np.argsort(-self.highest[terms], kind="stable")]  # the strongest word first
+        # reach[n]: the most that terms[n:] add to any chunk's score together.
+        reach = np.cumsum(self.highest[terms][::-1])[::-1]
         scores = np.zeros(self.size, dtype=np.float32)
-        for term in terms[~common]:
-            self._add(scores, term)
-        pool = self._held(scores, rows)
-        weak = terms[common]
-        if len(weak) and len(pool) >= k:
-            # Every chunk's final score is at least its score so far, so the k-th best so far bounds the k-th
-            # best from below; the weak words together add less than that to any chunk.
-            floor = _kth(scores[pool], k)
-            strong = weak[np.cumsum(self.highest[weak]) >= floor]
-            for term in strong:
-                self._add(scores, term)
-            weak = weak[:len(weak) - len(strong)]
-            if len(strong):
-                pool = self._held(scores, rows)
+        # The k-th best score so far: every chunk's final score is at least its score so far, so it bounds the
+        # k-th best final score from below (as the k-th best of any k chunks does).
+        floor = 0.0
+        n = 0
+        while n < len(terms) and reach[n] >= floor:  # a chunk holding none of terms[:n] may still reach the floor
+            chunks = self._add(scores, terms[n])
+            if allowed is not None:
+                chunks = chunks[allowed[chunks]]
+            if len(chunks) >= k:
+                floor = max(floor, _kth(scores[chunks], k))
+            n += 1
+        # In the dtype of the index's rows: searchsorted would otherwise convert a whole word's rows per call.
+        pool = np.flatnonzero(scores > 0 if allowed is None else (scores > 0) & allowed).astype(self.chunks.dtype)
+        # The weaker words, each added only to the chunks that it and the ones after it could lift to the floor.
+        for term, rest in zip(terms[n:], reach[n:], strict=True):
             partial = scores[pool]
-            floor, reach = _kth(partial, k), float(self.highest[weak].sum())
-            if floor > reach:
-                pool = pool[partial + reach >= floor]
-                for term in weak:
-                    self._add(scores, term, pool)
-                return _best(pool, scores[pool], k)
-        for term in weak:
-            self._add(scores, term)
-        pool = self._held(scores, rows)
+            if len(pool) >= k:
+                floor = max(floor, _kth(partial, k))
+                pool = pool[partial + rest >= floor]
+            self._add_to(scores, term, pool)
         return _best(pool, scores[pool], k)
 
-    @staticmethod
-    def _held(scores: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        """The chunks (among `rows`, if given) scored above 0, in row order."""
-        return np.flatnonzero(scores) if rows is None else rows[scores[rows] > 0]
-
-    def _add(self, scores: np.ndarray, term: int, only: np.ndarray | None = None) -> None:
-        """Add the term's weights to `scores`: of every chunk that holds it, or of the chunks `only` only."""
+    def _add(self, scores: np.ndarray, term: int) -> np.ndarray:
+        """Add the term's weights to the scores of every chunk that holds it; those chunks."""
         chunks = self.chunks[self.starts[term]:self.starts[term + 1]]  # sorted, as bm25s builds them
-        weights = self.weights[self.starts[term]:self.starts[term + 1]]
-        if only is None:
-            scores[chunks] += weights
+        np.add.at(scores, chunks, self.weights[self.starts[term]:self.starts[term + 1]])  # 3x `scores[chunks] +=`
+        return chunks
+
+    def _add_to(self, scores: np.ndarray, term: int, pool: np.ndarray) -> None:
+        """Add the term's weights to the scores of the chunks of `pool` (sorted) that hold it: looked up in its
+        rows, or added to every chunk where that is cheaper (the others' scores are not read again)."""
+        start, end = self.starts[term], self.starts[term + 1]
+        if len(pool) * LOOKUP_COST > end - start:
+            self._add(scores, term)
             return
-        at = np.minimum(np.searchsorted(chunks, only), len(chunks) - 1)
-        held = chunks[at] == only
-        scores[only[held]] += weights[at[held]]
+        chunks = self.chunks[start:end]
+        at = np.minimum(np.searchsorted(chunks, pool), len(chunks) - 1)
+        held = chunks[at] == pool
+        np.add.at(scores, pool[held], self.weights[start:end][at[held]])
 
     def save(self, path: Path) -> None:
         """Write the index to `path` (a private file, like the cache beside it: its words come from the texts)."""
@@ -202,9 +208,10 @@ def lexical_index(path: Path, texts: Sequence[str], version: str) -> LexicalInde
 
 
 def fuse(rankings: Sequence[Sequence[str]], k: int) -> list[tuple[str, float]]:
-    """Reciprocal rank fusion of the top FUSION_DEPTH of each ranking: the best `k` with their fused scores."""
-    score: Counter = Counter()
+    """Reciprocal rank fusion of the top FUSION_DEPTH of each ranking: the best `k` with their fused scores
+    (equal scores: the one ranked first in the first ranking first)."""
+    score: dict[str, float] = {}
     for ranking in rankings:
-        for rank, item in enumerate(ranking[:FUSION_DEPTH]):
-            score[item] += 1.0 / (RRF_K + rank + 1)
-    return score.most_common(k)
+        for item, weight in zip(ranking, RRF_WEIGHTS, strict=False):  # stops at FUSION_DEPTH
+            score[item] = score.get(item, 0.0) + weight
+    return heapq.nlargest(k, score.items(), key=itemgetter(1))
