@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -190,7 +191,8 @@ def _put(db: Database, key: str, ids: range, vectors: np.ndarray, at: datetime, 
     for n, i in enumerate(ids):
         db.embeddings.update_one({"_id": f"c{i}"}, {"$set": {
             "vector_key": key, "chunk_id": f"c{i}", "episode_id": f"E{i % 3}", "podcast": PODCAST,
-            "embedding": to_bson_vector(vectors[i]), "embedded_at": at + timedelta(seconds=i)}
+            "start": 10.0 * i, "end": 10.0 * i + 12, "embedding": to_bson_vector(vectors[i]),
+            "embedded_at": at + timedelta(seconds=i)}
             | ({"text": texts[n]} if texts else {})}, upsert=True)
 
 
@@ -225,6 +227,27 @@ def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Databas
     assert (stats.rebuilt, len(warm.cache)) == (True, 39)
     assert "c3" not in [c for c, _ in warm.search(old[3:4], 39, None, None)[0]]
     assert {c for c, _ in warm.search(old[:1], 39, None, "E1")[0]} == {f"c{i}" for i in range(1, 40, 3)}
+
+
+def test_the_exact_engine_answers_hits_from_its_cache(settings: Settings, db: Database, caplog) -> None:
+    vectors = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    _put(db, "k", range(6), vectors, datetime.now(UTC) - timedelta(hours=1), [f"text {i}" for i in range(6)])
+    scan = ExactScan(settings, db, "k")
+    scan.refresh()
+    four = {"chunk_id": "c4", "episode_id": "E1", "podcast": PODCAST, "start": 40.0, "end": 52.0, "text": "text 4"}
+    assert scan.chunks(["c4", "c9"]) == {"c4": four}
+    assert ExactScan(settings, db, "k").chunks(["c4"]) == {"c4": four}  # a new process: from the cache file
+
+    # A file written before the cache kept the chunks' times is read again from MongoDB, without a warning.
+    path = scan.cache.path
+    with np.load(path) as data:
+        older = {name: data[name] for name in data.files if name not in ("chunk_ids", "starts", "ends")}
+    np.savez(path, **older)
+    with caplog.at_level(logging.INFO, logger="worker.read.vector_cache"):
+        again = ExactScan(settings, db, "k")
+    assert len(again.cache) == 0 and "before it kept chunk times" in caplog.text and "unreadable" not in caplog.text
+    again.refresh()
+    assert again.chunks(["c4"]) == {"c4": four}
 
 
 def test_the_bm25_index_is_saved_beside_the_cache_and_follows_its_rows(settings: Settings, db: Database) -> None:

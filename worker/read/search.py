@@ -78,6 +78,10 @@ class Engine(Protocol):
         """For each query, the `_id`s of the best `k` chunks by BM25, best first."""
         ...
 
+    def chunks(self, ids: list[str]) -> dict[str, dict]:
+        """The fields of a hit (HIT_FIELDS) of the stored chunks of these `_id`s that are there, by `_id`."""
+        ...
+
 
 def query_instruction(settings: Settings) -> str:
     """The configured query instruction, or the default: INSTRUCTOR's retrieval style, none for others."""
@@ -154,7 +158,14 @@ class ExactScan:
             # Read from beside the cache file, or built on the first hybrid query after the cache changed.
             self._lexical = lexical_index(self.cache.lexical_path, self.cache.texts, self.cache.version)
         rows = self.cache.rows(podcast, episode_id)
-        return [[self.cache.ids[i] for i in self._lexical.rank(query, rows, k)] for query in queries]
+        return [self.cache.ids[self._lexical.rank(query, rows, k)].tolist() for query in queries]
+
+    def chunks(self, ids: list[str]) -> dict[str, dict]:
+        # From the rows the scan read: no round trip to MongoDB.
+        c = self.cache
+        return {doc_id: {"chunk_id": c.chunk_ids[row], "episode_id": c.episode_ids[row], "podcast": c.podcasts[row],
+                         "start": float(c.starts[row]), "end": float(c.ends[row]), "text": c.texts[row]}
+                for doc_id in ids if (row := c.row(doc_id)) is not None}
 
 
 class AtlasSearch:
@@ -188,6 +199,12 @@ class AtlasSearch:
     def lexical(self, queries: list[str], k: int, podcast: str | None, episode_id: str | None) -> list[list[str]]:
         raise SearchError("hybrid search runs on the exact scan; on Atlas, fuse $vectorSearch with $search in "
                           "$rankFusion (see the README)")
+
+    def chunks(self, ids: list[str]) -> dict[str, dict]:
+        try:
+            return {d["_id"]: d for d in self.embeddings.find({"_id": {"$in": ids}}, HIT_FIELDS)}
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read chunks from {self.embeddings.full_name}: {exc}") from exc
 
 
 def _scores(queries: np.ndarray, matrix: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -303,11 +320,7 @@ class Searcher:
         return vectors
 
     def _hits(self, ranked: list[list[tuple[str, float]]]) -> list[list[Hit]]:
-        wanted = list({doc_id for hits in ranked for doc_id, _ in hits})
-        try:
-            docs = {d["_id"]: d for d in self.db.embeddings.find({"_id": {"$in": wanted}}, HIT_FIELDS)}
-        except PyMongoError as exc:
-            raise StoreError(f"cannot read chunks from {self.db.name}.embeddings: {exc}") from exc
+        docs = self.engine.chunks(list({doc_id for hits in ranked for doc_id, _ in hits}))
         # A chunk deleted between the scan and this read is left out rather than shown empty.
         return [[Hit(chunk_id=d["chunk_id"], episode_id=d.get("episode_id"), podcast=d.get("podcast"),
                      start=d["start"], end=d["end"], score=round(score, 6), text=d["text"])

@@ -26,7 +26,8 @@ from worker.store import read_bson_vector
 
 logger = logging.getLogger(__name__)
 
-PROJECTION = {"embedding": 1, "episode_id": 1, "podcast": 1, "text": 1}
+# A hit's fields come along: the exact engine answers from the cache alone.
+PROJECTION = {"embedding": 1, "chunk_id": 1, "episode_id": 1, "podcast": 1, "start": 1, "end": 1, "text": 1}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RefreshStats:
 
 class VectorCache:
     """The vectors of one vector key as stored (float32 ones at unit length, int8 as stored, binary as packed
-    bits), with the fields search filters on and the texts, row by row.
+    bits), with the fields search filters on and shows (chunk id, times, text), row by row.
 
     `version` changes whenever the rows do and is saved with them, so what is built from them (the BM25 index,
     saved beside at `lexical_path`) knows when to rebuild, in this process or a later one.
@@ -72,6 +73,10 @@ class VectorCache:
             self.save()
         return stats
 
+    def row(self, doc_id: str) -> int | None:
+        """The row of the vector of `_id` `doc_id` (None: not cached)."""
+        return self._row.get(doc_id)
+
     def rows(self, podcast: str | None = None, episode_id: str | None = None) -> np.ndarray | None:
         """Indices of the rows that pass the filters (None: every row)."""
         if podcast is None and episode_id is None:
@@ -88,6 +93,9 @@ class VectorCache:
         self.episode_ids = np.empty(0, dtype=object)
         self.podcasts = np.empty(0, dtype=object)
         self.texts = np.empty(0, dtype=object)
+        self.chunk_ids = np.empty(0, dtype=object)
+        self.starts = np.empty(0, dtype=np.float64)
+        self.ends = np.empty(0, dtype=np.float64)
         self.vectors = np.empty((0, 0), dtype=np.float32)
         # When the last refresh began: what lands later has an `embedded_at` after it, less the overlap.
         self.checked: datetime | None = None
@@ -114,6 +122,7 @@ class VectorCache:
             differ = (self.vectors[rows] != vectors[new]).any(axis=1) | (self.texts[rows] != texts)
             self.vectors[rows[differ]] = vectors[new[differ]]
             self.texts[rows[differ]] = texts[differ]
+            self.starts[rows[differ]], self.ends[rows[differ]] = _times([docs[i] for i in new[differ]])
             changed = bool(differ.any())
         if fresh:
             base = len(self.ids)
@@ -124,6 +133,10 @@ class VectorCache:
             self.podcasts = np.concatenate(
                 [self.podcasts, np.array([docs[i].get("podcast") for i in fresh], dtype=object)])
             self.texts = np.concatenate([self.texts, np.array([docs[i].get("text", "") for i in fresh], dtype=object)])
+            self.chunk_ids = np.concatenate(
+                [self.chunk_ids, np.array([docs[i]["chunk_id"] for i in fresh], dtype=object)])
+            starts, ends = _times([docs[i] for i in fresh])
+            self.starts, self.ends = np.concatenate([self.starts, starts]), np.concatenate([self.ends, ends])
             self.vectors = vectors[fresh] if not base else np.concatenate([self.vectors, vectors[fresh]])
         if fresh or changed:
             self.version = _new_version()
@@ -134,7 +147,13 @@ class VectorCache:
             return
         try:
             with np.load(self.path, allow_pickle=False) as data:
-                ids, episode_ids, podcasts = (data[name].tolist() for name in ("ids", "episode_ids", "podcasts"))
+                if "chunk_ids" not in data.files:
+                    logger.info("vector cache %s was written before it kept chunk times: it is read again from "
+                                "MongoDB", self.path)
+                    return
+                ids, episode_ids, podcasts, chunk_ids = (data[name].tolist() for name in (
+                    "ids", "episode_ids", "podcasts", "chunk_ids"))
+                starts, ends = data["starts"], data["ends"]
                 self.vectors = data["vectors"]
                 # Texts as one UTF-8 buffer and offsets: a numpy string array pads every text to the longest.
                 buffer, offsets = data["texts_utf8"].tobytes(), data["text_offsets"].tolist()
@@ -143,7 +162,8 @@ class VectorCache:
                 self.checked = datetime.fromisoformat(checked) if checked else None
                 # A file written before versions were saved keeps the new one _clear gave.
                 version = str(data["version"]) if "version" in data.files else self.version
-            if not len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(self.vectors):
+            if not (len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(chunk_ids) == len(starts)
+                    == len(ends) == len(self.vectors)):
                 raise ValueError("its arrays differ in length")
         except Exception as exc:  # whatever a damaged file raises: a cut zip, a bad array, a bad date
             # A damaged cache costs one full read, never a wrong answer or a failed search.
@@ -155,6 +175,8 @@ class VectorCache:
         self.episode_ids = np.array([e or None for e in episode_ids], dtype=object)
         self.podcasts = np.array([p or None for p in podcasts], dtype=object)
         self.texts = np.array(texts, dtype=object)
+        self.chunk_ids = np.array(chunk_ids, dtype=object)
+        self.starts, self.ends = starts, ends
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
         self.version = version
 
@@ -166,6 +188,7 @@ class VectorCache:
         kept = np.flatnonzero(~gone)
         self.ids, self.episode_ids, self.podcasts, self.texts = (
             self.ids[kept], self.episode_ids[kept], self.podcasts[kept], self.texts[kept])
+        self.chunk_ids, self.starts, self.ends = self.chunk_ids[kept], self.starts[kept], self.ends[kept]
         self.vectors = self.vectors[kept]
         self._row = {chunk_id: i for i, chunk_id in enumerate(self.ids)}
         self.version = _new_version()
@@ -180,6 +203,7 @@ class VectorCache:
             np.savez(file, texts_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8), text_offsets=offsets,
                      ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
                      podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
+                     chunk_ids=self.chunk_ids.astype(str), starts=self.starts, ends=self.ends,
                      checked=np.array(self.checked.isoformat() if self.checked else ""), version=np.array(self.version))
 
 
@@ -210,6 +234,12 @@ def _new_version() -> str:
 
 def _where(mongo_uri: str, mongo_db: str) -> str:
     return hashlib.sha256(f"{mongo_uri}\x00{mongo_db}".encode()).hexdigest()[:12]
+
+
+def _times(docs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks' start and end times, in seconds."""
+    starts = np.array([d["start"] for d in docs], dtype=np.float64)
+    return starts, np.array([d["end"] for d in docs], dtype=np.float64)
 
 
 def _read(embeddings: Collection, query: dict) -> list[dict]:
