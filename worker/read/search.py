@@ -24,7 +24,7 @@ from config.settings import Settings
 from producer.enqueue import vector_spec
 from producer.models import VectorSpec, normal_podcast
 from worker.read.lexical import FUSION_DEPTH, LexicalIndex, fuse, lexical_index
-from worker.read.vector_cache import VectorCache, cache_path
+from worker.read.vector_cache import HIT_FIELDS, VectorCache, cache_path
 from worker.store import from_bson_vector, to_bson_vector
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ QUANTIZATIONS = ("none", "scalar", "binary")
 BINARY_RESCORE = 10
 # Stored rows widened to float32 at once for the int8 scan (numpy has no int8 matrix product): 16 MB at 384-d.
 INT8_ROWS = 10_000
-HIT_FIELDS = {"chunk_id": 1, "episode_id": 1, "podcast": 1, "start": 1, "end": 1, "text": 1}
 
 
 @dataclass
@@ -162,10 +161,7 @@ class ExactScan:
 
     def chunks(self, ids: list[str]) -> dict[str, dict]:
         # From the rows the scan read: no round trip to MongoDB.
-        c = self.cache
-        return {doc_id: {"chunk_id": c.chunk_ids[row], "episode_id": c.episode_ids[row], "podcast": c.podcasts[row],
-                         "start": float(c.starts[row]), "end": float(c.ends[row]), "text": c.texts[row]}
-                for doc_id in ids if (row := c.row(doc_id)) is not None}
+        return {doc_id: fields for doc_id in ids if (fields := self.cache.hit_fields(doc_id)) is not None}
 
 
 class AtlasSearch:

@@ -26,8 +26,9 @@ from worker.store import read_bson_vector
 
 logger = logging.getLogger(__name__)
 
-# A hit's fields come along: the exact engine answers from the cache alone.
-PROJECTION = {"embedding": 1, "chunk_id": 1, "episode_id": 1, "podcast": 1, "start": 1, "end": 1, "text": 1}
+# What a search hit shows of a chunk; the cache reads them with the vectors, so the exact engine answers from it.
+HIT_FIELDS = {"chunk_id": 1, "episode_id": 1, "podcast": 1, "start": 1, "end": 1, "text": 1}
+PROJECTION = {"embedding": 1} | HIT_FIELDS
 
 
 @dataclass
@@ -73,9 +74,13 @@ class VectorCache:
             self.save()
         return stats
 
-    def row(self, doc_id: str) -> int | None:
-        """The row of the vector of `_id` `doc_id` (None: not cached)."""
-        return self._row.get(doc_id)
+    def hit_fields(self, doc_id: str) -> dict | None:
+        """The HIT_FIELDS of the chunk of vector `_id` `doc_id` (None: not cached)."""
+        row = self._row.get(doc_id)
+        if row is None:
+            return None
+        return {"chunk_id": self.chunk_ids[row], "episode_id": self.episode_ids[row], "podcast": self.podcasts[row],
+                "start": float(self.starts[row]), "end": float(self.ends[row]), "text": self.texts[row]}
 
     def rows(self, podcast: str | None = None, episode_id: str | None = None) -> np.ndarray | None:
         """Indices of the rows that pass the filters (None: every row)."""
@@ -160,8 +165,7 @@ class VectorCache:
                 texts = [buffer[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
                 checked = str(data["checked"])
                 self.checked = datetime.fromisoformat(checked) if checked else None
-                # A file written before versions were saved keeps the new one _clear gave.
-                version = str(data["version"]) if "version" in data.files else self.version
+                version = str(data["version"])
             if not (len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(chunk_ids) == len(starts)
                     == len(ends) == len(self.vectors)):
                 raise ValueError("its arrays differ in length")
