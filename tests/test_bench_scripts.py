@@ -61,6 +61,8 @@ def test_eval_runs_from_the_vendored_corpus() -> None:
     scan = report["exact_scan"]
     assert (scan["engine"], scan["vectors"], scan["vector_hits_per_query"], scan["hybrid_hits_per_query"]) == (
         "exact", 1500, 10, 10)
+    assert set(scan["refresh_milliseconds"]) == {"with_token", "without_token"}
+    assert scan["vector_one_query_call_milliseconds"] > 0 and scan["hybrid_one_query_call_milliseconds"] > 0
 
 
 def test_fleet_drains_a_backlog_with_two_stand_in_drains_through_a_kill(

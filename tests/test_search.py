@@ -27,7 +27,7 @@ from worker.loop import run_worker
 from worker.read.lexical import LexicalIndex
 from worker.read.search import INSTRUCTOR_QUERY_INSTRUCTION, ExactScan, Searcher, index_definition, query_instruction
 from worker.read.vector_cache import VectorCache, drop_cached
-from worker.store import from_bson_vector, to_bson_vector
+from worker.store import VectorStore, from_bson_vector, to_bson_vector
 
 PODCAST = "The Seen and the Unseen"
 
@@ -227,6 +227,29 @@ def test_cache_follows_re_embedding_and_deletion(settings: Settings, db: Databas
     assert (stats.rebuilt, len(warm.cache)) == (True, 39)
     assert "c3" not in [c for c, _ in warm.search(old[3:4], 39, None, None)[0]]
     assert {c for c, _ in warm.search(old[:1], 39, None, "E1")[0]} == {f"c{i}" for i in range(1, 40, 3)}
+
+
+def test_a_refresh_reads_nothing_while_the_change_token_and_the_count_stand(stored: Settings, db: Database) -> None:
+    settings = stored.replace(search_refresh_overlap_s=3600)  # a read would take every chunk again
+    key = vector_spec(settings).key
+    scan = ExactScan(settings, db, key)
+    assert scan.cache.refresh(db.embeddings).read == len(scan.cache) > 0
+    assert scan.cache.refresh(db.embeddings).read == 0  # the worker's token and the count are as they were
+    warm = ExactScan(settings, db, key)  # a new process: the token comes with the cache file
+    assert warm.cache.refresh(db.embeddings).read == 0
+
+    # A write of vectors (here re-embedding one chunk) replaces the token: the next refresh reads.
+    doc = db.embeddings.find_one({"vector_key": key})
+    vector = np.random.default_rng(11).standard_normal(len(from_bson_vector(doc["embedding"]))).astype(np.float32)
+    VectorStore(db).upsert([doc | {"embedding": to_bson_vector(vector), "embedded_at": datetime.now(UTC)}])
+    stats = warm.cache.refresh(db.embeddings)
+    assert stats.read > 0 and not stats.rebuilt
+    assert warm.search(vector[None], 1, None, None)[0][0] == (doc["_id"], pytest.approx(1.0))
+
+    # A deletion leaves the token as it is: the count tells.
+    db.embeddings.delete_one({"_id": doc["_id"]})
+    assert warm.cache.refresh(db.embeddings).rebuilt
+    assert doc["_id"] not in warm.cache.ids
 
 
 def test_the_exact_engine_answers_hits_from_its_cache(settings: Settings, db: Database, caplog) -> None:

@@ -1,4 +1,5 @@
-"""MongoDB writes of the worker: vectors in `embeddings`, the per-batch ledger in `batches`.
+"""MongoDB writes of the worker: vectors in `embeddings`, the per-batch ledger in `batches`, and per vector
+key a change token in `vector_changes`.
 
 Every write is an upsert keyed by a deterministic `_id`, so running a batch twice
 never creates a second document. Vectors are BSON binary float32 (what Atlas
@@ -7,6 +8,7 @@ Vector Search indexes, and what nx-27017 stores quickly).
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -22,6 +24,9 @@ from producer.models import Chunk, VectorSpec
 # int8 vectors: each vector times INT8_MAX / its largest absolute component, rounded. The scale differs per
 # vector and is not kept: cosine (the only score search computes) is the same for a vector and its multiples.
 INT8_MAX = 127
+# Per vector key (`_id`), a `token` that every write of its vectors replaces once stored: the search cache reads
+# the vectors again only when the token (or the count) has changed since its last read.
+CHANGES = "vector_changes"
 
 
 def to_bson_vector(vector: np.ndarray, dtype: str = "float32") -> Binary:
@@ -120,6 +125,16 @@ class VectorStore:
             self.embeddings.bulk_write(updates, ordered=False)
         except PyMongoError as exc:
             raise StoreError(f"cannot write {len(docs)} vectors to {self.db.name}.embeddings: {exc}") from exc
+        self.mark_changed({d["vector_key"] for d in docs})
+
+    def mark_changed(self, vector_keys: set[str]) -> None:
+        """Give each vector key a new change token (after its vectors are written, so a reader that sees the token
+        finds them)."""
+        try:
+            for key in sorted(vector_keys):
+                self.db[CHANGES].update_one({"_id": key}, {"$set": {"token": secrets.token_hex(8)}}, upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(f"cannot write the change token of {self.db.name}.embeddings: {exc}") from exc
 
     def record(self, entry: LedgerEntry) -> None:
         """The ledger is keyed by batch id: a batch that runs again replaces its entry."""
@@ -128,6 +143,15 @@ class VectorStore:
             self.batches.replace_one({"_id": entry.batch_id}, {"_id": entry.batch_id, **asdict(entry)}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot write ledger entry {entry.batch_id}: {exc}") from exc
+
+
+def change_token(db: Database, vector_key: str) -> str | None:
+    """The change token of `vector_key` (None: no write has set one)."""
+    try:
+        found = db[CHANGES].find_one({"_id": vector_key})
+    except PyMongoError as exc:
+        raise StoreError(f"cannot read the change token of {db.name}.embeddings: {exc}") from exc
+    return found["token"] if found else None
 
 
 def vector_doc(

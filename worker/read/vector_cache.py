@@ -1,10 +1,12 @@
 """A local copy of the stored vectors of one vector key, for the exact cosine scan.
 
 The copy lives in memory and in one `.npz` file under the data directory, so a new process
-starts warm. `refresh` reads only what changed: the documents embedded since its last refresh
-began (less an overlap for worker clocks and writes that land late), merged by `_id`, so a
-re-embedded chunk replaces its old vector. When the stored count for the key differs from the cache's
-after that merge (a deletion, or a write the overlap missed), the cache is read again whole.
+starts warm. `refresh` reads nothing while the key's change token (which every podembed write of
+vectors replaces) and its stored count are what they were at the last read. Otherwise it reads only
+what changed: the documents embedded since its last read began (less an overlap for worker clocks
+and writes that land late), merged by `_id`, so a re-embedded chunk replaces its old vector. When the
+stored count for the key differs from the cache's after that merge (a deletion, or a write the
+overlap missed), the cache is read again whole.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pymongo.errors import PyMongoError
 
 from config.errors import SearchError, StoreError
 from config.services import private_dir, replacing
-from worker.store import read_bson_vector
+from worker.store import change_token, read_bson_vector
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ class VectorCache:
         """Bring the cache up to date with `embeddings`; rebuild it when counts disagree."""
         stats = RefreshStats()
         began = datetime.now(UTC)
+        # Read before the vectors: a write whose token comes later is read again at the next refresh.
+        token = change_token(embeddings.database, self.vector_key)
+        # Without a token (vectors stored before tokens were kept, or by other software) every refresh reads the
+        # recent documents.
+        if token is not None and token == self.token and _count(embeddings, self.vector_key) == len(self.ids):
+            return stats
         query: dict = {"vector_key": self.vector_key}
         if self.checked is not None:
             query["embedded_at"] = {"$gte": self.checked - self.overlap}
@@ -70,7 +78,8 @@ class VectorCache:
             stats.read = self._merge(_read(embeddings, {"vector_key": self.vector_key}))
             stats.rebuilt = True
         self.checked = began
-        if stats.read or stats.rebuilt:
+        if stats.read or stats.rebuilt or token != self.token:
+            self.token = token
             self.save()
         return stats
 
@@ -102,8 +111,9 @@ class VectorCache:
         self.starts = np.empty(0, dtype=np.float64)
         self.ends = np.empty(0, dtype=np.float64)
         self.vectors = np.empty((0, 0), dtype=np.float32)
-        # When the last refresh began: what lands later has an `embedded_at` after it, less the overlap.
+        # When the last read began: what lands later has an `embedded_at` after it, less the overlap.
         self.checked: datetime | None = None
+        self.token: str | None = None  # the key's change token at the last read
         self._row: dict[str, int] = {}
         self.version = _new_version()
 
@@ -166,6 +176,7 @@ class VectorCache:
                 checked = str(data["checked"])
                 self.checked = datetime.fromisoformat(checked) if checked else None
                 version = str(data["version"])
+                token = str(data["token"]) if "token" in data.files else ""  # a file from before tokens: one read
             if not (len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(chunk_ids) == len(starts)
                     == len(ends) == len(self.vectors)):
                 raise ValueError("its arrays differ in length")
@@ -183,6 +194,7 @@ class VectorCache:
         self.starts, self.ends = starts, ends
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
         self.version = version
+        self.token = token or None
 
     def drop(self, podcast: str | None, episode_id: str | None) -> int:
         """Remove the rows of `podcast` (None: of no podcast), of one episode if `episode_id`; how many went."""
@@ -208,7 +220,8 @@ class VectorCache:
                      ids=self.ids.astype(str), episode_ids=np.array([e or "" for e in self.episode_ids], str),
                      podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
                      chunk_ids=self.chunk_ids.astype(str), starts=self.starts, ends=self.ends,
-                     checked=np.array(self.checked.isoformat() if self.checked else ""), version=np.array(self.version))
+                     checked=np.array(self.checked.isoformat() if self.checked else ""), version=np.array(self.version),
+                     token=np.array(self.token or ""))
 
 
 def cache_path(data_dir: Path, mongo_uri: str, mongo_db: str, vector_key: str) -> Path:
