@@ -62,7 +62,7 @@ def test_eval_runs_from_the_vendored_corpus() -> None:
     assert (scan["engine"], scan["vectors"], scan["vector_hits_per_query"], scan["hybrid_hits_per_query"]) == (
         "exact", 1500, 10, 10)
     assert set(scan["refresh_milliseconds"]) == {"with_token", "without_token"}
-    assert scan["vector_one_query_call_milliseconds"] > 0 and scan["hybrid_one_query_call_milliseconds"] > 0
+    assert scan["http_one_query_milliseconds"]["vector"] > 0 and scan["http_one_query_milliseconds"]["hybrid"] > 0
 
 
 def test_fleet_drains_a_backlog_with_two_stand_in_drains_through_a_kill(
