@@ -58,7 +58,9 @@ def stored(settings: Settings, redis: Redis, db: Database) -> Settings:
     return settings
 
 
-def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Database, tmp_path: Path) -> None:
+def test_search_and_queries_match_brute_force_cosine(
+    stored: Settings, db: Database, tmp_path: Path, cli_in_process: Callable[..., CompletedProcess]
+) -> None:
     queries = _titles("E01", 4) + _titles("E05", 4)
     searcher = Searcher(stored, db)
     # The local default fuses with BM25 (see the hybrid test); the vector ranking alone is checked here.
@@ -82,7 +84,7 @@ def test_search_and_queries_match_brute_force_cosine(stored: Settings, db: Datab
 
     lines = tmp_path / "queries.txt"
     lines.write_text("\n".join(queries) + "\n\n")
-    many = run_cli(stored, "search", "--queries", str(lines), "-k", "5", "--no-hybrid")
+    many = cli_in_process(cli_env(stored), "search", "--queries", str(lines), "-k", "5", "--no-hybrid")
     assert many.returncode == 0, many.stderr
     answers = [json.loads(line) for line in many.stdout.splitlines()]
     assert [a["query"] for a in answers] == queries
@@ -103,7 +105,9 @@ def _bm25_brute_force(db: Database, key: str, query: str) -> list[str]:
     return [docs[i]["chunk_id"] for i in sorted(range(len(docs)), key=lambda i: -scores[i]) if scores[i] > 0][:100]
 
 
-def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settings, db: Database) -> None:
+def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(
+    stored: Settings, db: Database, cli_in_process: Callable[..., CompletedProcess]
+) -> None:
     queries = _titles("E01", 2) + _titles("E05", 2)
     searcher = Searcher(stored, db)
     key = vector_spec(stored).key
@@ -119,7 +123,7 @@ def test_hybrid_is_the_rank_fusion_of_brute_force_cosine_and_bm25(stored: Settin
     scoped = searcher.search(queries[:1], 8, episode_id="E05", hybrid=True)[0]
     assert len(scoped) == 8 and {h.episode_id for h in scoped} == {"E05"}
 
-    out = run_cli(stored, "search", queries[0], "-k", "5", "--json")  # hybrid: the local default
+    out = cli_in_process(cli_env(stored), "search", queries[0], "-k", "5", "--json")  # hybrid: the local default
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert (doc["engine"], doc["hybrid"]) == ("exact", True)
@@ -350,7 +354,8 @@ def test_cache_writers_use_their_own_private_temporary_files(settings: Settings,
 
 
 def test_http_search_behind_the_token(
-    client: httpx.Client, base_url: str, api_settings: Settings, redis: Redis, db: Database  # noqa: F811
+    client: httpx.Client, base_url: str, api_settings: Settings, redis: Redis, db: Database,  # noqa: F811
+    cli_in_process: Callable[..., CompletedProcess],
 ) -> None:
     episodes, _ = parse_files([EXAMPLES / "E05.vtt"], podcast=PODCAST)
     ingest(api_settings, redis, db, episodes, kind="ingest")
@@ -364,7 +369,7 @@ def test_http_search_behind_the_token(
     assert [h["chunk_id"] for h in doc["hits"]] == [h.chunk_id for h in expected]
     assert doc["hybrid"] is False
     # What `podembed search --json` prints: the same fields, `k` too, and the same hits.
-    shown = run_cli(api_settings, "search", query, "-k", "3", "--no-hybrid", "--json")
+    shown = cli_in_process(cli_env(api_settings), "search", query, "-k", "3", "--no-hybrid", "--json")
     assert shown.returncode == 0, shown.stderr
     cli = json.loads(shown.stdout)
     assert list(doc) == list(cli) and doc["k"] == cli["k"] == 3

@@ -16,7 +16,7 @@ Then `--scale` vectors are written straight into MongoDB under the same vector k
 vectors, with the texts of every vendored episode's chunks, cycled), and the titles are searched
 again with the cache and the BM25 index warm (built first, and timed apart, as a first hybrid
 query builds it): queries per second of `--queries` mode, vectors only and hybrid, in the same run;
-the milliseconds of one title a request (`GET /search` of a real `podembed serve`); and one refresh
+the milliseconds of one title a request (`GET /search` of the API on uvicorn); and one refresh
 with nothing written, with the writers' change token and without one.
 """
 
@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +41,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from config.services import free_port, on_spare_ports, services_down, services_up  # noqa: E402
+from config.services import on_spare_ports, services_down, services_up  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from producer.connections import mongo_database, redis_client  # noqa: E402
 from producer.enqueue import ingest, parse_files, stream_files, vector_spec  # noqa: E402
 from producer.streaming import chunk_stream  # noqa: E402
 from tests.bench.corpus import seenunseen_titles, seenunseen_vtt  # noqa: E402
-from tests.test_api import TOKEN, _serve, _wait_healthy  # noqa: E402
+from tests.test_api import TOKEN, _serving  # noqa: E402
 from worker.loop import run_worker  # noqa: E402
 from worker.read.lexical import FUSION_DEPTH, fuse  # noqa: E402
 from worker.read.search import Searcher, query_instruction  # noqa: E402
@@ -237,17 +236,15 @@ def scan_speed(settings: Settings, titles: list[str], scale: int) -> dict:
 
 
 def http_one_query(settings: Settings, titles: list[str], db: Database, key: str) -> dict[str, float]:
-    """Median milliseconds of `GET /search` of one title from a `podembed serve` of these services and this data
-    folder, vectors only and hybrid; every request refreshes the cache first, as every search call does. Then
-    vectors only without the writers' change token, as when other software wrote the vectors."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = _serve(settings, port, token=TOKEN, output=subprocess.DEVNULL, PODEMBED_DATA_DIR=str(settings.data_dir))
+    """Median milliseconds of `GET /search` of one title from the API (`podembed serve`'s app, on uvicorn in a
+    thread of this process, so it shares the loaded model) on these services and this data folder, vectors only
+    and hybrid; every request refreshes the cache first, as every search call does. Then vectors only without the
+    writers' change token, as when other software wrote the vectors."""
+    out = {}
     try:
-        _wait_healthy(url, server)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600) as client:
-            client.get("/search", params={"q": titles[0]}).raise_for_status()  # the model, the cache, the index
-            out = {}
+        with _serving(settings.replace(api_token=TOKEN)) as url, httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600) as client:
+            client.get("/search", params={"q": titles[0]}).raise_for_status()  # the cache and the index, loaded
             for mode in ("vector", "hybrid", "vector_without_token"):
                 if mode == "vector_without_token":
                     db[CHANGES].delete_one({"_id": key})
@@ -258,8 +255,6 @@ def http_one_query(settings: Settings, titles: list[str], db: Database, key: str
                     laps.append(time.perf_counter() - began)
                 out[mode] = round(statistics.median(laps) * 1000, 1)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         VectorStore(db).mark_changed({key})
     return out
 
