@@ -1,14 +1,15 @@
 """`podembed doctor` against the real local services, and the Redis eviction check that workers run at start.
 
 The eviction cases set `maxmemory-policy` on the suite's real Redis with CONFIG SET (and put it back);
-the CLI runs as a subprocess, as a user runs it.
+the CLI runs as a subprocess, as a user runs it, or in the test's process where one such run came first.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from subprocess import CompletedProcess
 
 import pytest
 from packaging.requirements import Requirement
@@ -17,7 +18,7 @@ from redis import Redis
 from config.errors import ConfigError
 from config.settings import Settings
 from config.versions import CONSTRAINTS, drift, pinned
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 from worker.doctor import Status, eviction_check, model_checks, refuse_eviction, run_checks
 from worker.loop import make_worker
 
@@ -32,7 +33,9 @@ def evicting(redis: Redis) -> Iterator[Redis]:
         redis.config_set("maxmemory-policy", "noeviction")
 
 
-def test_doctor_reports_every_check_ok_on_the_local_services(settings: Settings, redis: Redis) -> None:
+def test_doctor_reports_every_check_ok_on_the_local_services(
+    settings: Settings, redis: Redis, cli_in_process: Callable[..., CompletedProcess]
+) -> None:
     done = run_cli(settings, "doctor", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     checks = {c["name"]: c for c in json.loads(done.stdout)}
@@ -51,13 +54,15 @@ def test_doctor_reports_every_check_ok_on_the_local_services(settings: Settings,
     cuda = {c.name: c for c in run_checks(settings, want_gpu=True)}["cuda"]
     assert cuda.status is Status.FAIL and "torch.cuda.is_available()=False" in cuda.detail
 
-    human = run_cli(settings, "doctor")
+    human = cli_in_process(cli_env(settings), "doctor")
     assert human.returncode == 0, human.stdout
     assert "ok    redis maxmemory-policy: noeviction" in human.stdout.splitlines()
 
 
-def test_doctor_and_work_refuse_a_redis_that_evicts(settings: Settings, evicting: Redis) -> None:
-    done = run_cli(settings, "doctor")
+def test_doctor_and_work_refuse_a_redis_that_evicts(
+    settings: Settings, evicting: Redis, cli_in_process: Callable[..., CompletedProcess]
+) -> None:
+    done = cli_in_process(cli_env(settings), "doctor")
     assert done.returncode == 1
     [line] = [line for line in done.stdout.splitlines() if "maxmemory-policy" in line]
     assert line.startswith("FAIL  redis maxmemory-policy: allkeys-lru at redis://127.0.0.1:")
