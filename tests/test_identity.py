@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import unicodedata
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pymongo.database import Database
@@ -22,6 +23,7 @@ from tests.conftest import DATA, EXAMPLES
 from tests.test_operations import _cli
 from worker.loop import run_worker
 from worker.migration import migrate_ids
+from worker.read.search import ExactScan
 
 SHOW = "The Seen and the Unseen"
 OTHER = "Cooking Weekly"
@@ -95,8 +97,13 @@ def test_migrate_moves_ids_of_the_older_layout(settings: Settings, redis: Redis,
     # The same documents as the older layout stored them: ids of the episode id alone.
     spec_key = vector_spec(settings).key
     db.embeddings.delete_many({})
-    db.embeddings.insert_many([{**d, "_id": f"E05:{d['seq']}|{spec_key}", "chunk_id": f"E05:{d['seq']}"}
-                               for d in current.values()])
+    # Embedded a day ago: older than any refresh's overlap, as data of an older layout is.
+    day_ago = datetime.now(UTC) - timedelta(days=1)
+    db.embeddings.insert_many([{**d, "_id": f"E05:{d['seq']}|{spec_key}", "chunk_id": f"E05:{d['seq']}",
+                                "embedded_at": day_ago} for d in current.values()])
+    scan = ExactScan(settings, db, spec_key)  # a search cache of the older ids, read before the move
+    scan.refresh()
+    assert set(scan.cache.ids) == {f"E05:{d['seq']}|{spec_key}" for d in current.values()}
 
     done = _cli(settings, "migrate", "--json")
     assert done.returncode == 0, done.stderr
@@ -108,6 +115,9 @@ def test_migrate_moves_ids_of_the_older_layout(settings: Settings, redis: Redis,
     for doc_id, doc in current.items():
         assert migrated[doc_id]["chunk_id"] == doc["chunk_id"] and migrated[doc_id]["embedding"] == doc["embedding"]
     assert migrate_ids(db).moved == 0
+    # The move kept every count and time: the cache knows of it by the key's `whole` token, and reads it whole.
+    scan.refresh()
+    assert set(scan.cache.ids) == current.keys()
 
     # Re-ingesting the same file finds every vector in place.
     again = _ingest_and_drain(settings, redis, db, EXAMPLES / "E05.vtt", SHOW)

@@ -46,6 +46,8 @@ def migrate_ids(db: Database) -> Migration:
     names: set[str] = set()
     try:
         result.examined, result.moved = _move(db.embeddings, names, _move_vectors, vectors=True)
+        if result.moved:  # search caches read the keys whole: the moved documents kept their times
+            VectorStore(db).mark_changed(set(db.embeddings.distinct("vector_key")), moved=True)
         result.chunks_examined, result.chunks_moved = _move(db.chunks, names, _move_chunks, vectors=False)
         result.watermark_entries = _rekey_watermarks(db, names)
     except PyMongoError as exc:

@@ -25,7 +25,8 @@ from producer.models import Chunk, VectorSpec
 # vector and is not kept: cosine (the only score search computes) is the same for a vector and its multiples.
 INT8_MAX = 127
 # Per vector key (`_id`), a `token` that every write of its vectors replaces once stored: the search cache reads
-# the vectors again only when the token (or the count) has changed since its last read.
+# the vectors again only when the token (or the count) has changed since its last read. A write that moves
+# documents to new ids (`podembed migrate`) replaces `whole` too: the cache then reads the key whole.
 CHANGES = "vector_changes"
 
 
@@ -127,12 +128,14 @@ class VectorStore:
             raise StoreError(f"cannot write {len(docs)} vectors to {self.db.name}.embeddings: {exc}") from exc
         self.mark_changed({d["vector_key"] for d in docs})
 
-    def mark_changed(self, vector_keys: set[str]) -> None:
+    def mark_changed(self, vector_keys: set[str], *, moved: bool = False) -> None:
         """Give each vector key a new change token (after its vectors are written, so a reader that sees the token
-        finds them)."""
+        finds them); `moved`: a new `whole` token too, as documents moved to new ids."""
         try:
             for key in sorted(vector_keys):
-                self.db[CHANGES].update_one({"_id": key}, {"$set": {"token": secrets.token_hex(8)}}, upsert=True)
+                token = secrets.token_hex(8)
+                self.db[CHANGES].update_one({"_id": key}, {"$set": {"token": token} | ({"whole": token} if moved
+                                                                                      else {})}, upsert=True)
         except PyMongoError as exc:
             raise StoreError(f"cannot write the change token of {self.db.name}.embeddings: {exc}") from exc
 
@@ -145,13 +148,21 @@ class VectorStore:
             raise StoreError(f"cannot write ledger entry {entry.batch_id}: {exc}") from exc
 
 
-def change_token(db: Database, vector_key: str) -> str | None:
-    """The change token of `vector_key` (None: no write has set one)."""
+@dataclass(frozen=True)
+class Change:
+    """A vector key's change tokens: `token` of its last write, `whole` of its last move to new ids (None: none)."""
+
+    token: str
+    whole: str | None = None
+
+
+def read_change(db: Database, vector_key: str) -> Change | None:
+    """The change tokens of `vector_key` (None: no write has set one)."""
     try:
         found = db[CHANGES].find_one({"_id": vector_key})
     except PyMongoError as exc:
         raise StoreError(f"cannot read the change token of {db.name}.embeddings: {exc}") from exc
-    return found["token"] if found else None
+    return Change(found["token"], found.get("whole")) if found else None
 
 
 def vector_doc(

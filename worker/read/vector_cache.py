@@ -6,7 +6,8 @@ vectors replaces) and its stored count are what they were at the last read. Othe
 what changed: the documents embedded since its last read began (less an overlap for worker clocks
 and writes that land late), merged by `_id`, so a re-embedded chunk replaces its old vector. When the
 stored count for the key differs from the cache's after that merge (a deletion, or a write the
-overlap missed), the cache is read again whole.
+overlap missed), or documents were moved to new ids since (their times unchanged), the cache is
+read again whole.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pymongo.errors import PyMongoError
 
 from config.errors import SearchError, StoreError
 from config.services import private_dir, replacing
-from worker.store import change_token, read_bson_vector
+from worker.store import Change, read_bson_vector, read_change
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ class VectorCache:
         stats = RefreshStats()
         began = datetime.now(UTC)
         # Read before the vectors: a write whose token comes later is read again at the next refresh.
-        token = change_token(embeddings.database, self.vector_key)
+        change = read_change(embeddings.database, self.vector_key)
         # Without a token (vectors stored before tokens were kept, or by other software) every refresh reads the
         # recent documents.
-        if token is not None and token == self.token and _count(embeddings, self.vector_key) == len(self.ids):
+        if change is not None and change == self.change and _count(embeddings, self.vector_key) == len(self.ids):
             return stats
+        known = self.change.whole if self.change else None
+        if len(self.ids) and change is not None and change.whole not in (None, known):
+            self._clear()  # moved to new ids with their times: the recent documents would not hold them
+            stats.rebuilt = True
         query: dict = {"vector_key": self.vector_key}
         if self.checked is not None:
             query["embedded_at"] = {"$gte": self.checked - self.overlap}
@@ -78,8 +83,8 @@ class VectorCache:
             stats.read = self._merge(_read(embeddings, {"vector_key": self.vector_key}))
             stats.rebuilt = True
         self.checked = began
-        if stats.read or stats.rebuilt or token != self.token:
-            self.token = token
+        if stats.read or stats.rebuilt or change != self.change:
+            self.change = change
             self.save()
         return stats
 
@@ -113,7 +118,7 @@ class VectorCache:
         self.vectors = np.empty((0, 0), dtype=np.float32)
         # When the last read began: what lands later has an `embedded_at` after it, less the overlap.
         self.checked: datetime | None = None
-        self.token: str | None = None  # the key's change token at the last read
+        self.change: Change | None = None  # the key's change tokens at the last read
         self._row: dict[str, int] = {}
         self.version = _new_version()
 
@@ -176,7 +181,8 @@ class VectorCache:
                 checked = str(data["checked"])
                 self.checked = datetime.fromisoformat(checked) if checked else None
                 version = str(data["version"])
-                token = str(data["token"]) if "token" in data.files else ""  # a file from before tokens: one read
+                # A file from before tokens: one read.
+                token, whole = (str(data[name]) if name in data.files else "" for name in ("token", "whole_token"))
             if not (len(ids) == len(episode_ids) == len(podcasts) == len(texts) == len(chunk_ids) == len(starts)
                     == len(ends) == len(self.vectors)):
                 raise ValueError("its arrays differ in length")
@@ -194,7 +200,7 @@ class VectorCache:
         self.starts, self.ends = starts, ends
         self._row = {chunk_id: i for i, chunk_id in enumerate(ids)}
         self.version = version
-        self.token = token or None
+        self.change = Change(token, whole or None) if token else None
 
     def drop(self, podcast: str | None, episode_id: str | None) -> int:
         """Remove the rows of `podcast` (None: of no podcast), of one episode if `episode_id`; how many went."""
@@ -221,7 +227,8 @@ class VectorCache:
                      podcasts=np.array([p or "" for p in self.podcasts], str), vectors=self.vectors,
                      chunk_ids=self.chunk_ids.astype(str), starts=self.starts, ends=self.ends,
                      checked=np.array(self.checked.isoformat() if self.checked else ""), version=np.array(self.version),
-                     token=np.array(self.token or ""))
+                     token=np.array(self.change.token if self.change else ""),
+                     whole_token=np.array((self.change.whole or "") if self.change else ""))
 
 
 def cache_path(data_dir: Path, mongo_uri: str, mongo_db: str, vector_key: str) -> Path:
