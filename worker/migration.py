@@ -46,8 +46,6 @@ def migrate_ids(db: Database) -> Migration:
     names: set[str] = set()
     try:
         result.examined, result.moved = _move(db.embeddings, names, _move_vectors, vectors=True)
-        if result.moved:  # search caches read the keys whole: the moved documents kept their times
-            VectorStore(db).mark_changed(set(db.embeddings.distinct("vector_key")), moved=True)
         result.chunks_examined, result.chunks_moved = _move(db.chunks, names, _move_chunks, vectors=False)
         result.watermark_entries = _rekey_watermarks(db, names)
     except PyMongoError as exc:
@@ -87,7 +85,8 @@ def _move(collection: Collection, names: set[str], move: Move, *, vectors: bool)
 def _move_vectors(db: Database, old_ids: list[str], renames: dict[str, tuple[str, str | None]]) -> set[str]:
     docs = [{**doc, "_id": embedding_id(renames[doc["_id"]][0], doc["vector_key"]), "chunk_id": renames[doc["_id"]][0],
              "podcast": renames[doc["_id"]][1]} for doc in db.embeddings.find({"_id": {"$in": old_ids}})]
-    VectorStore(db).upsert(docs)
+    # Moved: search caches read their keys whole, as the moved documents keep their times.
+    VectorStore(db).upsert(docs, moved=True)
     return {doc["_id"] for doc in docs}
 
 

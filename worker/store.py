@@ -115,7 +115,8 @@ class VectorStore:
             raise StoreError(f"cannot read {self.db.name}.embeddings: {exc}") from exc
         return found
 
-    def upsert(self, docs: list[dict]) -> None:
+    def upsert(self, docs: list[dict], *, moved: bool = False) -> None:
+        """Write vector documents, then their keys' change tokens (`moved`: documents moved to new ids)."""
         if not docs:
             return
         # `_id` only in the filter: nx-27017 fails to overwrite a stored vector when `$set` names
@@ -126,7 +127,7 @@ class VectorStore:
             self.embeddings.bulk_write(updates, ordered=False)
         except PyMongoError as exc:
             raise StoreError(f"cannot write {len(docs)} vectors to {self.db.name}.embeddings: {exc}") from exc
-        self.mark_changed({d["vector_key"] for d in docs})
+        self.mark_changed({d["vector_key"] for d in docs}, moved=moved)
 
     def mark_changed(self, vector_keys: set[str], *, moved: bool = False) -> None:
         """Give each vector key a new change token (after its vectors are written, so a reader that sees the token
